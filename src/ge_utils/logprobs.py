@@ -1,0 +1,200 @@
+"""Response log-probabilities of a causal LM, with prompt and padding masked.
+
+Conventions used across the package:
+
+- A *sequence* is ``prompt_ids + response_ids``; ``u = log pi(response | prompt)`` is the sum of
+  the response tokens' log-probs (nats). The length-averaged form divides by the response length.
+- :class:`SequenceBatch` holds a padded batch: ``input_ids`` (B, T), ``attention_mask`` (B, T) and
+  ``response_mask`` (B, T), True at positions whose *token* belongs to the response. The log-prob
+  of the token at position t is read from the logits at position t - 1.
+- Position ids are derived from the attention mask, so left and right padding give the same
+  numbers.
+- Logits are computed only at the positions that predict response tokens: the output layer of a
+  49k-token vocabulary dominates the cost otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Template = Literal["none", "chat"]
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass
+class SequenceBatch:
+    """A padded batch of prompt+response sequences.
+
+    ``input_ids``, ``attention_mask``: (B, T) long; ``response_mask``: (B, T) bool.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) number of response tokens per sequence."""
+        return self.response_mask.sum(dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(B, T) positions counted over non-padding tokens (0 on padding)."""
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+        )
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> SequenceBatch:
+        """Sub-batch of the given rows (padding columns are kept)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
+        return SequenceBatch(
+            self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx]
+        )
+
+
+def prompt_ids(tokenizer, prompt: str, template: Template = "none") -> list[int]:
+    """Token ids of a prompt: raw (``tokenizer(prompt)``) or through the chat template."""
+    if template == "none":
+        return list(tokenizer(prompt).input_ids)
+    if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("template='chat' but the tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    raise ValueError(f"unknown template {template!r}; expected 'none' or 'chat'")
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """Token ids of a response, without special tokens."""
+    return list(tokenizer(response, add_special_tokens=False).input_ids)
+
+
+def build_batch(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    padding_side: PaddingSide = "right",
+) -> SequenceBatch:
+    """Pad ``(prompt_ids, response_ids)`` pairs into a :class:`SequenceBatch`."""
+    if len(sequences) == 0:
+        raise ValueError("cannot build a batch from zero sequences")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    for i, (p, r) in enumerate(sequences):
+        if len(r) == 0:
+            raise ValueError(f"sequence {i}: empty response")
+        if len(p) == 0:
+            raise ValueError(f"sequence {i}: empty prompt (need at least one token to condition on)")
+    width = max(len(p) + len(r) for p, r in sequences)
+    b = len(sequences)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    response = torch.zeros((b, width), dtype=torch.bool)
+    for i, (p, r) in enumerate(sequences):
+        n = len(p) + len(r)
+        start = 0 if padding_side == "right" else width - n
+        input_ids[i, start : start + n] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention[i, start : start + n] = 1
+        response[i, start + len(p) : start + n] = True
+    return SequenceBatch(input_ids, attention, response)
+
+
+def tokenize(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    template: Template = "none",
+    padding_side: PaddingSide = "right",
+) -> SequenceBatch:
+    """Tokenize prompt/response strings into a :class:`SequenceBatch`.
+
+    With ``template='none'`` the ids are ``tokenizer(prompt).input_ids +
+    tokenizer(response, add_special_tokens=False).input_ids``; with ``'chat'`` the prompt goes
+    through the tokenizer's chat template as a user turn with the generation prompt appended.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    seqs = [
+        (prompt_ids(tokenizer, p, template), response_ids(tokenizer, r))
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    return build_batch(seqs, pad, padding_side)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model (unwraps peft's ``PeftModel``)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def hidden_states(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """(B, T, H) last hidden states (after the final norm) of a Hugging Face causal LM."""
+    lm = unwrap_model(model)
+    body = getattr(lm, lm.base_model_prefix, None) if hasattr(lm, "base_model_prefix") else None
+    if body is None:
+        raise TypeError(f"cannot find the decoder body of {type(lm).__name__}")
+    out = body(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def target_positions(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices (each (N,)) of the positions whose logits predict response tokens.
+
+    Entry k predicts token ``input_ids[rows[k], cols[k] + 1]``; entries are in row-major order.
+    """
+    predicts = torch.zeros_like(batch.response_mask)
+    predicts[:, :-1] = batch.response_mask[:, 1:]
+    if batch.response_mask[:, 0].any():
+        raise ValueError("a response token sits at position 0: it has no context to predict it")
+    rows, cols = predicts.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def token_logprobs(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """(B, T) log-probs of each response token (0 at prompt and padding positions).
+
+    Entry ``[b, t]`` is ``log pi(input_ids[b, t] | input_ids[b, :t])`` where
+    ``response_mask[b, t]``; logits are computed only at those positions.
+    """
+    lm = unwrap_model(model)
+    head = lm.get_output_embeddings()
+    h = hidden_states(model, batch)
+    rows, cols = target_positions(batch)
+    logits = head(h[rows, cols]).float()
+    targets = batch.input_ids[rows, cols + 1]
+    lp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    out = torch.zeros(batch.input_ids.shape, dtype=lp.dtype, device=lp.device)
+    out = out.index_put((rows, cols + 1), lp)
+    return out
+
+
+def sequence_logprobs(
+    model: nn.Module, batch: SequenceBatch, average: bool = False
+) -> torch.Tensor:
+    """(B,) summed (or, with ``average=True``, length-averaged) response log-probs, in nats."""
+    total = token_logprobs(model, batch).sum(dim=1)
+    if average:
+        total = total / batch.response_lengths.to(total.dtype)
+    return total

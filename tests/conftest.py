@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random causal LMs of two architectures and a word-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ge_utils.models import tiny_causal_lm, word_tokenizer
+
+CORPUS = [
+    "The film was a delight from start to finish.",
+    "The service was slow and the food was cold.",
+    "Positive sentiment based on my judgement.",
+    "Negative sentiment based on my judgement.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer(CORPUS)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tokenizer):
+    """Llama-style (untied) and GPT-2-style (tied embeddings) tiny models, float64, eval mode."""
+    torch.manual_seed(0)
+    return tiny_causal_lm(request.param, len(tokenizer)).double()
