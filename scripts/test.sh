@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up, lint, and run every test: unit tests of ge_utils, each notebook under nbval at the
+# smoke profile, and a smoke build of the book (tests/test_book.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export JUPYTER_PREFER_ENV_PATH=1 MPLBACKEND=Agg
+ruff check src tests benchmarks
+python -m pytest tests notebooks --nbval-lax --nbval-current-env "$@"

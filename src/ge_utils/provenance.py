@@ -1,0 +1,92 @@
+"""Provenance records: what produced a result (profile, parameters, device, versions, commit)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import ge_utils
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``'auto'`` -> ``'cuda'`` when a GPU is visible, else ``'cpu'``; other values unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def device_description(device: str = "auto") -> str:
+    """Human-readable device, e.g. ``'cpu (2 threads)'`` or ``'cuda (NVIDIA H100 80GB HBM3)'``."""
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda") and torch.cuda.is_available():
+        return f"{resolved} ({torch.cuda.get_device_name(torch.device(resolved))})"
+    return f"{resolved} ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """Commit hash of the repository (``+dirty`` when tracked files changed), or ``'unknown'``."""
+    cwd = repo or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def provenance_record(
+    profile: str, parameters: dict[str, Any], device: str = "auto", repo: Path | None = None
+) -> dict[str, Any]:
+    """Everything but the wall time, which the caller adds when the run ends."""
+    return {
+        "profile": profile,
+        "parameters": dict(parameters),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ge_utils": ge_utils.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(repo),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+
+
+def provenance_markdown(record: dict[str, Any]) -> str:
+    """A compact Markdown block for the top of a rendered notebook."""
+    params = ", ".join(f"`{k}={v!r}`" for k, v in sorted(record["parameters"].items()))
+    warn = ""
+    if record["profile"] == "smoke":
+        warn = (
+            "\n\n**Smoke profile:** a seconds-long check of the pipeline on a tiny model; "
+            "its numbers are not results."
+        )
+    wall = record.get("wall_time_s")
+    wall_text = f"{wall:.1f} s" if isinstance(wall, int | float) else "n/a"
+    return (
+        "```{admonition} Provenance of this page\n"
+        ":class: note\n\n"
+        f"| | |\n|---|---|\n"
+        f"| profile | **{record['profile']}** |\n"
+        f"| device | {record['device']} |\n"
+        f"| wall time | {wall_text} |\n"
+        f"| date | {record['date']} |\n"
+        f"| git commit | `{record['git_commit']}` |\n"
+        f"| versions | torch {record['torch']}, transformers {record['transformers']}, "
+        f"ge_utils {record['ge_utils']}, Python {record['python']} |\n\n"
+        f"Parameters: {params}{warn}\n"
+        "```"
+    )
