@@ -182,7 +182,8 @@ def token_logprobs(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     head = lm.get_output_embeddings()
     h = hidden_states(model, batch)
     rows, cols = target_positions(batch)
-    logits = head(h[rows, cols]).float()
+    logits = head(h[rows, cols])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     targets = batch.input_ids[rows, cols + 1]
     lp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
     out = torch.zeros(batch.input_ids.shape, dtype=lp.dtype, device=lp.device)

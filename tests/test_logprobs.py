@@ -1,0 +1,53 @@
+"""Response log-probs against full-sequence forward passes, one sequence at a time."""
+
+import pytest
+import torch
+
+from ge_utils.logprobs import build_batch, sequence_logprobs, token_logprobs, tokenize
+
+SEQS = [([2, 5, 7], [9, 3]), ([2, 4, 6, 8, 10], [11, 12, 13, 14]), ([2], [15])]
+
+
+def brute_force(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    logp = model(ids).logits.log_softmax(-1)[0]
+    return torch.stack([logp[len(prompt) - 1 + k, tok] for k, tok in enumerate(response)])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_token_and_sequence_logprobs_match_brute_force(tiny_model, side):
+    batch = build_batch(SEQS, pad_id=0, padding_side=side)
+    per_token = token_logprobs(tiny_model, batch)
+    summed = sequence_logprobs(tiny_model, batch)
+    averaged = sequence_logprobs(tiny_model, batch, average=True)
+    for i, (prompt, response) in enumerate(SEQS):
+        expected = brute_force(tiny_model, prompt, response)
+        got = per_token[i][batch.response_mask[i]]
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(summed[i], expected.sum(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(averaged[i], expected.mean(), rtol=1e-10, atol=1e-12)
+    assert (per_token[~batch.response_mask] == 0).all()
+
+
+def test_tokenize_raw_and_chat(tokenizer):
+    prompt, response = "The film was a delight.", "Positive sentiment."
+    raw = tokenize(tokenizer, [prompt], [response], template="none")
+    expected = tokenizer(prompt).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+    assert raw.input_ids[0].tolist() == expected
+    assert raw.response_lengths.tolist() == [3]
+    chat = tokenize(tokenizer, [prompt], [response], template="chat")
+    assert chat.input_ids.shape[1] > raw.input_ids.shape[1]
+    assert chat.input_ids[0][chat.response_mask[0]].tolist() == expected[-3:]
+
+
+def test_bad_input_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="empty response"):
+        build_batch([([1, 2], [])], pad_id=0)
+    with pytest.raises(ValueError, match="zero sequences"):
+        build_batch([], pad_id=0)
+    with pytest.raises(ValueError, match="padding_side"):
+        build_batch(SEQS, pad_id=0, padding_side="middle")
+    with pytest.raises(ValueError, match="unknown template"):
+        tokenize(tokenizer, ["a"], ["b"], template="jinja")
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        tokenize(tokenizer, ["a", "b"], ["c"])
