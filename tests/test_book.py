@@ -19,16 +19,36 @@ def test_book_builds_at_smoke_with_warnings_as_errors(tmp_path):
     shutil.copytree(ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("chapters"))
     env = {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1", "MPLBACKEND": "Agg"}
     run = subprocess.run(
-        [sys.executable, "-m", "ge_utils", "run", "--profile", "smoke", "--no-progress",
-         "--notebooks-dir", str(ROOT / "notebooks"), "--out-dir", str(tmp_path / "book/chapters"),
-         "--results-dir", str(tmp_path / "results")],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "ge_utils",
+            "run",
+            "--profile",
+            "smoke",
+            "--no-progress",
+            "--notebooks-dir",
+            str(ROOT / "notebooks"),
+            "--out-dir",
+            str(tmp_path / "book/chapters"),
+            "--results-dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     jb = Path(sys.executable).with_name("jupyter-book")
     build = subprocess.run(
         [str(jb), "build", "-W", "-n", "--keep-going", "."],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
     html = tmp_path / "_build" / "html"

@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_notebook(path: Path, body: str, params: str = 'profile = "smoke"\nn = 3\nrate = 0.5\n'):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     title = nbformat.v4.new_markdown_cell("# Toy")
     cell = nbformat.v4.new_code_cell(params)
     cell.metadata["tags"] = ["parameters"]
@@ -44,11 +48,24 @@ def project(tmp_path):
 
 
 def run(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ge_utils", "run", "--no-progress",
-           "--notebooks-dir", "notebooks", "--out-dir", "out", "--results-dir", "res", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ge_utils",
+        "run",
+        "--no-progress",
+        "--notebooks-dir",
+        "notebooks",
+        "--out-dir",
+        "out",
+        "--results-dir",
+        "res",
+        *args,
+    ]
     env = {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1"}
-    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        cmd, cwd=project, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_profile_and_overrides_resolve_in_order(project):
@@ -56,8 +73,14 @@ def test_profile_and_overrides_resolve_in_order(project):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((project / "res" / "toy.json").read_text())
     assert res["provenance"]["parameters"] == {"profile": "default", "n": 7, "rate": 0.25}
-    assert res["claims"] == [{"kind": "guaranteed", "claim": "n is positive", "holds": True,
-                              "evidence": "n=7, rate=0.25"}]
+    assert res["claims"] == [
+        {
+            "kind": "guaranteed",
+            "claim": "n is positive",
+            "holds": True,
+            "evidence": "n=7, rate=0.25",
+        }
+    ]
     nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
     assert "provenance" in nb.cells[1].metadata["tags"]
     assert "profile | **default**" in nb.cells[1].source
@@ -107,10 +130,27 @@ def test_killed_run_leaves_previous_outputs_complete(project):
     assert run(project, "toy").returncode == 0
     before = {p.name: p.read_bytes() for p in (project / "out").iterdir()}
     make_notebook(project / "notebooks" / "toy.ipynb", "import time\ntime.sleep(60)")
-    cmd = [sys.executable, "-m", "ge_utils", "run", "--no-progress", "--notebooks-dir",
-           "notebooks", "--out-dir", "out", "--results-dir", "res", "toy"]
-    proc = subprocess.Popen(cmd, cwd=project, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ge_utils",
+        "run",
+        "--no-progress",
+        "--notebooks-dir",
+        "notebooks",
+        "--out-dir",
+        "out",
+        "--results-dir",
+        "res",
+        "toy",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(8)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -1,7 +1,7 @@
 """Command line: ``python -m ge_utils {run,diagnose} ...``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``main(args) -> int``.
+``main(args) -> int``; only the module of the chosen subcommand is imported.
 """
 
 from __future__ import annotations
@@ -16,18 +16,22 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; the full arguments only for ``command`` (the others are listed by name)."""
     parser = argparse.ArgumentParser(prog="python -m ge_utils", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return int(importlib.import_module(args._module).main(args) or 0)
 
 

@@ -58,9 +58,7 @@ class SequenceBatch:
     def select(self, index: Sequence[int] | torch.Tensor) -> SequenceBatch:
         """Sub-batch of the given rows (padding columns are kept)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
-        return SequenceBatch(
-            self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx]
-        )
+        return SequenceBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx])
 
 
 def prompt_ids(tokenizer, prompt: str, template: Template = "none") -> list[int]:
@@ -98,7 +96,9 @@ def build_batch(
         if len(r) == 0:
             raise ValueError(f"sequence {i}: empty response")
         if len(p) == 0:
-            raise ValueError(f"sequence {i}: empty prompt (need at least one token to condition on)")
+            raise ValueError(
+                f"sequence {i}: empty prompt (need at least one token to condition on)"
+            )
     width = max(len(p) + len(r) for p, r in sequences)
     b = len(sequences)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)

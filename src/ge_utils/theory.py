@@ -181,7 +181,7 @@ def theorem1_table(
                 pd.DataFrame(
                     {
                         "logit_scale": scale,
-                    "setting": setting,
+                        "setting": setting,
                         "inner": auto["inner"].numpy(),
                         "norm2_a": auto["norm2_a"].numpy(),
                         "norm2_b": auto["norm2_b"].numpy(),

@@ -1,0 +1,88 @@
+"""Seaborn figures shared by the notebooks: training curves and gradient statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+CASE_COLORS = {1: "seagreen", 2: "steelblue", 3: "darkorange", 4: "grey"}
+CASE_NAMES = {
+    1: "1: chosen up, rejected down",
+    2: "2: both down",
+    3: "3: both up",
+    4: "4: impossible",
+}
+
+
+def setup() -> None:
+    """The book's figure style."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    plt.rcParams["figure.dpi"] = 90
+
+
+def logprob_curves(
+    means: pd.DataFrame, hue: str | None = None, title: str = "", axes: Sequence | None = None
+) -> plt.Figure:
+    """Held-out chosen/rejected log-probs and margin over steps.
+
+    ``means`` has columns ``step``, ``logp_chosen``, ``logp_rejected``, ``margin`` (nats) and,
+    optionally, a ``hue`` column (e.g. the configuration or the loss).
+    """
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    else:
+        fig = axes[0].figure
+    for ax, col, label in zip(
+        axes,
+        ["logp_chosen", "logp_rejected", "margin"],
+        [r"chosen $\log\pi(y_w|x)$", r"rejected $\log\pi(y_l|x)$", r"margin $u_w - u_l$"],
+        strict=True,
+    ):
+        sns.lineplot(data=means, x="step", y=col, hue=hue, marker="o", ax=ax, legend=ax is axes[0])
+        ax.set(xlabel="training step", ylabel=f"{label} (nats)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_curves(means: pd.DataFrame, hue: str | None = None, title: str = "") -> plt.Figure:
+    """Probe-set means of ``grad_inner``, ``grad_norm2_chosen``/``_rejected`` and ``cosine``."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    sns.lineplot(data=means, x="step", y="grad_inner", hue=hue, marker="o", ax=axes[0])
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set(ylabel=r"$\langle g_w, g_l\rangle$", xlabel="training step")
+    long = means.melt(
+        id_vars=["step"] + ([hue] if hue else []),
+        value_vars=["grad_norm2_chosen", "grad_norm2_rejected"],
+        var_name="response",
+        value_name="norm2",
+    ).replace({"response": {"grad_norm2_chosen": "chosen", "grad_norm2_rejected": "rejected"}})
+    sns.lineplot(
+        data=long, x="step", y="norm2", hue=hue, style="response", ax=axes[1], legend=False
+    )
+    axes[1].set(ylabel=r"$\|g\|^2$ (solid: chosen, dashed: rejected)", xlabel="training step")
+    sns.lineplot(data=means, x="step", y="cosine", hue=hue, marker="o", ax=axes[2], legend=False)
+    axes[2].axhline(0, color="black", lw=0.8)
+    axes[2].set(ylabel=r"cosine$(g_w, g_l)$", xlabel="training step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def case_fractions(pairs: pd.DataFrame, by: str = "step", title: str = "") -> plt.Figure:
+    """Stacked share of pairs in each first-order case, per value of ``by``."""
+    counts = pd.crosstab(pairs[by], pairs["case"], normalize="index")
+    counts = counts.reindex(columns=[c for c in CASE_NAMES if c in counts.columns])
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    counts.rename(columns=CASE_NAMES).plot.bar(
+        stacked=True, ax=ax, color=[CASE_COLORS[c] for c in counts.columns], width=0.8
+    )
+    ax.set(ylabel="share of pairs", xlabel=by, title=title, ylim=(0, 1))
+    ax.legend(title="case", fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
