@@ -52,6 +52,8 @@ def test_book_builds_at_smoke_with_warnings_as_errors(tmp_path):
     )
     assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
     html = tmp_path / "_build" / "html"
+    intro = (html / "book" / "intro.html").read_text(encoding="utf-8")
+    assert "What this build reproduced" in intro and "claims held" in intro
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     for entry in toc["chapters"]:
         page = (html / entry["file"]).with_suffix(".html").read_text(encoding="utf-8")

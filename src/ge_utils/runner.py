@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import shutil
 import sys
@@ -172,6 +173,9 @@ def _annotate(nb: nbformat.NotebookNode, record: dict[str, Any]) -> list[dict]:
     first_is_title = nb.cells and nb.cells[0].cell_type == "markdown"
     nb.cells.insert(1 if first_is_title else 0, cell)
     nb.metadata["ge_provenance"] = record
+    for c in nb.cells:  # the injected-parameters cell shows what ran; hide the defaults
+        if "parameters" in c.metadata.get("tags", []):
+            c.metadata["tags"] = [*c.metadata["tags"], "remove-cell"]
     claims: list[dict] = []
     for c in nb.cells:
         if c.cell_type == "code" and "claims" in c.metadata.get("tags", []):
@@ -220,6 +224,37 @@ def execute(
     atomic_write_text(out_dir / f"{spec.name}.ipynb", nbformat.writes(nb))
     atomic_write_json(results_dir / f"{spec.name}.json", results)
     return results
+
+
+def summary_markdown(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of every chapter's claim verdicts, read from the runs' results files."""
+    lines = [
+        "| chapter | profile | device | claims held | verdicts |",
+        "|---|---|---|---|---|",
+    ]
+    for rec in records:
+        prov, claims = rec["provenance"], rec["claims"]
+        held = sum(c["holds"] for c in claims)
+        verdicts = "<br>".join(
+            f"**{'holds' if c['holds'] else 'does not hold'}** ({c['kind']}): {c['claim']}: "
+            f"{c['evidence']}"
+            for c in claims
+        )
+        lines.append(
+            f"| {{doc}}`chapters/{rec['notebook']}` | {prov['profile']} | {prov['device']} "
+            f"| {held}/{len(claims)} | {verdicts} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path, results_dir: Path, names: list[str]) -> None:
+    """Write ``out_dir/summary.md`` from the results files of ``names`` that exist."""
+    records = []
+    for name in names:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+    atomic_write_text(out_dir / "summary.md", summary_markdown(records))
 
 
 def refresh_source(spec: NotebookSpec) -> None:
@@ -299,6 +334,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{held}/{len(res['claims'])} claims hold -> {args.out_dir / spec.name}.ipynb",
                 file=sys.stderr,
             )
+        write_summary(args.out_dir, args.results_dir, list(available))
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
