@@ -1,0 +1,277 @@
+"""Exact gradient-entanglement statistics (the reference implementation) and the one-step check.
+
+For pair i, ``g_w = grad u_w`` and ``g_l = grad u_l`` are the gradients of the summed response
+log-probs of its chosen and rejected sequence over a parameter set. This module computes them
+the slow, obvious way (one backward pass per sequence, float64 dot products) so that faster
+methods (:mod:`ge_utils.fast_gradients`) can be tested against it.
+
+The first-order change of a gradient step of size ``eta`` on a loss with coefficients
+``d_w, d_l`` (``grad loss = -d_w g_w + d_l g_l``) is
+
+    Delta u_w ~ eta (d_w |g_w|^2 - d_l <g_w, g_l>)
+    Delta u_l ~ eta (d_w <g_w, g_l> - d_l |g_l|^2)
+
+and its case: 1 chosen up and rejected down (ideal), 2 both down, 3 both up, 4 chosen down and
+rejected up. Case 4 is impossible when ``d_w, d_l > 0``: it needs
+``<g_w, g_l> > (d_w/d_l) |g_w|^2`` and ``<g_w, g_l> > (d_l/d_w) |g_l|^2``, whose product
+contradicts Cauchy-Schwarz; it can occur when a coefficient is negative (e.g. IPO past its
+target margin). With ``d_w = d_l = C`` the margin grows to first order,
+``Delta(u_w - u_l) ~ eta C |g_w - g_l|^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ge_utils.logprobs import SequenceBatch, sequence_logprobs, tokenize
+from ge_utils.losses import MarginLoss, PairLogps
+
+ParamSpec = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
+STAT_KEYS = ("logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner")
+
+
+def parameter_set(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
+    """Resolve a parameter set to ``(name, parameter)`` pairs, each parameter once.
+
+    ``None``: every parameter with ``requires_grad`` (tied weights appear once, under their first
+    name). An iterable of names: exactly those (an unknown name is an error). A predicate
+    ``f(name, param) -> bool``: the parameters it accepts.
+    """
+    named = list(model.named_parameters())  # already de-duplicated (tied weights once)
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        wanted = list(params)
+        if isinstance(params, str):
+            raise TypeError("params must be an iterable of names, not a single string")
+        by_name = dict(named)
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown parameter name(s): {', '.join(unknown)}")
+        chosen = [(n, by_name[n]) for n in dict.fromkeys(wanted)]
+    if not chosen:
+        raise ValueError("the parameter set is empty (no parameter requires grad or matched)")
+    return chosen
+
+
+def _flat_grad(value: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).detach().double().flatten()
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def exact_gradient_stats(
+    model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
+) -> dict[str, torch.Tensor]:
+    """Per-pair ``logp_*``, ``norm2_chosen``, ``norm2_rejected``, ``inner``: float64 (B,).
+
+    One backward pass per sequence, in eval mode (dropout off; the previous mode is restored),
+    with gradients flattened and dotted in float64. Row i of ``chosen`` pairs with row i of
+    ``rejected``.
+    """
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
+    plist = [p for _, p in parameter_set(model, params)]
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
+    try:
+        for i in range(len(chosen)):
+            u_w = sequence_logprobs(model, chosen.select([i]))[0]
+            g_w = _flat_grad(u_w, plist)
+            u_l = sequence_logprobs(model, rejected.select([i]))[0]
+            g_l = _flat_grad(u_l, plist)
+            out["logp_chosen"].append(float(u_w))
+            out["logp_rejected"].append(float(u_l))
+            out["norm2_chosen"].append(float(g_w @ g_w))
+            out["norm2_rejected"].append(float(g_l @ g_l))
+            out["inner"].append(float(g_w @ g_l))
+    finally:
+        model.train(was_training)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor:
+    """Case from the signs of the (predicted or realized) changes: 1, 2, 3 or 4 (see module)."""
+    case = torch.full(delta_w.shape, 4, dtype=torch.long)
+    case[(delta_w > 0) & (delta_l <= 0)] = 1
+    case[(delta_w <= 0) & (delta_l <= 0)] = 2
+    case[(delta_w > 0) & (delta_l > 0)] = 3
+    return case
+
+
+def condition_table(
+    stats: dict[str, torch.Tensor], d_w: torch.Tensor, d_l: torch.Tensor, eta: float = 1.0
+) -> pd.DataFrame:
+    """One row per pair: the statistics, the loss coefficients, the first-order predicted
+    changes for a plain gradient step of size ``eta`` and the case.
+
+    Columns: ``logp_chosen, logp_rejected, grad_norm2_chosen, grad_norm2_rejected, grad_inner,
+    cosine, inner_over_min_norm2, d_w, d_l, pred_delta_chosen, pred_delta_rejected,
+    pred_delta_margin, case``.
+    """
+    n_w, n_l, inner = (stats[k].double().cpu() for k in ("norm2_chosen", "norm2_rejected", "inner"))
+    d_w, d_l = d_w.double().cpu(), d_l.double().cpu()
+    pred_w = eta * (d_w * n_w - d_l * inner)
+    pred_l = eta * (d_w * inner - d_l * n_l)
+    return pd.DataFrame(
+        {
+            "logp_chosen": stats["logp_chosen"].double().cpu().numpy(),
+            "logp_rejected": stats["logp_rejected"].double().cpu().numpy(),
+            "grad_norm2_chosen": n_w.numpy(),
+            "grad_norm2_rejected": n_l.numpy(),
+            "grad_inner": inner.numpy(),
+            "cosine": (inner / (n_w * n_l).sqrt()).numpy(),
+            "inner_over_min_norm2": (inner / torch.minimum(n_w, n_l)).numpy(),
+            "d_w": d_w.numpy(),
+            "d_l": d_l.numpy(),
+            "pred_delta_chosen": pred_w.numpy(),
+            "pred_delta_rejected": pred_l.numpy(),
+            "pred_delta_margin": (pred_w - pred_l).numpy(),
+            "case": classify_cases(pred_w, pred_l).numpy(),
+        }
+    )
+
+
+def pair_logps(
+    u_w: torch.Tensor,
+    u_l: torch.Tensor,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PairLogps:
+    """Bundle log-probs and lengths for a loss; without ``ref`` the reference is the policy
+    itself (rewards 0)."""
+    ref_w, ref_l = ref if ref is not None else (u_w.detach(), u_l.detach())
+    return PairLogps(
+        u_w,
+        u_l,
+        ref_w.to(u_w),
+        ref_l.to(u_l),
+        chosen.response_lengths.to(u_w),
+        rejected.response_lengths.to(u_l),
+    )
+
+
+def one_step_change(
+    model: nn.Module,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    loss: MarginLoss,
+    lr: float,
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
+    params: ParamSpec = None,
+) -> pd.DataFrame:
+    """Realized one-step changes, one pair at a time.
+
+    For each pair i: one plain SGD step of size ``lr`` on that pair's loss over the parameter
+    set, the realized ``Delta u_w, Delta u_l``, then the parameters are restored bit-exactly. One
+    pair per step keeps the comparison with that pair's first-order prediction exact (a batch
+    step would add cross-pair inner products). Returns columns ``pair, realized_delta_chosen,
+    realized_delta_rejected, realized_case``; eval mode throughout.
+    """
+    plist = [p for _, p in parameter_set(model, params)]
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for i in range(len(chosen)):
+            c, r = chosen.select([i]), rejected.select([i])
+            u_w, u_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
+            ref_i = None if ref is None else (ref[0][i : i + 1], ref[1][i : i + 1])
+            value = loss.loss(pair_logps(u_w, u_l, c, r, ref_i)).sum()
+            grads = torch.autograd.grad(value, plist, allow_unused=True)
+            saved = [p.detach().clone() for p in plist]
+            with torch.no_grad():
+                for p, g in zip(plist, grads, strict=True):
+                    if g is not None:
+                        p.sub_(lr * g)
+                new_w, new_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
+                for p, s in zip(plist, saved, strict=True):
+                    p.copy_(s)
+            rows.append(
+                {
+                    "pair": i,
+                    "realized_delta_chosen": float(new_w - u_w.detach()),
+                    "realized_delta_rejected": float(new_l - u_l.detach()),
+                }
+            )
+    finally:
+        model.train(was_training)
+    out = pd.DataFrame(rows)
+    out["realized_case"] = classify_cases(
+        torch.tensor(out["realized_delta_chosen"].values),
+        torch.tensor(out["realized_delta_rejected"].values),
+    ).numpy()
+    return out
+
+
+StatsMethod = Callable[..., dict[str, torch.Tensor]]
+
+
+def stats_method(method: str) -> StatsMethod:
+    """``exact`` (this module) or ``fast`` (:mod:`ge_utils.fast_gradients`)."""
+    if method == "exact":
+        return exact_gradient_stats
+    if method == "fast":
+        from ge_utils.fast_gradients import fast_gradient_stats
+
+        return fast_gradient_stats
+    raise ValueError(f"unknown statistics method {method!r}; expected 'fast' or 'exact'")
+
+
+def diagnose_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    loss: MarginLoss,
+    template: str = "none",
+    eta: float = 1.0,
+    ref_model: nn.Module | None = None,
+    batch_size: int = 8,
+    method: str = "exact",
+    params: ParamSpec = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Gradient statistics and first-order case of every pair, as :func:`condition_table`.
+
+    Reference log-probs come from ``ref_model``, or from ``model`` itself when it is None (then
+    every reward is 0 and, e.g. for DPO, ``d_w = d_l = beta / 2``).
+    """
+    if not (len(prompts) == len(chosen) == len(rejected)):
+        raise ValueError("prompts, chosen and rejected must have the same length")
+    if len(prompts) == 0:
+        raise ValueError("no pairs to diagnose")
+    compute = stats_method(method)
+    device = next(model.parameters()).device
+    frames = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="pairs", unit="batch", disable=not progress):
+        sl = slice(start, start + batch_size)
+        c = tokenize(tokenizer, prompts[sl], chosen[sl], template).to(device)
+        r = tokenize(tokenizer, prompts[sl], rejected[sl], template).to(device)
+        stats = compute(model, c, r, params)
+        ref = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = (sequence_logprobs(ref_model, c), sequence_logprobs(ref_model, r))
+        p = pair_logps(stats["logp_chosen"], stats["logp_rejected"], c, r, ref)
+        d_w, d_l = loss.coefficients(p)
+        table = condition_table(stats, d_w, d_l, eta)
+        table.insert(0, "pair", range(start, start + len(table)))
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,458 @@
+"""Training: supervised fine-tuning, then preference optimization with any margin loss.
+
+The loop records what the paper plots. Every ``eval_every`` steps (and at step 0) it logs, on a
+fixed held-out set, each pair's summed log-probs ``u_w, u_l``, rewards ``r = u - u_ref``, margin
+and the loss coefficients ``d_w, d_l``; and on a fixed probe set each pair's gradient statistics
+``|g_w|^2, |g_l|^2, <g_w, g_l>``, cosine and first-order case. Reference log-probs are those of
+the model at the start of preference optimization, computed once (no second model is kept).
+
+Results come back as a :class:`RunResult` with two tidy DataFrames: ``steps`` (one row per
+optimizer step) and ``pairs`` (one row per logged step, split and pair).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ge_utils.gradients import StatsMethod, condition_table, stats_method
+from ge_utils.io import atomic_write_json, atomic_write_text
+from ge_utils.logprobs import (
+    SequenceBatch,
+    build_batch,
+    prompt_ids,
+    response_ids,
+    sequence_logprobs,
+)
+from ge_utils.losses import PairLogps, get_loss
+
+Optimizer = Literal["adamw", "sgd"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; ``history`` holds the run up to that step."""
+
+    def __init__(self, step: int, value: float, history: RunResult):
+        super().__init__(f"loss is {value} at step {step}: training stopped (history kept)")
+        self.step = step
+        self.history = history
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training phase (SFT or preference optimization)."""
+
+    steps: int = 20
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-6
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    template: Literal["none", "chat"] = "none"
+    loss: str = "dpo"
+    loss_params: dict[str, float] = field(default_factory=dict)
+    eval_every: int = 5
+    stats_method: Literal["fast", "exact", "none"] = "fast"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.stats_method not in ("fast", "exact", "none"):
+            raise ValueError(f"stats_method must be fast, exact or none: {self.stats_method!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        get_loss(self.loss, **self.loss_params)  # validates the loss name and hyperparameters
+
+
+@dataclass
+class RunResult:
+    """``steps``: one row per optimizer step; ``pairs``: one row per (step, split, pair)."""
+
+    steps: pd.DataFrame
+    pairs: pd.DataFrame
+
+    def means(self, split: str = "eval") -> pd.DataFrame:
+        """Per-step means of every numeric pair column of ``split``."""
+        sub = self.pairs[self.pairs["split"] == split].drop(columns=["split", "pair"])
+        return sub.groupby("step").mean(numeric_only=True).reset_index()
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        atomic_write_text(folder / "steps.csv", self.steps.to_csv(index=False))
+        atomic_write_text(folder / "pairs.csv", self.pairs.to_csv(index=False))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RunResult:
+        folder = Path(folder)
+        return cls(pd.read_csv(folder / "steps.csv"), pd.read_csv(folder / "pairs.csv"))
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of preference pairs: ``prompts[i]``, ``chosen[i]``, ``rejected[i]``."""
+
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _fields(item: Any, names: Sequence[str]) -> list[str]:
+    if isinstance(item, dict):
+        return [item[n] for n in names]
+    return [getattr(item, n) for n in names]
+
+
+def encode_pairs(tokenizer, pairs: Iterable[Any], template: str = "none") -> EncodedPairs:
+    """Tokenize items with ``prompt``, ``chosen``, ``rejected`` (attributes or keys)."""
+    enc = EncodedPairs([], [], [])
+    for i, item in enumerate(pairs):
+        try:
+            prompt, chosen, rejected = _fields(item, ("prompt", "chosen", "rejected"))
+        except (KeyError, AttributeError) as exc:
+            raise ValueError(f"pair {i}: needs prompt, chosen and rejected ({exc})") from exc
+        enc.prompts.append(prompt_ids(tokenizer, prompt, template))
+        enc.chosen.append(response_ids(tokenizer, chosen))
+        enc.rejected.append(response_ids(tokenizer, rejected))
+        if not enc.chosen[-1] or not enc.rejected[-1]:
+            raise ValueError(f"pair {i}: empty chosen or rejected response")
+    if len(enc) == 0:
+        raise ValueError("no preference pairs given")
+    return enc
+
+
+def pair_batches(
+    enc: EncodedPairs, index: Sequence[int], pad_id: int, device: torch.device | str
+) -> tuple[SequenceBatch, SequenceBatch]:
+    """Chosen and rejected batches for the pairs in ``index`` (row i of each is pair i)."""
+    chosen = build_batch([(enc.prompts[i], enc.chosen[i]) for i in index], pad_id)
+    rejected = build_batch([(enc.prompts[i], enc.rejected[i]) for i in index], pad_id)
+    return chosen.to(device), rejected.to(device)
+
+
+def _joint_logprobs(
+    model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of chosen and rejected from one forward over both batches."""
+    width = max(chosen.input_ids.shape[1], rejected.input_ids.shape[1])
+
+    def pad(t: torch.Tensor, value: int = 0) -> torch.Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    joint = SequenceBatch(
+        torch.cat([pad(chosen.input_ids), pad(rejected.input_ids)]),
+        torch.cat([pad(chosen.attention_mask), pad(rejected.attention_mask)]),
+        torch.cat([pad(chosen.response_mask, False), pad(rejected.response_mask, False)]),
+    )
+    u = sequence_logprobs(model, joint)
+    return u[: len(chosen)], u[len(chosen) :]
+
+
+def _pad_id(tokenizer) -> int:
+    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Index lists for ``steps`` batches: seeded shuffles, epoch after epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        batch = []
+        while len(batch) < min(batch_size, n):
+            if not order:
+                order = torch.randperm(n, generator=gen).tolist()
+            batch.append(order.pop())
+        out.append(batch)
+    return out
+
+
+def sft(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[tuple[str, str]],
+    cfg: TrainConfig,
+) -> pd.DataFrame:
+    """Supervised fine-tuning on ``(prompt, response)`` pairs; returns per-step loss history.
+
+    The loss is the mean over sequences of the token-averaged negative log-likelihood of the
+    response (nats per token).
+    """
+    if len(examples) == 0:
+        raise ValueError("no SFT examples given")
+    torch.manual_seed(cfg.seed)
+    device = _device_of(model)
+    seqs = [
+        (prompt_ids(tokenizer, p, cfg.template), response_ids(tokenizer, r)) for p, r in examples
+    ]
+    opt = _make_optimizer(model, cfg)
+    pad = _pad_id(tokenizer)
+    rows = []
+    schedule = _batch_schedule(len(seqs), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed)
+    bar = tqdm(schedule, desc="SFT", disable=not cfg.progress)
+    model.train()
+    for step, index in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(0, len(index), cfg.batch_size):
+            part = index[k : k + cfg.batch_size]
+            batch = build_batch([seqs[i] for i in part], pad).to(device)
+            nll = -sequence_logprobs(model, batch, average=True).mean() * len(part) / len(index)
+            if not torch.isfinite(nll):
+                model.eval()
+                raise TrainingDivergedError(
+                    step, float(nll), RunResult(pd.DataFrame(rows), pd.DataFrame())
+                )
+            nll.backward()
+            total += float(nll.detach())
+        if cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        rows.append({"step": step + 1, "sft_loss": total})
+        bar.set_postfix(loss=f"{total:.3f}")
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def _eval_logprobs(
+    model: nn.Module, enc: EncodedPairs, pad: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    u_w, u_l = [], []
+    for k in range(0, len(enc), batch_size):
+        c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
+        a, b = _joint_logprobs(model, c, r)
+        u_w.append(a.double().cpu())
+        u_l.append(b.double().cpu())
+    model.train(was_training)
+    return torch.cat(u_w), torch.cat(u_l)
+
+
+def _lengths(seqs: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([len(s) for s in seqs], dtype=torch.float64)
+
+
+def _pair_logps(
+    enc: EncodedPairs, u_w: torch.Tensor, u_l: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]
+) -> PairLogps:
+    return PairLogps(
+        chosen=u_w,
+        rejected=u_l,
+        ref_chosen=ref[0],
+        ref_rejected=ref[1],
+        len_chosen=_lengths(enc.chosen).to(u_w.device),
+        len_rejected=_lengths(enc.rejected).to(u_w.device),
+    )
+
+
+def _log_eval(
+    step: int, split: str, enc: EncodedPairs, u: tuple, ref: tuple, loss_fn
+) -> pd.DataFrame:
+    p = _pair_logps(enc, u[0], u[1], ref)
+    d_w, d_l = loss_fn.coefficients(p)
+    return pd.DataFrame(
+        {
+            "step": step,
+            "split": split,
+            "pair": range(len(enc)),
+            "logp_chosen": p.chosen.numpy(),
+            "logp_rejected": p.rejected.numpy(),
+            "reward_chosen": (p.chosen - p.ref_chosen).numpy(),
+            "reward_rejected": (p.rejected - p.ref_rejected).numpy(),
+            "margin": (p.chosen - p.rejected).numpy(),
+            "loss": loss_fn.loss(p).detach().numpy(),
+            "d_w": d_w.detach().numpy(),
+            "d_l": d_l.detach().numpy(),
+        }
+    )
+
+
+def _log_probe(
+    step: int, model, enc: EncodedPairs, ref: tuple, loss_fn, stats_fn: StatsMethod, lr: float, pad
+) -> pd.DataFrame:
+    was_training = model.training
+    model.eval()
+    c, r = pair_batches(enc, range(len(enc)), pad, _device_of(model))
+    stats = {k: v.detach().double().cpu() for k, v in stats_fn(model, c, r).items()}
+    model.train(was_training)
+    p = _pair_logps(enc, stats["logp_chosen"], stats["logp_rejected"], ref)
+    d_w, d_l = loss_fn.coefficients(p)
+    table = condition_table(stats, d_w.detach(), d_l.detach(), eta=lr)
+    table.insert(0, "pair", range(len(enc)))
+    table.insert(0, "split", "probe")
+    table.insert(0, "step", step)
+    return table
+
+
+def preference_optimization(
+    model: nn.Module,
+    tokenizer,
+    train_pairs: Iterable[Any],
+    eval_pairs: Iterable[Any],
+    cfg: TrainConfig,
+    probe_pairs: Iterable[Any] | None = None,
+) -> RunResult:
+    """Train ``model`` in place with ``cfg.loss``; log held-out and probe statistics.
+
+    ``train_pairs``, ``eval_pairs`` and ``probe_pairs`` hold items with ``prompt``, ``chosen``
+    and ``rejected`` (attributes or dict keys). The loss is averaged over the pairs of a step.
+    Raises :class:`TrainingDivergedError` (with the history so far) on a NaN or inf loss.
+    """
+    torch.manual_seed(cfg.seed)
+    loss_fn = get_loss(cfg.loss, **cfg.loss_params)
+    device = _device_of(model)
+    pad = _pad_id(tokenizer)
+    train = encode_pairs(tokenizer, train_pairs, cfg.template)
+    held = encode_pairs(tokenizer, eval_pairs, cfg.template)
+    probe = encode_pairs(tokenizer, probe_pairs, cfg.template) if probe_pairs is not None else None
+    stats_fn = stats_method(cfg.stats_method) if probe and cfg.stats_method != "none" else None
+    ref_batch = max(cfg.batch_size, 16)
+    ref_train = _eval_logprobs(model, train, pad, ref_batch)
+    ref_held = _eval_logprobs(model, held, pad, ref_batch)
+    ref_probe = _eval_logprobs(model, probe, pad, ref_batch) if probe else None
+
+    opt = _make_optimizer(model, cfg)
+    step_rows: list[dict] = []
+    pair_frames: list[pd.DataFrame] = []
+
+    def log(step: int) -> None:
+        pair_frames.append(
+            _log_eval(
+                step, "eval", held, _eval_logprobs(model, held, pad, ref_batch), ref_held, loss_fn
+            )
+        )
+        if stats_fn is not None and probe is not None and ref_probe is not None:
+            pair_frames.append(
+                _log_probe(step, model, probe, ref_probe, loss_fn, stats_fn, cfg.lr, pad)
+            )
+
+    def result() -> RunResult:
+        pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
+        return RunResult(pd.DataFrame(step_rows), pairs)
+
+    log(0)
+    schedule = _batch_schedule(len(train), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed)
+    bar = tqdm(schedule, desc=f"{loss_fn.name}", disable=not cfg.progress)
+    model.train()
+    for step, index in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss_total, margin_total = 0.0, 0.0
+        for k in range(0, len(index), cfg.batch_size):
+            part = index[k : k + cfg.batch_size]
+            c, r = pair_batches(train, part, pad, device)
+            u_w, u_l = _joint_logprobs(model, c, r)
+            sel = torch.as_tensor(part)
+            p = PairLogps(
+                chosen=u_w,
+                rejected=u_l,
+                ref_chosen=ref_train[0][sel].to(u_w),
+                ref_rejected=ref_train[1][sel].to(u_w),
+                len_chosen=_lengths([train.chosen[i] for i in part]).to(u_w),
+                len_rejected=_lengths([train.rejected[i] for i in part]).to(u_w),
+            )
+            loss = loss_fn.loss(p).sum() / len(index)
+            if not torch.isfinite(loss):
+                model.eval()
+                raise TrainingDivergedError(step + 1, float(loss), result())
+            loss.backward()
+            loss_total += float(loss.detach())
+            margin_total += float((u_w - u_l).detach().sum()) / len(index)
+        grad_norm = float("nan")
+        if cfg.max_grad_norm:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        opt.step()
+        step_rows.append(
+            {
+                "step": step + 1,
+                "loss": loss_total,
+                "train_margin": margin_total,
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+            }
+        )
+        bar.set_postfix(loss=f"{loss_total:.3f}", margin=f"{margin_total:.2f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            log(step + 1)
+    model.eval()
+    return result()
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """A short stable hash of JSON-serializable run parameters."""
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_run(
+    cache_dir: str | Path | None, params: dict[str, Any], run: Callable[[], RunResult]
+) -> RunResult:
+    """Return the cached result for ``params`` or compute it with ``run()`` and cache it.
+
+    The cache folder is ``cache_dir/<hash>``; its ``params.json`` is written last, so a folder
+    without it (an interrupted run) is ignored and recomputed.
+    """
+    if cache_dir is None:
+        return run()
+    folder = Path(cache_dir) / params_hash(params)
+    if (folder / "params.json").exists():
+        return RunResult.load(folder)
+    result = run()
+    result.save(folder)
+    atomic_write_json(folder / "params.json", params)
+    return result
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as a plain dict (for hashing and provenance), without the progress flag."""
+    out = asdict(cfg)
+    out.pop("progress")
+    return out

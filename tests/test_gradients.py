@@ -1,0 +1,150 @@
+"""Exact statistics against an independent brute force, and the one-step check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ge_utils.gradients import (
+    classify_cases,
+    condition_table,
+    diagnose_pairs,
+    exact_gradient_stats,
+    one_step_change,
+    pair_logps,
+    parameter_set,
+)
+from ge_utils.logprobs import build_batch
+from ge_utils.losses import get_loss
+
+PROMPTS = [[2, 5, 7, 6], [2, 4, 6], [2, 9, 10, 11, 12]]
+CHOSEN = [[13, 14, 15, 8], [16, 8], [13, 17]]
+REJECTED = [[18, 14, 15, 8], [19, 20, 21, 8], [18]]
+
+
+def batches(side: str):
+    c = build_batch(list(zip(PROMPTS, CHOSEN, strict=True)), 0, side)
+    r = build_batch(list(zip(PROMPTS, REJECTED, strict=True)), 0, side)
+    return c, r
+
+
+def brute_grad(model, prompt, response, params=None):
+    """Full-sequence forward through model(...).logits, autograd over unique parameters."""
+    ids = torch.tensor([prompt + response])
+    logp = model(ids).logits.log_softmax(-1)[0]
+    u = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(response))
+    plist = [p for n, p in model.named_parameters() if params is None or n in params]
+    grads = torch.autograd.grad(u, plist, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).double().flatten()
+            for g, p in zip(grads, plist, strict=True)
+        ]
+    )
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_exact_stats_match_brute_force(tiny_model, side):
+    stats = exact_gradient_stats(tiny_model, *batches(side))
+    for i in range(len(PROMPTS)):
+        g_w = brute_grad(tiny_model, PROMPTS[i], CHOSEN[i])
+        g_l = brute_grad(tiny_model, PROMPTS[i], REJECTED[i])
+        torch.testing.assert_close(stats["norm2_chosen"][i], g_w @ g_w, rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats["norm2_rejected"][i], g_l @ g_l, rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats["inner"][i], g_w @ g_l, rtol=1e-6, atol=1e-12)
+
+
+def test_tied_embeddings_are_counted_once(tokenizer):
+    from ge_utils.models import tiny_causal_lm
+
+    model = tiny_causal_lm("gpt2", len(tokenizer)).double()
+    names = [n for n, _ in parameter_set(model)]
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert sum("wte" in n or "lm_head" in n for n in names) == 1
+    stats = exact_gradient_stats(model, *batches("right"))
+    g = brute_grad(model, PROMPTS[0], CHOSEN[0])
+    assert g.numel() == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(stats["norm2_chosen"][0], g @ g, rtol=1e-6, atol=0)
+
+
+def test_parameter_subset(tiny_model):
+    names = [n for n, _ in tiny_model.named_parameters()][-3:]
+    stats = exact_gradient_stats(tiny_model, *batches("right"), params=names)
+    g_w = brute_grad(tiny_model, PROMPTS[1], CHOSEN[1], params=set(names))
+    g_l = brute_grad(tiny_model, PROMPTS[1], REJECTED[1], params=set(names))
+    torch.testing.assert_close(stats["inner"][1], g_w @ g_l, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown parameter name"):
+        parameter_set(tiny_model, ["nope.weight"])
+    with pytest.raises(ValueError, match="empty"):
+        parameter_set(tiny_model, lambda n, p: False)
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "cpo", "sppo", "simpo"])
+def test_one_step_prediction_matches_realized_signs(tiny_model, loss_name):
+    loss = get_loss(loss_name)
+    c, r = batches("right")
+    ref = (torch.tensor([-30.0, -20.0, -10.0]).double(), torch.tensor([-25.0, -28.0, -9.0]))
+    stats = exact_gradient_stats(tiny_model, c, r)
+    p = pair_logps(stats["logp_chosen"], stats["logp_rejected"], c, r, ref)
+    d_w, d_l = loss.coefficients(p)
+    eta = 1e-5 / float(torch.maximum(d_w.abs(), d_l.abs()).max())  # a small step for any loss
+    table = condition_table(stats, d_w, d_l, eta=eta)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    realized = one_step_change(tiny_model, c, r, loss, lr=eta, ref=ref)
+    for p0, p1 in zip(before, tiny_model.parameters(), strict=True):
+        assert torch.equal(p0, p1), "parameters not restored"
+    for col, pred in [
+        ("realized_delta_chosen", "pred_delta_chosen"),
+        ("realized_delta_rejected", "pred_delta_rejected"),
+    ]:
+        big = table[pred].abs() > 1e-3 * table[pred].abs().max()
+        assert (table[pred][big] * realized[col][big] > 0).all()
+        # First order: the realized change is close to the prediction for a small step.
+        rel = ((realized[col] - table[pred]).abs() / table[pred].abs().max()).max()
+        assert rel < 0.05
+    assert (table["case"] == realized["realized_case"]).all()
+
+
+def test_case_labels_and_impossible_fourth_case():
+    assert classify_cases(
+        torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    ).tolist() == [1, 2, 3, 4]
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(500, 2, 6, generator=gen, dtype=torch.float64)
+    stats = {
+        "norm2_chosen": (g[:, 0] ** 2).sum(1),
+        "norm2_rejected": (g[:, 1] ** 2).sum(1),
+        "inner": (g[:, 0] * g[:, 1]).sum(1),
+        "logp_chosen": torch.zeros(500),
+        "logp_rejected": torch.zeros(500),
+    }
+    d = torch.rand(500, 2, generator=gen, dtype=torch.float64) + 0.01
+    assert (condition_table(stats, d[:, 0], d[:, 1])["case"] != 4).all()
+    # With d_w = d_l (DPO) the margin grows to first order: C |g_w - g_l|^2 >= 0.
+    assert (condition_table(stats, d[:, 0], d[:, 0])["pred_delta_margin"] >= 0).all()
+
+
+def test_diagnose_pairs_uses_reference_and_loss(tiny_model, tokenizer):
+    prompts = ["The film was a delight.", "The food was cold."]
+    table = diagnose_pairs(
+        tiny_model,
+        tokenizer,
+        prompts,
+        ["Positive sentiment."] * 2,
+        ["Negative sentiment."] * 2,
+        get_loss("dpo", beta=0.2),
+        progress=False,
+    )
+    assert list(table["pair"]) == [0, 1]
+    assert (table["d_w"] == 0.1).all() and (table["d_l"] == 0.1).all()
+    with pytest.raises(ValueError, match="unknown statistics method"):
+        diagnose_pairs(
+            tiny_model,
+            tokenizer,
+            prompts,
+            ["a"] * 2,
+            ["b"] * 2,
+            get_loss("dpo"),
+            method="ghostly",
+            progress=False,
+        )

@@ -1,0 +1,179 @@
+"""The training loop on tiny models: history columns, determinism, NaN stop, caching."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from ge_utils.models import tiny_causal_lm
+from ge_utils.training import (
+    RunResult,
+    TrainConfig,
+    TrainingDivergedError,
+    cached_run,
+    preference_optimization,
+    sft,
+)
+
+PROMPT = "The film was a delight from start to finish."
+PAIRS = [
+    {"prompt": PROMPT, "chosen": "Positive sentiment.", "rejected": "Negative sentiment."},
+    {
+        "prompt": "The service was slow and the food was cold.",
+        "chosen": "Negative sentiment.",
+        "rejected": "Positive sentiment.",
+    },
+    {
+        "prompt": "The film was slow.",
+        "chosen": "Negative sentiment based on my judgement.",
+        "rejected": "Positive sentiment based on my judgement.",
+    },
+    {
+        "prompt": "The food was a delight.",
+        "chosen": "Positive sentiment based on my judgement.",
+        "rejected": "Negative sentiment based on my judgement.",
+    },
+]
+
+
+def run(tokenizer, method="exact", seed=0, **overrides):
+    model = tiny_causal_lm("llama", len(tokenizer), seed=seed)
+    sft_cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False, seed=seed)
+    sft_hist = sft(model, tokenizer, [(p["prompt"], p["chosen"]) for p in PAIRS], sft_cfg)
+    cfg = TrainConfig(
+        steps=4,
+        batch_size=2,
+        lr=1e-2,
+        eval_every=2,
+        stats_method=method,
+        progress=False,
+        seed=seed,
+        **overrides,
+    )
+    return sft_hist, preference_optimization(model, tokenizer, PAIRS, PAIRS[:2], cfg, PAIRS[2:])
+
+
+def test_history_has_every_column(tokenizer):
+    sft_hist, res = run(tokenizer)
+    assert list(sft_hist.columns) == ["step", "sft_loss"] and len(sft_hist) == 3
+    assert list(res.steps["step"]) == [1, 2, 3, 4]
+    assert {"loss", "train_margin", "lr"} <= set(res.steps.columns)
+    eval_rows = res.pairs[res.pairs["split"] == "eval"]
+    probe_rows = res.pairs[res.pairs["split"] == "probe"]
+    assert sorted(eval_rows["step"].unique()) == [0, 2, 4]
+    assert sorted(probe_rows["step"].unique()) == [0, 2, 4]
+    for col in [
+        "logp_chosen",
+        "logp_rejected",
+        "reward_chosen",
+        "reward_rejected",
+        "margin",
+        "d_w",
+        "d_l",
+    ]:
+        assert eval_rows[col].notna().all(), col
+    for col in [
+        "grad_inner",
+        "grad_norm2_chosen",
+        "grad_norm2_rejected",
+        "cosine",
+        "case",
+        "pred_delta_chosen",
+        "pred_delta_rejected",
+    ]:
+        assert probe_rows[col].notna().all(), col
+    # At step 0 the policy is the reference: every reward is exactly zero.
+    assert (
+        (eval_rows[eval_rows["step"] == 0][["reward_chosen", "reward_rejected"]] == 0).all().all()
+    )
+    assert res.means("eval")["margin"].iloc[-1] > res.means("eval")["margin"].iloc[0]
+
+
+def test_same_seed_same_history(tokenizer):
+    _, a = run(tokenizer, seed=3)
+    _, b = run(tokenizer, seed=3)
+    pd.testing.assert_frame_equal(a.steps, b.steps)
+    pd.testing.assert_frame_equal(a.pairs, b.pairs)
+
+
+def test_nan_loss_stops_with_step_and_history(tokenizer, monkeypatch):
+    import ge_utils.training as training
+
+    real = training.get_loss
+
+    class Poisoned:
+        def __init__(self, inner):
+            self.inner, self.name, self.calls = inner, inner.name, 0
+
+        def coefficients(self, p):
+            return self.inner.coefficients(p)
+
+        def loss(self, p):
+            out = self.inner.loss(p)
+            if out.requires_grad:
+                self.calls += 1
+                if self.calls == 3:
+                    return out * math.nan
+            return out
+
+    monkeypatch.setattr(training, "get_loss", lambda name, **kw: Poisoned(real(name, **kw)))
+    with pytest.raises(TrainingDivergedError, match="at step 3") as info:
+        run(tokenizer, method="none")
+    assert list(info.value.history.steps["step"]) == [1, 2]
+
+
+def test_cached_run_reuses_and_ignores_incomplete(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return RunResult(
+            pd.DataFrame({"step": [1]}), pd.DataFrame({"step": [0], "split": ["eval"], "pair": [0]})
+        )
+
+    params = {"lr": 1e-3, "loss": "dpo"}
+    first = cached_run(tmp_path, params, compute)
+    second = cached_run(tmp_path, params, compute)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first.steps, second.steps)
+    (next(tmp_path.iterdir()) / "params.json").unlink()  # as if killed before the end
+    cached_run(tmp_path, params, compute)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"optimizer": "lion"}, "optimizer must be"),
+        ({"loss": "nope"}, "nope"),
+        ({"loss_params": {"bogus": 1.0}}, "bogus"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_sgd_and_grad_accum_match_full_batch(tokenizer):
+    """Two accumulated half-batches give the same update as one full batch (plain SGD)."""
+    results = []
+    for accum, bs in [(1, 4), (2, 2)]:
+        torch.manual_seed(0)
+        model = tiny_causal_lm("gpt2", len(tokenizer)).double()
+        cfg = TrainConfig(
+            steps=1,
+            batch_size=bs,
+            grad_accum=accum,
+            lr=0.1,
+            optimizer="sgd",
+            stats_method="none",
+            progress=False,
+        )
+        preference_optimization(model, tokenizer, PAIRS, PAIRS[:1], cfg)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
