@@ -1,0 +1,355 @@
+"""Fast exact gradient inner products from activations and output gradients ("ghost" products).
+
+For a linear layer ``y_r = W a_r`` and a scalar ``f_i`` that depends on rows ``r`` of sequence i,
+``grad_W f_i = sum_r g_r a_r^T`` with ``g_r = d f_i / d y_r``. Hence
+
+    <grad_W f_i, grad_W f_j> = sum_{r in i, s in j} (a_r . a_s) (g_r . g_s)
+
+which needs only the layer's inputs and output gradients, never a per-sequence gradient of the
+weight. One forward and one backward of ``sum_i f_i`` over a batch give every sequence's rows,
+because sequences do not interact. The same identity covers embeddings (``a_r`` one-hot: a
+token-equality mask), tied input/output embeddings (the cross terms between the two uses of the
+weight are included), GPT-2's ``Conv1D`` and LoRA's adapter layers. Small parameters (biases,
+norm weights) are handled by materializing their per-sequence gradients. A parameter of any
+other kind raises an error naming it.
+
+Per layer, whichever is cheaper is used: the Gram products above (cost ``T^2 (P + Q)`` per pair)
+or materialized per-sequence gradients (``T P Q`` per sequence), both exact. Products are
+accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ge_utils.gradients import ParamSpec, parameter_set
+from ge_utils.logprobs import SequenceBatch, sequence_logprobs, target_positions, token_logprobs
+
+MATERIALIZE_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Use:
+    """One use of a parameter in a forward pass, as per-sequence row factors (N, T, .).
+
+    ``grad_i = sum_t left[i, t] (x) right[i, t]``; ``left`` is dense or given by ``ids`` (one-hot
+    rows). ``vec`` holds materialized per-sequence gradients (N, numel) instead.
+    """
+
+    left: Tensor | None = None
+    ids: Tensor | None = None
+    right: Tensor | None = None
+    vec: Tensor | None = None
+
+
+def _gram(x: Tensor, y: Tensor) -> Tensor:
+    """(B, T, D) x (B, S, D) -> (B, T, S) row products."""
+    return torch.bmm(x, y.transpose(1, 2))
+
+
+def _left_gram(u: _Use, v: _Use, ii: Tensor, jj: Tensor) -> Tensor:
+    if u.ids is not None and v.ids is not None:
+        return (u.ids[ii][:, :, None] == v.ids[jj][:, None, :]).double()
+    if u.ids is None and v.ids is None:
+        return _gram(u.left[ii], v.left[jj])
+    if u.ids is not None:  # one-hot x dense: read the dense rows at the token ids
+        return _left_gram(v, u, jj, ii).transpose(1, 2)
+    idx = v.ids[jj][:, None, :].expand(-1, u.left.shape[1], -1)
+    return torch.gather(u.left[ii], 2, idx)
+
+
+def _use_inner(u: _Use, v: _Use, ii: Tensor, jj: Tensor) -> Tensor:
+    """(B,) inner products <grad of use u on sequence ii[k], grad of use v on sequence jj[k]>."""
+    if u.vec is not None or v.vec is not None:
+        if u.vec is None or v.vec is None:
+            raise TypeError("cannot mix materialized and factored uses of one parameter")
+        return (u.vec[ii] * v.vec[jj]).sum(1)
+    return (_left_gram(u, v, ii, jj) * _gram(u.right[ii], v.right[jj])).sum((1, 2))
+
+
+def _materialize(u: _Use) -> _Use:
+    """Replace factors by per-sequence gradients when that is cheaper and fits in memory."""
+    if u.ids is not None or u.vec is not None:
+        return u
+    n, t, p = u.left.shape
+    q = u.right.shape[2]
+    if n * p * q * 8 <= MATERIALIZE_BYTES and p * q <= t * t * (p + q):
+        return _Use(vec=torch.einsum("ntp,ntq->npq", u.left, u.right).reshape(n, p * q))
+    return u
+
+
+def _rms_normalized(module: nn.Module, x: Tensor) -> Tensor:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _is_rmsnorm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "weight")
+
+
+class GhostRecorder:
+    """Records per-sequence factors of every use of the parameter set during one forward and
+    backward, then returns inner products of per-sequence gradients.
+
+    The backward must be of ``sum_i c_i f_i``; pass ``scale=c`` (N,) when ``c`` is not all ones
+    (e.g. the coefficients of a training loss) and the factors are divided by it, so the results
+    are those of the unit gradients ``grad f_i``. A sequence with ``|c_i| < 1e-12`` gets NaN.
+    ``rows`` maps 2-D layer inputs (the output head applied to selected positions) to their
+    sequence: set :attr:`row_seq` before the forward.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSpec = None):
+        self.named = parameter_set(model, params)
+        self.param_ids = {id(p): n for n, p in self.named}
+        self.uses: dict[int, list[_Use]] = defaultdict(list)
+        self.outputs: list[Tensor] = []
+        self.handles: list = []
+        self.row_seq: Tensor | None = None
+        self.n_seq: int | None = None
+        self.scale: Tensor | None = None
+        self.supported: dict[int, bool] = {}
+        owners: dict[int, int] = defaultdict(int)
+        for module in model.modules():
+            own = {id(p) for p in module.parameters(recurse=False)} & self.param_ids.keys()
+            if not own:
+                continue
+            self.handles.append(module.register_forward_hook(self._hook_for(module, own)))
+            for pid in own:
+                owners[pid] += 1
+        self.shared = {pid for pid, n in owners.items() if n > 1}  # e.g. tied embeddings
+        missing = [n for n, p in self.named if not self.supported.get(id(p), False)]
+        if missing:
+            self.close()
+            raise TypeError(f"fast statistics cannot handle parameter(s): {', '.join(missing)}")
+
+    def _hook_for(self, module: nn.Module, own: set[int]) -> Callable:
+        kind = type(module).__name__
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        supported: set[int] = set()
+        if isinstance(module, nn.Linear) or kind == "Conv1D":
+            supported = {id(weight)} | ({id(bias)} if bias is not None else set())
+        elif isinstance(module, nn.Embedding):
+            supported = {id(weight)}
+        elif isinstance(module, nn.LayerNorm) or _is_rmsnorm(module):
+            supported = {id(weight)} | ({id(bias)} if bias is not None else set())
+        for pid in own:
+            self.supported[pid] = self.supported.get(pid, True) and pid in supported
+
+        def forward_hook(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            x = inputs[0].detach()
+
+            def grad_hook(grad: Tensor) -> None:
+                self._record(mod, kind, own, x, grad.detach())
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+                self.outputs.append(output)
+
+        return forward_hook
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """(N, T, D) float64 per-sequence rows of a layer input or output gradient."""
+        t = t.double()
+        if t.dim() == 3:
+            return t
+        if self.row_seq is None or self.n_seq is None:
+            raise RuntimeError("a layer saw 2-D inputs but row_seq was not set")
+        seq = self.row_seq.to(t.device)
+        counts = torch.bincount(seq, minlength=self.n_seq)
+        slot = torch.arange(len(seq), device=t.device) - (counts.cumsum(0) - counts)[seq]
+        out = t.new_zeros((self.n_seq, int(counts.max()), *t.shape[1:]))
+        out[seq, slot] = t
+        return out
+
+    def _unit(self, g: Tensor) -> Tensor:
+        if self.scale is None:
+            return g
+        c = self.scale.to(g).reshape(-1, *([1] * (g.dim() - 1)))
+        return torch.where(c.abs() > 1e-12, g / c, torch.full_like(g, torch.nan))
+
+    def _record(self, mod: nn.Module, kind: str, own: set[int], x: Tensor, grad: Tensor) -> None:
+        g = self._unit(self._rows(grad))
+        weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if isinstance(mod, nn.Embedding):
+            self.uses[id(weight)].append(_Use(ids=self._rows(x[..., None])[..., 0].long(), right=g))
+            return
+        if isinstance(mod, nn.LayerNorm) or _is_rmsnorm(mod):
+            if isinstance(mod, nn.LayerNorm):
+                xhat = nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+            else:
+                xhat = _rms_normalized(mod, x)
+            if id(weight) in own:
+                self.uses[id(weight)].append(_Use(vec=(g * self._rows(xhat)).sum(1)))
+        else:
+            a = self._rows(x)
+            if id(weight) in own:
+                left, right = (a, g) if kind == "Conv1D" else (g, a)
+                use = _Use(left=left, right=right)
+                if id(weight) not in self.shared:
+                    use = _materialize(use)
+                self.uses[id(weight)].append(use)
+        if bias is not None and id(bias) in own:
+            self.uses[id(bias)].append(_Use(vec=g.sum(1)))
+
+    def inner(self, ii: Tensor, jj: Tensor) -> Tensor:
+        """(len(ii),) float64 ``<grad f_ii[k], grad f_jj[k]>`` summed over the parameter set."""
+        total = torch.zeros(len(ii), dtype=torch.float64)
+        for _, p in self.named:
+            uses = self.uses.get(id(p), [])
+            if not uses:
+                continue  # the parameter did not influence the output: zero gradient
+            for u in uses:
+                for v in uses:
+                    total += _use_inner(u, v, ii, jj).cpu()
+        return total
+
+    def backward(self, value: Tensor) -> None:
+        """Back-propagate ``value`` to the recorded layer outputs only: the hooks see every
+        output gradient, and no parameter gradient is computed or stored."""
+        torch.autograd.grad(value, self.outputs, allow_unused=True)
+
+    def pair_stats(self, n_pairs: int) -> dict[str, Tensor]:
+        """``norm2_chosen``, ``norm2_rejected``, ``inner`` for sequences laid out as
+        ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``."""
+        w = torch.arange(n_pairs)
+        l_ = w + n_pairs
+        return {
+            "norm2_chosen": self.inner(w, w),
+            "norm2_rejected": self.inner(l_, l_),
+            "inner": self.inner(w, l_),
+        }
+
+    def clear(self) -> None:
+        self.uses.clear()
+        self.outputs.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> GhostRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(t: Tensor) -> Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+
+    return SequenceBatch(
+        torch.cat([pad(a.input_ids), pad(b.input_ids)]),
+        torch.cat([pad(a.attention_mask), pad(b.attention_mask)]),
+        torch.cat([pad(a.response_mask), pad(b.response_mask)]),
+    )
+
+
+def fast_gradient_stats(
+    model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
+) -> dict[str, Tensor]:
+    """Same result as :func:`ge_utils.gradients.exact_gradient_stats`, from one forward and one
+    backward over the 2B sequences. Eval mode; parameter ``.grad`` fields are left untouched."""
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
+    joint = _concat(chosen, rejected)
+    was_training = model.training
+    model.eval()
+    try:
+        with GhostRecorder(model, params) as rec:
+            rec.n_seq = len(joint)
+            rec.row_seq = target_positions(joint)[0]
+            u = sequence_logprobs(model, joint)
+            rec.backward(u.sum())
+            stats = rec.pair_stats(len(chosen))
+    finally:
+        model.train(was_training)
+    b = len(chosen)
+    return {
+        "logp_chosen": u[:b].detach().double().cpu(),
+        "logp_rejected": u[b:].detach().double().cpu(),
+        **stats,
+    }
+
+
+def _replicate(batch: SequenceBatch, n: int) -> SequenceBatch:
+    return SequenceBatch(
+        batch.input_ids.expand(n, -1).clone(),
+        batch.attention_mask.expand(n, -1).clone(),
+        batch.response_mask.expand(n, -1).clone(),
+    )
+
+
+def tokenwise_inner(
+    model: nn.Module,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    scope: str = "all",
+    params: ParamSpec = None,
+) -> Tensor:
+    """(T_w, T_l) float64 matrix of ``<grad log p(y_w,s), grad log p(y_l,t)>`` for ONE pair.
+
+    ``scope='head'``: over the output layer's weight (and bias) only, in closed form from one
+    forward: the head gradient of token t's log-prob is ``(e_y - p_t) h_t^T``. ``scope='all'``:
+    over the parameter set, exact, from one forward and backward over ``T_w + T_l`` copies of the
+    two sequences, copy k back-propagating only its own token (no gradient vector is stored).
+    """
+    if len(chosen) != 1 or len(rejected) != 1:
+        raise ValueError("tokenwise_inner takes one chosen and one rejected sequence")
+    was_training = model.training
+    model.eval()
+    try:
+        if scope == "head":
+            return _tokenwise_head(model, chosen, rejected)
+        if scope != "all":
+            raise ValueError(f"scope must be 'head' or 'all', got {scope!r}")
+        t_w, t_l = int(chosen.response_lengths[0]), int(rejected.response_lengths[0])
+        joint = _concat(_replicate(chosen, t_w), _replicate(rejected, t_l))
+        with GhostRecorder(model, params) as rec:
+            rec.n_seq = len(joint)
+            rec.row_seq = target_positions(joint)[0]
+            per_token = token_logprobs(model, joint)
+            picked = torch.cat(
+                [
+                    per_token[:t_w][joint.response_mask[:t_w]].reshape(t_w, t_w).diagonal(),
+                    per_token[t_w:][joint.response_mask[t_w:]].reshape(t_l, t_l).diagonal(),
+                ]
+            )
+            rec.backward(picked.sum())
+            ii = torch.arange(t_w).repeat_interleave(t_l)
+            jj = t_w + torch.arange(t_l).repeat(t_w)
+            return rec.inner(ii, jj).reshape(t_w, t_l)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _tokenwise_head(model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch) -> Tensor:
+    from ge_utils.logprobs import hidden_states, unwrap_model
+
+    head = unwrap_model(model).get_output_embeddings()
+    factors = []
+    for batch in (chosen, rejected):
+        rows, cols = target_positions(batch)
+        h = hidden_states(model, batch)[rows, cols].double()
+        probs = torch.softmax(head(h.to(head.weight.dtype)).double(), -1)
+        g = -probs
+        g[torch.arange(len(g)), batch.input_ids[rows, cols + 1]] += 1.0
+        factors.append((h, g))
+    (h_w, g_w), (h_l, g_l) = factors
+    out = (h_w @ h_l.T) * (g_w @ g_l.T)
+    if getattr(head, "bias", None) is not None:
+        out = out + g_w @ g_l.T
+    return out
