@@ -137,5 +137,6 @@ def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
         stats = rec.pair_stats(len(c))
     exact = exact_gradient_stats(tiny_model, c, r)
     for k in ("norm2_chosen", "norm2_rejected", "inner"):
-        torch.testing.assert_close(stats[k], exact[k], rtol=1e-7, atol=0)
+        # Llama's RMSNorm computes in float32 even in a float64 model: 1e-6, not 1e-12.
+        torch.testing.assert_close(stats[k], exact[k], rtol=1e-6, atol=0)
     assert all(p.grad is not None for p in tiny_model.parameters())  # training grads intact
