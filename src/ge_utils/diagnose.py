@@ -1,0 +1,90 @@
+"""``python -m ge_utils diagnose``: gradient-entanglement statistics of preference pairs.
+
+Reads a JSONL file of ``{"prompt", "chosen", "rejected"}`` rows, computes for each pair the
+summed log-probs, ``|g_w|^2``, ``|g_l|^2``, ``<g_w, g_l>``, cosine, the loss coefficients, the
+first-order predicted changes and the case, and writes one CSV row per pair (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ge_utils.data import load_pairs
+from ge_utils.gradients import diagnose_pairs
+from ge_utils.io import atomic_open
+from ge_utils.losses import LOSSES, get_loss
+from ge_utils.models import load_model
+
+
+def _loss_param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face name, local folder, smollm2-135m-instruct, tiny-llama or tiny-gpt2",
+    )
+    parser.add_argument("--data", required=True, type=Path, help="JSONL of prompt/chosen/rejected")
+    parser.add_argument("--out", required=True, type=Path, help="CSV to write")
+    parser.add_argument("--loss", default="dpo", help=f"one of {', '.join(LOSSES)}")
+    parser.add_argument(
+        "--loss-param",
+        action="append",
+        type=_loss_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="loss hyperparameter, e.g. beta=0.2",
+    )
+    parser.add_argument("--template", default="none", choices=["none", "chat"])
+    parser.add_argument("--method", default="fast", choices=["fast", "exact"])
+    parser.add_argument("--eta", type=float, default=1.0, help="step size of the prediction")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.data.suffix != ".jsonl":
+            raise ValueError(f"--data must be a .jsonl file, got {str(args.data)!r}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        loss = get_loss(args.loss, **dict(args.loss_param))
+        pairs = load_pairs(args.data)
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        table = diagnose_pairs(
+            loaded.model,
+            loaded.tokenizer,
+            [p.prompt for p in pairs],
+            [p.chosen for p in pairs],
+            [p.rejected for p in pairs],
+            loss,
+            template=args.template,
+            eta=args.eta,
+            batch_size=args.batch_size,
+            method=args.method,
+            progress=not args.no_progress,
+        )
+        with atomic_open(args.out, "w", encoding="utf-8", newline="") as fh:
+            table.to_csv(fh, index=False)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f"error: out of GPU memory; try a smaller --batch-size ({exc})", file=sys.stderr)
+        return 2
+    print(f"wrote {len(table)} pairs to {args.out}", file=sys.stderr)
+    return 0
