@@ -8,7 +8,7 @@ import torch
 import ge_utils.fast_gradients as fg
 from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats, tokenwise_inner
 from ge_utils.gradients import exact_gradient_stats
-from ge_utils.logprobs import build_batch, sequence_logprobs, token_logprobs
+from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
 from ge_utils.models import tiny_causal_lm
 
 PROMPTS = [[2, 5, 7, 6], [2, 4, 6], [2, 9, 10, 11, 12]]
@@ -127,7 +127,7 @@ def test_tokenwise_head_matches_brute_force_on_the_output_layer():
 def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
     """Back-propagating sum_i c_i u_i (a training loss) and dividing by c gives unit stats."""
     c, r = batches("left")
-    joint = fg._concat(c, r)
+    joint = concat_batches(c, r)
     coef = torch.tensor([-0.3, -0.05, -2.0, 0.4, 0.07, 1.5], dtype=torch.float64)
     with GhostRecorder(tiny_model) as rec:
         rec.n_seq, rec.row_seq = len(joint), fg.target_positions(joint)[0]

@@ -177,3 +177,32 @@ def test_sgd_and_grad_accum_match_full_batch(tokenizer):
         preference_optimization(model, tokenizer, PAIRS, PAIRS[:1], cfg)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_training_pair_stats_equal_exact_stats_before_the_step(tokenizer):
+    from ge_utils.gradients import exact_gradient_stats
+    from ge_utils.training import encode_pairs, pair_batches
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("gpt2", len(tokenizer)).double()
+    enc = encode_pairs(tokenizer, PAIRS)
+    exact = exact_gradient_stats(model, *pair_batches(enc, range(len(PAIRS)), 0, "cpu"))
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=2,
+        grad_accum=2,
+        lr=0.1,
+        optimizer="sgd",
+        stats_method="none",
+        train_stats=True,
+        progress=False,
+    )
+    res = preference_optimization(model, tokenizer, PAIRS, PAIRS[:1], cfg)
+    train = res.pairs[res.pairs["split"] == "train"].sort_values("pair")
+    assert list(train["pair"]) == [0, 1, 2, 3] and (train["step"] == 0).all()
+    for col, key in [
+        ("grad_inner", "inner"),
+        ("grad_norm2_chosen", "norm2_chosen"),
+        ("grad_norm2_rejected", "norm2_rejected"),
+    ]:
+        torch.testing.assert_close(torch.tensor(train[col].values), exact[key], rtol=1e-8, atol=0)

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from ge_utils.gradients import ParamSpec, parameter_set
-from ge_utils.logprobs import SequenceBatch, sequence_logprobs, target_positions, token_logprobs
+from ge_utils.logprobs import (
+    SequenceBatch,
+    concat_batches,
+    sequence_logprobs,
+    target_positions,
+    token_logprobs,
+)
 
 MATERIALIZE_BYTES = 256 * 2**20
 
@@ -244,19 +250,6 @@ class GhostRecorder:
         self.close()
 
 
-def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
-    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
-
-    def pad(t: Tensor) -> Tensor:
-        return nn.functional.pad(t, (0, width - t.shape[1]), value=0)
-
-    return SequenceBatch(
-        torch.cat([pad(a.input_ids), pad(b.input_ids)]),
-        torch.cat([pad(a.attention_mask), pad(b.attention_mask)]),
-        torch.cat([pad(a.response_mask), pad(b.response_mask)]),
-    )
-
-
 def fast_gradient_stats(
     model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
 ) -> dict[str, Tensor]:
@@ -264,7 +257,7 @@ def fast_gradient_stats(
     backward over the 2B sequences. Eval mode; parameter ``.grad`` fields are left untouched."""
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
-    joint = _concat(chosen, rejected)
+    joint = concat_batches(chosen, rejected)
     was_training = model.training
     model.eval()
     try:
@@ -316,7 +309,7 @@ def tokenwise_inner(
         if scope != "all":
             raise ValueError(f"scope must be 'head' or 'all', got {scope!r}")
         t_w, t_l = int(chosen.response_lengths[0]), int(rejected.response_lengths[0])
-        joint = _concat(_replicate(chosen, t_w), _replicate(rejected, t_l))
+        joint = concat_batches(_replicate(chosen, t_w), _replicate(rejected, t_l))
         with GhostRecorder(model, params) as rec:
             rec.n_seq = len(joint)
             rec.row_seq = target_positions(joint)[0]

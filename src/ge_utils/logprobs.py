@@ -61,6 +61,20 @@ class SequenceBatch:
         return SequenceBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx])
 
 
+def concat_batches(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
+    """Rows of ``a`` then rows of ``b``, right-padding the narrower one (with id 0, masked)."""
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+
+    return SequenceBatch(
+        torch.cat([pad(a.input_ids), pad(b.input_ids)]),
+        torch.cat([pad(a.attention_mask), pad(b.attention_mask)]),
+        torch.cat([pad(a.response_mask), pad(b.response_mask)]),
+    )
+
+
 def prompt_ids(tokenizer, prompt: str, template: Template = "none") -> list[int]:
     """Token ids of a prompt: raw (``tokenizer(prompt)``) or through the chat template."""
     if template == "none":

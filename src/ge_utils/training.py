@@ -5,6 +5,9 @@ fixed held-out set, each pair's summed log-probs ``u_w, u_l``, rewards ``r = u -
 and the loss coefficients ``d_w, d_l``; and on a fixed probe set each pair's gradient statistics
 ``|g_w|^2, |g_l|^2, <g_w, g_l>``, cosine and first-order case. Reference log-probs are those of
 the model at the start of preference optimization, computed once (no second model is kept).
+With ``train_stats`` the same per-pair gradient statistics are recovered for every training pair
+of every step from the training backward itself (:class:`ge_utils.fast_gradients.GhostRecorder`),
+logged under split ``train`` at the step whose parameters they were computed on.
 
 Results come back as a :class:`RunResult` with two tidy DataFrames: ``steps`` (one row per
 optimizer step) and ``pairs`` (one row per logged step, split and pair).
@@ -25,14 +28,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ge_utils.fast_gradients import GhostRecorder
 from ge_utils.gradients import StatsMethod, condition_table, stats_method
 from ge_utils.io import atomic_write_json, atomic_write_text
 from ge_utils.logprobs import (
     SequenceBatch,
     build_batch,
+    concat_batches,
     prompt_ids,
     response_ids,
     sequence_logprobs,
+    target_positions,
 )
 from ge_utils.losses import PairLogps, get_loss
 
@@ -66,6 +72,7 @@ class TrainConfig:
     loss_params: dict[str, float] = field(default_factory=dict)
     eval_every: int = 5
     stats_method: Literal["fast", "exact", "none"] = "fast"
+    train_stats: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -156,17 +163,7 @@ def _joint_logprobs(
     model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected from one forward over both batches."""
-    width = max(chosen.input_ids.shape[1], rejected.input_ids.shape[1])
-
-    def pad(t: torch.Tensor, value: int = 0) -> torch.Tensor:
-        return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    joint = SequenceBatch(
-        torch.cat([pad(chosen.input_ids), pad(rejected.input_ids)]),
-        torch.cat([pad(chosen.attention_mask), pad(rejected.attention_mask)]),
-        torch.cat([pad(chosen.response_mask, False), pad(rejected.response_mask, False)]),
-    )
-    u = sequence_logprobs(model, joint)
+    u = sequence_logprobs(model, concat_batches(chosen, rejected))
     return u[: len(chosen)], u[len(chosen) :]
 
 
@@ -389,6 +386,10 @@ def preference_optimization(
         for k in range(0, len(index), cfg.batch_size):
             part = index[k : k + cfg.batch_size]
             c, r = pair_batches(train, part, pad, device)
+            recorder = GhostRecorder(model) if cfg.train_stats else None
+            if recorder is not None:
+                joint = concat_batches(c, r)
+                recorder.n_seq, recorder.row_seq = len(joint), target_positions(joint)[0]
             u_w, u_l = _joint_logprobs(model, c, r)
             sel = torch.as_tensor(part)
             p = PairLogps(
@@ -401,9 +402,26 @@ def preference_optimization(
             )
             loss = loss_fn.loss(p).sum() / len(index)
             if not torch.isfinite(loss):
+                if recorder is not None:
+                    recorder.close()
                 model.eval()
                 raise TrainingDivergedError(step + 1, float(loss), result())
+            if recorder is not None:
+                d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
+                recorder.scale = torch.cat([-d_w, d_l]) / len(index)  # dLoss/du per sequence
             loss.backward()
+            if recorder is not None:
+                recorder.close()
+                stats = {
+                    "logp_chosen": u_w.detach(),
+                    "logp_rejected": u_l.detach(),
+                    **recorder.pair_stats(len(part)),
+                }
+                table = condition_table(stats, d_w, d_l, eta=cfg.lr)
+                table.insert(0, "pair", part)
+                table.insert(0, "split", "train")
+                table.insert(0, "step", step)
+                pair_frames.append(table)
             loss_total += float(loss.detach())
             margin_total += float((u_w - u_l).detach().sum()) / len(index)
         grad_norm = float("nan")
