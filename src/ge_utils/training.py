@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from ge_utils.logprobs import (
     sequence_logprobs,
     target_positions,
 )
-from ge_utils.losses import PairLogps, get_loss
+from ge_utils.losses import MarginLoss, PairLogps, get_loss
 
 Optimizer = Literal["adamw", "sgd"]
 
@@ -328,6 +329,56 @@ def _log_probe(
     return table
 
 
+def preference_microstep(
+    model: nn.Module,
+    loss_fn: MarginLoss,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    ref: tuple[torch.Tensor, torch.Tensor],
+    n_total: int,
+    record_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Forward and backward of one micro-batch: ``loss.sum() / n_total`` is back-propagated
+    (gradients accumulate in ``.grad``). Returns the loss, ``u_w``, ``u_l`` and, with
+    ``record_stats``, every pair's gradient statistics (with ``d_w``, ``d_l``) recovered from this
+    backward. Raises ``FloatingPointError(value)`` on a NaN or infinite loss, before backward."""
+    recorder = GhostRecorder(model) if record_stats else None
+    try:
+        joint = concat_batches(chosen, rejected)
+        if recorder is not None:
+            recorder.n_seq, recorder.row_seq = len(joint), target_positions(joint)[0]
+        u = sequence_logprobs(model, joint)
+        u_w, u_l = u[: len(chosen)], u[len(chosen) :]
+        p = PairLogps(
+            chosen=u_w,
+            rejected=u_l,
+            ref_chosen=ref[0].to(u_w),
+            ref_rejected=ref[1].to(u_w),
+            len_chosen=chosen.response_lengths.to(u_w),
+            len_rejected=rejected.response_lengths.to(u_w),
+        )
+        loss = loss_fn.loss(p).sum() / n_total
+        if not torch.isfinite(loss):
+            raise FloatingPointError(float(loss))
+        stats = None
+        if recorder is not None:
+            d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
+            recorder.scale = torch.cat([-d_w, d_l]) / n_total  # dLoss/du of each sequence
+        loss.backward()
+        if recorder is not None:
+            stats = {
+                "logp_chosen": u_w.detach(),
+                "logp_rejected": u_l.detach(),
+                "d_w": d_w,
+                "d_l": d_l,
+                **recorder.pair_stats(len(chosen)),
+            }
+    finally:
+        if recorder is not None:
+            recorder.close()
+    return loss.detach(), u_w.detach(), u_l.detach(), stats
+
+
 def preference_optimization(
     model: nn.Module,
     tokenizer,
@@ -379,6 +430,7 @@ def preference_optimization(
     bar = tqdm(schedule, desc=f"{loss_fn.name}", disable=not cfg.progress)
     model.train()
     for step, index in enumerate(bar):
+        started = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -386,38 +438,16 @@ def preference_optimization(
         for k in range(0, len(index), cfg.batch_size):
             part = index[k : k + cfg.batch_size]
             c, r = pair_batches(train, part, pad, device)
-            recorder = GhostRecorder(model) if cfg.train_stats else None
-            if recorder is not None:
-                joint = concat_batches(c, r)
-                recorder.n_seq, recorder.row_seq = len(joint), target_positions(joint)[0]
-            u_w, u_l = _joint_logprobs(model, c, r)
             sel = torch.as_tensor(part)
-            p = PairLogps(
-                chosen=u_w,
-                rejected=u_l,
-                ref_chosen=ref_train[0][sel].to(u_w),
-                ref_rejected=ref_train[1][sel].to(u_w),
-                len_chosen=_lengths([train.chosen[i] for i in part]).to(u_w),
-                len_rejected=_lengths([train.rejected[i] for i in part]).to(u_w),
-            )
-            loss = loss_fn.loss(p).sum() / len(index)
-            if not torch.isfinite(loss):
-                if recorder is not None:
-                    recorder.close()
+            ref = (ref_train[0][sel], ref_train[1][sel])
+            try:
+                out = preference_microstep(model, loss_fn, c, r, ref, len(index), cfg.train_stats)
+            except FloatingPointError as exc:
                 model.eval()
-                raise TrainingDivergedError(step + 1, float(loss), result())
-            if recorder is not None:
-                d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
-                recorder.scale = torch.cat([-d_w, d_l]) / len(index)  # dLoss/du per sequence
-            loss.backward()
-            if recorder is not None:
-                recorder.close()
-                stats = {
-                    "logp_chosen": u_w.detach(),
-                    "logp_rejected": u_l.detach(),
-                    **recorder.pair_stats(len(part)),
-                }
-                table = condition_table(stats, d_w, d_l, eta=cfg.lr)
+                raise TrainingDivergedError(step + 1, float(exc.args[0]), result()) from None
+            loss, u_w, u_l, stats = out
+            if stats is not None:
+                table = condition_table(stats, stats["d_w"], stats["d_l"], eta=cfg.lr)
                 table.insert(0, "pair", part)
                 table.insert(0, "split", "train")
                 table.insert(0, "step", step)
@@ -435,6 +465,7 @@ def preference_optimization(
                 "train_margin": margin_total,
                 "lr": opt.param_groups[0]["lr"],
                 "grad_norm": grad_norm,
+                "seconds": time.perf_counter() - started,
             }
         )
         bar.set_postfix(loss=f"{loss_total:.3f}", margin=f"{margin_total:.2f}")
