@@ -48,8 +48,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_isolated(script: Path, *args: str) -> dict:
-    """Run ``script`` in a fresh interpreter (so peak memory is its own); it prints JSON last."""
-    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                         check=True)
+def run_isolated(module: str, *args: str) -> dict:
+    """Run ``python -m module`` in a fresh interpreter (so peak memory is its own); it prints
+    JSON on its last line."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=HERE.parent
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
