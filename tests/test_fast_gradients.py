@@ -133,8 +133,9 @@ def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
         rec.n_seq, rec.row_seq = len(joint), fg.target_positions(joint)[0]
         u = sequence_logprobs(tiny_model, joint)
         rec.scale = coef
+        rec.expect_pairs(len(c))
         (coef * u).sum().backward()
-        stats = rec.pair_stats(len(c))
+        stats = rec.results()
     exact = exact_gradient_stats(tiny_model, c, r)
     for k in ("norm2_chosen", "norm2_rejected", "inner"):
         # Llama's RMSNorm computes in float32 even in a float64 model: 1e-6, not 1e-12.

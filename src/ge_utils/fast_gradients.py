@@ -113,7 +113,9 @@ class GhostRecorder:
     def __init__(self, model: nn.Module, params: ParamSpec = None):
         self.named = parameter_set(model, params)
         self.param_ids = {id(p): n for n, p in self.named}
-        self.uses: dict[int, list[_Use]] = defaultdict(list)
+        self.uses: dict[int, list[_Use]] = defaultdict(list)  # shared parameters only
+        self.targets: dict[str, tuple[Tensor, Tensor]] = {}
+        self.totals: dict[str, Tensor] = {}
         self.outputs: list[Tensor] = []
         self.handles: list = []
         self.row_seq: Tensor | None = None
@@ -186,7 +188,7 @@ class GhostRecorder:
         g = self._unit(self._rows(grad))
         weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
         if isinstance(mod, nn.Embedding):
-            self.uses[id(weight)].append(_Use(ids=self._rows(x[..., None])[..., 0].long(), right=g))
+            self._add(id(weight), _Use(ids=self._rows(x[..., None])[..., 0].long(), right=g))
             return
         if isinstance(mod, nn.LayerNorm) or _is_rmsnorm(mod):
             if isinstance(mod, nn.LayerNorm):
@@ -194,49 +196,62 @@ class GhostRecorder:
             else:
                 xhat = _rms_normalized(mod, x)
             if id(weight) in own:
-                self.uses[id(weight)].append(_Use(vec=(g * self._rows(xhat)).sum(1)))
+                self._add(id(weight), _Use(vec=(g * self._rows(xhat)).sum(1)))
         else:
             a = self._rows(x)
             if id(weight) in own:
                 left, right = (a, g) if kind == "Conv1D" else (g, a)
                 use = _Use(left=left, right=right)
-                if id(weight) not in self.shared:
-                    use = _materialize(use)
-                self.uses[id(weight)].append(use)
+                self._add(id(weight), use if id(weight) in self.shared else _materialize(use))
         if bias is not None and id(bias) in own:
-            self.uses[id(bias)].append(_Use(vec=g.sum(1)))
+            self._add(id(bias), _Use(vec=g.sum(1)))
 
-    def inner(self, ii: Tensor, jj: Tensor) -> Tensor:
-        """(len(ii),) float64 ``<grad f_ii[k], grad f_jj[k]>`` summed over the parameter set."""
-        total = torch.zeros(len(ii), dtype=torch.float64)
-        for _, p in self.named:
-            uses = self.uses.get(id(p), [])
-            if not uses:
-                continue  # the parameter did not influence the output: zero gradient
+    def expect(self, **targets: tuple[Tensor, Tensor]) -> None:
+        """Name the inner products to compute, before the backward: ``name=(ii, jj)`` asks for
+        ``<grad f_ii[k], grad f_jj[k]>`` for every k. Each layer's contribution is reduced as
+        soon as its gradient arrives, so nothing per layer outlives its hook (except the factors
+        of shared parameters, e.g. tied embeddings, whose cross terms need both uses)."""
+        self.targets = {k: (ii.long(), jj.long()) for k, (ii, jj) in targets.items()}
+        self.totals = {
+            k: torch.zeros(len(ii), dtype=torch.float64) for k, (ii, _) in self.targets.items()
+        }
+
+    def _add(self, pid: int, use: _Use) -> None:
+        if not self.targets:
+            raise RuntimeError("GhostRecorder.expect(...) must be called before the backward")
+        if pid in self.shared:
+            self.uses[pid].append(use)
+            return
+        for key, (ii, jj) in self.targets.items():
+            self.totals[key] += _use_inner(use, use, ii, jj).cpu()
+
+    def results(self) -> dict[str, Tensor]:
+        """The requested inner products (float64), summed over the parameter set."""
+        out = {k: v.clone() for k, v in self.totals.items()}
+        for uses in self.uses.values():  # shared parameters: every pair of uses
             for u in uses:
                 for v in uses:
-                    total += _use_inner(u, v, ii, jj).cpu()
-        return total
+                    for key, (ii, jj) in self.targets.items():
+                        out[key] += _use_inner(u, v, ii, jj).cpu()
+        return out
 
     def backward(self, value: Tensor) -> None:
         """Back-propagate ``value`` to the recorded layer outputs only: the hooks see every
         output gradient, and no parameter gradient is computed or stored."""
         torch.autograd.grad(value, self.outputs, allow_unused=True)
 
-    def pair_stats(self, n_pairs: int) -> dict[str, Tensor]:
-        """``norm2_chosen``, ``norm2_rejected``, ``inner`` for sequences laid out as
-        ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``."""
+    def expect_pairs(self, n_pairs: int) -> None:
+        """Ask for ``norm2_chosen``, ``norm2_rejected`` and ``inner`` of sequences laid out as
+        ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]``."""
         w = torch.arange(n_pairs)
-        l_ = w + n_pairs
-        return {
-            "norm2_chosen": self.inner(w, w),
-            "norm2_rejected": self.inner(l_, l_),
-            "inner": self.inner(w, l_),
-        }
+        self.expect(
+            norm2_chosen=(w, w), norm2_rejected=(w + n_pairs, w + n_pairs), inner=(w, w + n_pairs)
+        )
 
     def clear(self) -> None:
         self.uses.clear()
         self.outputs.clear()
+        self.targets, self.totals = {}, {}
 
     def close(self) -> None:
         for h in self.handles:
@@ -265,8 +280,9 @@ def fast_gradient_stats(
             rec.n_seq = len(joint)
             rec.row_seq = target_positions(joint)[0]
             u = sequence_logprobs(model, joint)
+            rec.expect_pairs(len(chosen))
             rec.backward(u.sum())
-            stats = rec.pair_stats(len(chosen))
+            stats = rec.results()
     finally:
         model.train(was_training)
     b = len(chosen)
@@ -320,10 +336,10 @@ def tokenwise_inner(
                     per_token[t_w:][joint.response_mask[t_w:]].reshape(t_l, t_l).diagonal(),
                 ]
             )
-            rec.backward(picked.sum())
             ii = torch.arange(t_w).repeat_interleave(t_l)
-            jj = t_w + torch.arange(t_l).repeat(t_w)
-            return rec.inner(ii, jj).reshape(t_w, t_l)
+            rec.expect(tokens=(ii, t_w + torch.arange(t_l).repeat(t_w)))
+            rec.backward(picked.sum())
+            return rec.results()["tokens"].reshape(t_w, t_l)
     finally:
         model.train(was_training)
 

@@ -364,6 +364,7 @@ def preference_microstep(
         if recorder is not None:
             d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
             recorder.scale = torch.cat([-d_w, d_l]) / n_total  # dLoss/du of each sequence
+            recorder.expect_pairs(len(chosen))
         loss.backward()
         if recorder is not None:
             stats = {
@@ -371,7 +372,7 @@ def preference_microstep(
                 "logp_rejected": u_l.detach(),
                 "d_w": d_w,
                 "d_l": d_l,
-                **recorder.pair_stats(len(chosen)),
+                **recorder.results(),
             }
     finally:
         if recorder is not None:
