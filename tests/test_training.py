@@ -10,7 +10,6 @@ import torch
 
 from ge_utils.models import tiny_causal_lm
 from ge_utils.training import (
-    RunResult,
     TrainConfig,
     TrainingDivergedError,
     cached_run,
@@ -131,15 +130,17 @@ def test_cached_run_reuses_and_ignores_incomplete(tmp_path):
 
     def compute():
         calls.append(1)
-        return RunResult(
-            pd.DataFrame({"step": [1]}), pd.DataFrame({"step": [0], "split": ["eval"], "pair": [0]})
-        )
+        return {
+            "steps": pd.DataFrame({"step": [1], "loss": [0.5]}),
+            "pairs": pd.DataFrame({"step": [0], "split": ["eval"], "pair": [0]}),
+        }
 
     params = {"lr": 1e-3, "loss": "dpo"}
     first = cached_run(tmp_path, params, compute)
     second = cached_run(tmp_path, params, compute)
     assert len(calls) == 1
-    pd.testing.assert_frame_equal(first.steps, second.steps)
+    for name in ("steps", "pairs"):
+        pd.testing.assert_frame_equal(first[name], second[name])
     (next(tmp_path.iterdir()) / "params.json").unlink()  # as if killed before the end
     cached_run(tmp_path, params, compute)
     assert len(calls) == 2

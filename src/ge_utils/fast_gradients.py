@@ -15,7 +15,7 @@ other kind raises an error naming it.
 
 Per layer, whichever is cheaper is used: the Gram products above (cost ``T^2 (P + Q)`` per pair)
 or materialized per-sequence gradients (``T P Q`` per sequence), both exact. Products are
-accumulated in float64.
+computed in the model's precision (at least float32) and summed per pair in float64.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
 
 def _left_gram(u: _Use, v: _Use, ii: Tensor, jj: Tensor) -> Tensor:
     if u.ids is not None and v.ids is not None:
-        return (u.ids[ii][:, :, None] == v.ids[jj][:, None, :]).double()
+        return (u.ids[ii][:, :, None] == v.ids[jj][:, None, :]).to(u.right.dtype)
     if u.ids is None and v.ids is None:
         return _gram(u.left[ii], v.left[jj])
     if u.ids is not None:  # one-hot x dense: read the dense rows at the token ids
@@ -79,12 +79,17 @@ def _use_inner(u: _Use, v: _Use, ii: Tensor, jj: Tensor) -> Tensor:
 
 
 def _materialize(u: _Use) -> _Use:
-    """Replace factors by per-sequence gradients when that is cheaper and fits in memory."""
+    """Replace factors by per-sequence gradients when that is cheaper and fits in memory.
+
+    For N = 2B sequences of T rows and 3 products per pair, materializing costs about
+    ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when
+    ``2 P Q < 3 T (P + Q)``.
+    """
     if u.ids is not None or u.vec is not None:
         return u
     n, t, p = u.left.shape
     q = u.right.shape[2]
-    if n * p * q * 8 <= MATERIALIZE_BYTES and p * q <= t * t * (p + q):
+    if n * p * q * u.left.element_size() <= MATERIALIZE_BYTES and 2 * p * q < 3 * t * (p + q):
         return _Use(vec=torch.einsum("ntp,ntq->npq", u.left, u.right).reshape(n, p * q))
     return u
 
@@ -165,8 +170,9 @@ class GhostRecorder:
         return forward_hook
 
     def _rows(self, t: Tensor) -> Tensor:
-        """(N, T, D) float64 per-sequence rows of a layer input or output gradient."""
-        t = t.double()
+        """(N, T, D) per-sequence rows of a layer input or output gradient, in float32 or
+        float64 (half precisions are promoted); per-pair sums are accumulated in float64."""
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
         if t.dim() == 3:
             return t
         if self.row_seq is None or self.n_seq is None:
@@ -223,7 +229,7 @@ class GhostRecorder:
             self.uses[pid].append(use)
             return
         for key, (ii, jj) in self.targets.items():
-            self.totals[key] += _use_inner(use, use, ii, jj).cpu()
+            self.totals[key] += _use_inner(use, use, ii, jj).double().cpu()
 
     def results(self) -> dict[str, Tensor]:
         """The requested inner products (float64), summed over the parameter set."""
@@ -232,7 +238,7 @@ class GhostRecorder:
             for u in uses:
                 for v in uses:
                     for key, (ii, jj) in self.targets.items():
-                        out[key] += _use_inner(u, v, ii, jj).cpu()
+                        out[key] += _use_inner(u, v, ii, jj).double().cpu()
         return out
 
     def backward(self, value: Tensor) -> None:

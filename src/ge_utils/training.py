@@ -104,15 +104,8 @@ class RunResult:
         sub = self.pairs[self.pairs["split"] == split].drop(columns=["split", "pair"])
         return sub.groupby("step").mean(numeric_only=True).reset_index()
 
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        atomic_write_text(folder / "steps.csv", self.steps.to_csv(index=False))
-        atomic_write_text(folder / "pairs.csv", self.pairs.to_csv(index=False))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> RunResult:
-        folder = Path(folder)
-        return cls(pd.read_csv(folder / "steps.csv"), pd.read_csv(folder / "pairs.csv"))
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return {"steps": self.steps, "pairs": self.pairs}
 
 
 @dataclass
@@ -483,9 +476,11 @@ def params_hash(params: dict[str, Any]) -> str:
 
 
 def cached_run(
-    cache_dir: str | Path | None, params: dict[str, Any], run: Callable[[], RunResult]
-) -> RunResult:
-    """Return the cached result for ``params`` or compute it with ``run()`` and cache it.
+    cache_dir: str | Path | None,
+    params: dict[str, Any],
+    run: Callable[[], dict[str, pd.DataFrame]],
+) -> dict[str, pd.DataFrame]:
+    """The frames cached for ``params``, or ``run()``'s frames, then cached as CSV files.
 
     The cache folder is ``cache_dir/<hash>``; its ``params.json`` is written last, so a folder
     without it (an interrupted run) is ignored and recomputed.
@@ -493,12 +488,15 @@ def cached_run(
     if cache_dir is None:
         return run()
     folder = Path(cache_dir) / params_hash(params)
-    if (folder / "params.json").exists():
-        return RunResult.load(folder)
-    result = run()
-    result.save(folder)
-    atomic_write_json(folder / "params.json", params)
-    return result
+    done = folder / "params.json"
+    if done.exists():
+        names = json.loads(done.read_text(encoding="utf-8"))["frames"]
+        return {name: pd.read_csv(folder / f"{name}.csv") for name in names}
+    frames = run()
+    for name, frame in frames.items():
+        atomic_write_text(folder / f"{name}.csv", frame.to_csv(index=False))
+    atomic_write_json(done, {"params": params, "frames": list(frames)})
+    return frames
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
