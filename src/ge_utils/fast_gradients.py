@@ -121,6 +121,7 @@ class GhostRecorder:
         self.uses: dict[int, list[_Use]] = defaultdict(list)  # shared parameters only
         self.targets: dict[str, tuple[Tensor, Tensor]] = {}
         self.totals: dict[str, Tensor] = {}
+        self._gram_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self.outputs: list[Tensor] = []
         self.handles: list = []
         self.row_seq: Tensor | None = None
@@ -158,10 +159,10 @@ class GhostRecorder:
         def forward_hook(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return
-            x = inputs[0].detach()
+            saved = [inputs[0].detach()]  # released once used, like autograd's saved tensors
 
             def grad_hook(grad: Tensor) -> None:
-                self._record(mod, kind, own, x, grad.detach())
+                self._record(mod, kind, own, saved.pop(), grad.detach())
 
             if output.requires_grad:
                 output.register_hook(grad_hook)
@@ -229,7 +230,23 @@ class GhostRecorder:
             self.uses[pid].append(use)
             return
         for key, (ii, jj) in self.targets.items():
-            self.totals[key] += _use_inner(use, use, ii, jj).double().cpu()
+            if use.vec is not None or use.ids is not None:
+                value = _use_inner(use, use, ii, jj)
+            else:  # q, k, v (and gate, up) share their input: reuse its Gram matrix
+                value = (self._gram_of(use.left, key) * self._gram_of(use.right, key)).sum((1, 2))
+            self.totals[key] += value.double().cpu()
+
+    def _gram_of(self, t: Tensor, key: str) -> Tensor:
+        """``_gram(t[ii], t[jj])``, reused when the previous call of ``key`` saw the same rows
+        (same storage and shape). The cache holds that tensor, so its storage cannot be freed
+        and handed to a different tensor while the entry lives."""
+        held = self._gram_cache.get(key)
+        if held is not None and held[0].data_ptr() == t.data_ptr() and held[0].shape == t.shape:
+            return held[1]
+        ii, jj = self.targets[key]
+        gram = _gram(t[ii], t[jj])
+        self._gram_cache[key] = (t, gram)
+        return gram
 
     def results(self) -> dict[str, Tensor]:
         """The requested inner products (float64), summed over the parameter set."""
@@ -244,7 +261,8 @@ class GhostRecorder:
     def backward(self, value: Tensor) -> None:
         """Back-propagate ``value`` to the recorded layer outputs only: the hooks see every
         output gradient, and no parameter gradient is computed or stored."""
-        torch.autograd.grad(value, self.outputs, allow_unused=True)
+        outputs, self.outputs = self.outputs, []
+        torch.autograd.grad(value, outputs, allow_unused=True)
 
     def expect_pairs(self, n_pairs: int) -> None:
         """Ask for ``norm2_chosen``, ``norm2_rejected`` and ``inner`` of sequences laid out as
@@ -257,7 +275,7 @@ class GhostRecorder:
     def clear(self) -> None:
         self.uses.clear()
         self.outputs.clear()
-        self.targets, self.totals = {}, {}
+        self.targets, self.totals, self._gram_cache = {}, {}, {}
 
     def close(self) -> None:
         for h in self.handles:
