@@ -111,18 +111,20 @@ class GhostRecorder:
     The backward must be of ``sum_i c_i f_i``; pass ``scale=c`` (N,) when ``c`` is not all ones
     (e.g. the coefficients of a training loss) and the factors are divided by it, so the results
     are those of the unit gradients ``grad f_i``. A sequence with ``|c_i| < 1e-12`` gets NaN.
-    ``rows`` maps 2-D layer inputs (the output head applied to selected positions) to their
-    sequence: set :attr:`row_seq` before the forward.
+    :attr:`row_seq` maps 2-D layer inputs (the output head applied to selected positions) to
+    their sequence: set it before the forward. With ``keep_outputs=False`` the caller runs its
+    own backward (e.g. a training step's ``loss.backward()``) instead of :meth:`backward`.
     """
 
-    def __init__(self, model: nn.Module, params: ParamSpec = None):
+    def __init__(self, model: nn.Module, params: ParamSpec = None, keep_outputs: bool = True):
         self.named = parameter_set(model, params)
         self.param_ids = {id(p): n for n, p in self.named}
         self.uses: dict[int, list[_Use]] = defaultdict(list)  # shared parameters only
         self.targets: dict[str, tuple[Tensor, Tensor]] = {}
         self.totals: dict[str, Tensor] = {}
         self._gram_cache: dict[str, tuple[Tensor, Tensor]] = {}
-        self.outputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []  # for backward(); off when the caller back-propagates
+        self.keep_outputs = keep_outputs
         self.handles: list = []
         self.row_seq: Tensor | None = None
         self.n_seq: int | None = None
@@ -166,7 +168,8 @@ class GhostRecorder:
 
             if output.requires_grad:
                 output.register_hook(grad_hook)
-                self.outputs.append(output)
+                if self.keep_outputs:
+                    self.outputs.append(output)
 
         return forward_hook
 

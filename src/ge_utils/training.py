@@ -335,7 +335,7 @@ def preference_microstep(
     (gradients accumulate in ``.grad``). Returns the loss, ``u_w``, ``u_l`` and, with
     ``record_stats``, every pair's gradient statistics (with ``d_w``, ``d_l``) recovered from this
     backward. Raises ``FloatingPointError(value)`` on a NaN or infinite loss, before backward."""
-    recorder = GhostRecorder(model) if record_stats else None
+    recorder = GhostRecorder(model, keep_outputs=False) if record_stats else None
     try:
         joint = concat_batches(chosen, rejected)
         if recorder is not None:
@@ -380,12 +380,15 @@ def preference_optimization(
     eval_pairs: Iterable[Any],
     cfg: TrainConfig,
     probe_pairs: Iterable[Any] | None = None,
+    on_log: Callable[[int, nn.Module], None] | None = None,
 ) -> RunResult:
     """Train ``model`` in place with ``cfg.loss``; log held-out and probe statistics.
 
     ``train_pairs``, ``eval_pairs`` and ``probe_pairs`` hold items with ``prompt``, ``chosen``
     and ``rejected`` (attributes or dict keys). The loss is averaged over the pairs of a step.
-    Raises :class:`TrainingDivergedError` (with the history so far) on a NaN or inf loss.
+    ``on_log(step, model)`` is called at every logged step (step 0 included), in eval mode,
+    for measurements of the caller's own. Raises :class:`TrainingDivergedError` (with the
+    history so far) on a NaN or inf loss.
     """
     torch.manual_seed(cfg.seed)
     loss_fn = get_loss(cfg.loss, **cfg.loss_params)
@@ -414,6 +417,10 @@ def preference_optimization(
             pair_frames.append(
                 _log_probe(step, model, probe, ref_probe, loss_fn, stats_fn, cfg.lr, pad)
             )
+        if on_log is not None:
+            was_training = model.training
+            on_log(step, model.eval())
+            model.train(was_training)
 
     def result() -> RunResult:
         pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
