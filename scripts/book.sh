@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export JUPYTER_PREFER_ENV_PATH=1 MPLBACKEND=Agg
+export JUPYTER_PREFER_ENV_PATH=1
 python -m ge_utils run --profile "${1:-default}"
 rm -rf _build
 jupyter-book build -W -n --keep-going .

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export JUPYTER_PREFER_ENV_PATH=1 MPLBACKEND=Agg
+export JUPYTER_PREFER_ENV_PATH=1
 ruff check src tests benchmarks
 python -m pytest tests notebooks --nbval-lax --nbval-current-env "$@"

@@ -8,15 +8,22 @@ not retrain.
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 import torch
 
-from ge_utils.data import PreferencePair, load_pairs, sentiment_pairs, sft_examples
-from ge_utils.fast_gradients import fast_gradient_stats
+from ge_utils.data import (
+    PreferencePair,
+    load_pairs,
+    sentiment_pairs,
+    sft_examples,
+    suffix_of_length,
+)
+from ge_utils.fast_gradients import fast_gradient_stats, tokenwise_inner
 from ge_utils.gradients import condition_table, one_step_change, pair_logps
 from ge_utils.logprobs import sequence_logprobs, tokenize
 from ge_utils.losses import get_loss
@@ -181,3 +188,102 @@ def condition_study(
         return {"condition": pd.concat(frames, ignore_index=True), **result.frames()}
 
     return cached_run(cache_dir() / "runs" if cache else None, params, run)["condition"]
+
+
+def _fine_tuned(model: str, sft_cfg: TrainConfig | None, train, device: str, seed: int):
+    loaded = load_model(model, device=device, seed=seed)
+    if sft_cfg is not None:
+        sft(loaded.model, loaded.tokenizer, sft_examples(train), sft_cfg)
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def suffix_sweep(
+    model: str,
+    sft_cfg: TrainConfig | None,
+    lengths: list[int],
+    n_pairs: int = 16,
+    n_train: int = 64,
+    template: str = "none",
+    device: str = "auto",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Gradient statistics of the same statements with suffixes of growing length.
+
+    The model is fine-tuned once on the long-suffix gold answers; then, for each ``k`` in
+    ``lengths``, the held-out pairs get responses ``Positive``/``Negative`` followed by the first
+    ``k`` words of :data:`ge_utils.data.SWEEP_WORDS` and a period. One row per (k, pair).
+    """
+    train, _ = sentiment_pairs(n_train, 0, "long", seed=seed)
+    net, tok = _fine_tuned(model, sft_cfg, train, device, seed)
+    dev = next(net.parameters()).device
+    frames = []
+    for k in lengths:
+        _, held = sentiment_pairs(n_train, n_pairs, suffix=suffix_of_length(k), seed=seed)
+        prompts = [p.prompt for p in held]
+        c = tokenize(tok, prompts, [p.chosen for p in held], template).to(dev)
+        r = tokenize(tok, prompts, [p.rejected for p in held], template).to(dev)
+        stats = fast_gradient_stats(net, c, r)
+        table = condition_table(stats, torch.ones(len(held)), torch.ones(len(held)))
+        table.insert(0, "response_tokens", c.response_lengths.cpu().numpy())
+        table.insert(0, "pair", range(len(held)))
+        table.insert(0, "suffix_words", k)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+def tokenwise_study(
+    model: str,
+    sft_cfg: TrainConfig | None,
+    po_cfg: TrainConfig,
+    n_pairs: int = 2,
+    n_train: int = 64,
+    config: str = "long",
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Token-wise inner products and cosines (chosen tokens x rejected tokens, all parameters)
+    of ``n_pairs`` held-out pairs, after SFT (step 0) and after DPO with ``po_cfg``.
+
+    Returns ``{"tokens": (chosen_tokens, rejected_tokens) per pair, "matrices": DataFrame}``
+    with one row per (step, pair, chosen index, rejected index): ``inner``, ``cosine``.
+    """
+    train, held = sentiment_pairs(n_train, n_pairs, config, seed=seed)
+    net, tok = _fine_tuned(model, sft_cfg, train, device, seed)
+    dev = next(net.parameters()).device
+    batches = [
+        (
+            tokenize(tok, [p.prompt], [p.chosen], po_cfg.template).to(dev),
+            tokenize(tok, [p.prompt], [p.rejected], po_cfg.template).to(dev),
+        )
+        for p in held
+    ]
+    rows = []
+
+    def measure(step: int, m: torch.nn.Module) -> None:
+        for i, (c, r) in enumerate(batches):
+            inner = tokenwise_inner(m, c, r)
+            norm_w = tokenwise_inner(m, c, c).diagonal()
+            norm_l = tokenwise_inner(m, r, r).diagonal()
+            cosine = inner / (norm_w[:, None] * norm_l[None, :]).sqrt()
+            for s, t in itertools.product(range(inner.shape[0]), range(inner.shape[1])):
+                rows.append(
+                    {
+                        "step": step,
+                        "pair": i,
+                        "chosen_index": s,
+                        "rejected_index": t,
+                        "inner": float(inner[s, t]),
+                        "cosine": float(cosine[s, t]),
+                    }
+                )
+
+    po_cfg_logged = replace(po_cfg, eval_every=po_cfg.steps, stats_method="none")
+    preference_optimization(net, tok, train, held, po_cfg_logged, on_log=measure)
+    tokens = [
+        (
+            [tok.decode([t]) for t in c.input_ids[0][c.response_mask[0]].tolist()],
+            [tok.decode([t]) for t in r.input_ids[0][r.response_mask[0]].tolist()],
+        )
+        for c, r in batches
+    ]
+    return {"tokens": tokens, "matrices": pd.DataFrame(rows)}

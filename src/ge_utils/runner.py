@@ -195,6 +195,7 @@ def execute(
     import papermill
 
     os.environ.setdefault("JUPYTER_PREFER_ENV_PATH", "1")
+    os.environ.pop("MPLBACKEND", None)  # a non-inline backend would drop every figure
     record = provenance_record(parameters["profile"], parameters, parameters.get("device", "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
