@@ -16,6 +16,19 @@ import pytest
 from ge_utils.runner import compatible
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN = [
+    sys.executable,
+    "-m",
+    "ge_utils",
+    "run",
+    "--no-progress",
+    "--notebooks-dir",
+    "notebooks",
+    "--out-dir",
+    "out",
+    "--results-dir",
+    "res",
+]
 
 
 def make_notebook(path: Path, body: str, params: str = 'profile = "smoke"\nn = 3\nrate = 0.5\n'):
@@ -48,20 +61,7 @@ def project(tmp_path):
 
 
 def run(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "ge_utils",
-        "run",
-        "--no-progress",
-        "--notebooks-dir",
-        "notebooks",
-        "--out-dir",
-        "out",
-        "--results-dir",
-        "res",
-        *args,
-    ]
+    cmd = [*RUN, *args]
     env = {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1"}
     return subprocess.run(
         cmd, cwd=project, capture_output=True, text=True, timeout=timeout, env=env
@@ -130,20 +130,7 @@ def test_killed_run_leaves_previous_outputs_complete(project):
     assert run(project, "toy").returncode == 0
     before = {p.name: p.read_bytes() for p in (project / "out").iterdir()}
     make_notebook(project / "notebooks" / "toy.ipynb", "import time\ntime.sleep(60)")
-    cmd = [
-        sys.executable,
-        "-m",
-        "ge_utils",
-        "run",
-        "--no-progress",
-        "--notebooks-dir",
-        "notebooks",
-        "--out-dir",
-        "out",
-        "--results-dir",
-        "res",
-        "toy",
-    ]
+    cmd = [*RUN, "toy"]
     proc = subprocess.Popen(
         cmd,
         cwd=project,

@@ -20,7 +20,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 PROMPT_TEMPLATE = "What is the sentiment of this statement? {statement}\nAnswer:"
@@ -186,13 +186,6 @@ def sentiment_pairs(
 def sft_examples(pairs: Sequence[PreferencePair]) -> list[tuple[str, str]]:
     """The SFT view: ``(prompt, gold response)``."""
     return [(p.prompt, p.chosen) for p in pairs]
-
-
-def pairs_frame(pairs: Sequence[PreferencePair]):
-    """The pairs as a pandas DataFrame (one row per pair)."""
-    import pandas as pd
-
-    return pd.DataFrame([asdict(p) for p in pairs])
 
 
 # --- generic preference files and datasets ------------------------------------------------------

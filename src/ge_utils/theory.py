@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from ge_utils.gradients import classify_cases
+
 
 @dataclass
 class HeadDraws:
@@ -124,17 +126,8 @@ def head_gradient_stats_closed_form(draws: HeadDraws) -> dict:
 
 
 def dpo_case(norm2_w: torch.Tensor, norm2_l: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """DPO case (d_w = d_l) from the first-order changes: 1 ideal, 2 both down, 3 both up.
-
-    4 (chosen down, rejected up) cannot occur: it would need ``|g_w - g_l|^2 < 0``.
-    """
-    w_up = norm2_w - inner > 0
-    l_up = inner - norm2_l > 0
-    case = torch.full_like(inner, 4, dtype=torch.long)
-    case[w_up & ~l_up] = 1
-    case[~w_up & ~l_up] = 2
-    case[w_up & l_up] = 3
-    return case
+    """DPO case (d_w = d_l) from the statistics: 1 ideal, 2 both down, 3 both up (4 impossible)."""
+    return classify_cases(norm2_w - inner, inner - norm2_l)
 
 
 def theorem1_table(
