@@ -9,7 +9,9 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from ge_utils.__main__ import main as cli
 from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import tokenize
 from ge_utils.models import tiny_causal_lm
@@ -27,6 +29,22 @@ ROWS = [
     },
     {"prompt": "The service was slow.", "chosen": "Negative.", "rejected": "Positive."},
 ]
+COLUMNS = [
+    "pair",
+    "logp_chosen",
+    "logp_rejected",
+    "grad_norm2_chosen",
+    "grad_norm2_rejected",
+    "grad_inner",
+    "cosine",
+    "inner_over_min_norm2",
+    "d_w",
+    "d_l",
+    "pred_delta_chosen",
+    "pred_delta_rejected",
+    "pred_delta_margin",
+    "case",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,78 +60,123 @@ def write_jsonl(path, rows):
     return path
 
 
-def diagnose(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "ge_utils", "diagnose", "--no-progress", *args],
+def run(capsys, *args: str) -> tuple[int, str]:
+    """The command in-process: exit code and stderr."""
+    code = cli(["diagnose", "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_csv_matches_exact_statistics(tmp_path, model_dir, tokenizer, capsys, method):
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    out = tmp_path / "stats.csv"
+    code, err = run(
+        capsys,
+        *["--model", str(model_dir), "--data", str(data), "--out", str(out)],
+        *["--method", method, "--loss", "dpo", "--loss-param", "beta=0.2", "--eta", "0.5"],
+    )
+    assert code == 0, err
+    assert "wrote 3 pairs" in err
+    table = pd.read_csv(out)
+    assert list(table.columns) == COLUMNS and list(table["pair"]) == [0, 1, 2]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    prompts = [r["prompt"] for r in ROWS]
+    c = tokenize(tokenizer, prompts, [r["chosen"] for r in ROWS])
+    r = tokenize(tokenizer, prompts, [r["rejected"] for r in ROWS])
+    exact = exact_gradient_stats(model, c, r)
+    for key, col in [
+        ("logp_chosen", "logp_chosen"),
+        ("logp_rejected", "logp_rejected"),
+        ("norm2_chosen", "grad_norm2_chosen"),
+        ("norm2_rejected", "grad_norm2_rejected"),
+        ("inner", "grad_inner"),
+    ]:
+        torch.testing.assert_close(torch.tensor(table[col].values), exact[key], rtol=1e-4, atol=0)
+    assert (table["d_w"] == 0.1).all() and (table["d_l"] == 0.1).all()  # reference = model
+    expected_w = 0.5 * 0.1 * (exact["norm2_chosen"] - exact["inner"])
+    torch.testing.assert_close(
+        torch.tensor(table["pred_delta_chosen"].values), expected_w, rtol=1e-4, atol=0
+    )
+
+
+def test_command_line_entry_point(tmp_path, model_dir):
+    """``python -m ge_utils diagnose`` as a user types it: a CSV on success, and one error line
+    without a traceback on bad input."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS[:1])
+    out = tmp_path / "stats.csv"
+    base = [sys.executable, "-m", "ge_utils", "diagnose", "--no-progress", "--data", str(data)]
+    ok = subprocess.run(
+        [*base, "--model", str(model_dir), "--out", str(out), "--method", "exact"],
         capture_output=True,
         text=True,
         timeout=300,
     )
+    assert ok.returncode == 0, ok.stderr
+    assert len(pd.read_csv(out)) == 1
+    bad = subprocess.run(
+        [*base, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.csv")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: model folder {str(tmp_path / 'missing')!r} does not exist"
+    ]
 
 
-@pytest.mark.parametrize("method", ["fast", "exact"])
-def test_csv_matches_exact_statistics(tmp_path, model_dir, tokenizer, method):
-    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    out = tmp_path / "stats.csv"
-    proc = diagnose(
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--method",
-        method,
-        "--loss",
-        "dpo",
-        "--loss-param",
-        "beta=0.2",
-    )
-    assert proc.returncode == 0, proc.stderr
-    table = pd.read_csv(out)
-    assert len(table) == 3
-    for col in [
-        "logp_chosen",
-        "logp_rejected",
-        "grad_norm2_chosen",
-        "grad_norm2_rejected",
-        "grad_inner",
-        "cosine",
-        "case",
-    ]:
-        assert col in table.columns
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    c = tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
-    r = tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
-    exact = exact_gradient_stats(model, c, r)
-    torch.testing.assert_close(
-        torch.tensor(table["grad_inner"].values), exact["inner"], rtol=1e-4, atol=1e-6
-    )
-    torch.testing.assert_close(
-        torch.tensor(table["logp_chosen"].values), exact["logp_chosen"], rtol=1e-5, atol=1e-6
-    )
-    assert (table["d_w"] == 0.1).all()  # beta/2 when the reference is the model itself
+BAD_JSON = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n\n{"prompt": "p", "chosen": \n'
 
 
 @pytest.mark.parametrize(
-    ("rows", "args", "message"),
+    ("content", "args", "messages"),
     [
-        ([{"prompt": "p", "chosen": "a"}], [], "row 1: missing field(s) rejected"),
-        ([ROWS[0], {**ROWS[1], "chosen": ""}], [], "row 2: empty chosen response"),
-        (ROWS, ["--loss", "dpx"], "unknown loss 'dpx'"),
-        (ROWS, ["--loss-param", "gamma=1"], "unknown hyperparameter 'gamma'"),
-        (ROWS, ["--model", "/nonexistent/model"], "does not exist"),
+        ([{"prompt": "p", "chosen": "a"}], [], ["line 1", "missing field(s) rejected"]),
+        ([ROWS[0], {**ROWS[1], "chosen": ""}], [], ["line 2", "empty chosen"]),
+        ([ROWS[0], {**ROWS[1], "rejected": 5}], [], ["line 2", "'rejected'", "string"]),
+        (BAD_JSON, [], ["line 3", "not valid JSON"]),
+        ("\n", [], ["no preference pairs"]),
+        (ROWS, ["--loss", "dpx"], ["unknown loss 'dpx'", "known losses: dpo, ipo"]),
+        (ROWS, ["--loss-param", "gamma=1"], ["unknown hyperparameter 'gamma'", "allowed: beta"]),
+        (ROWS, ["--loss-param", "beta=-1"], ["'beta' must be > 0"]),
+        (ROWS, ["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
+        (ROWS, ["--model", "/nonexistent/model"], ["'/nonexistent/model' does not exist"]),
+        (ROWS, ["--data", "/nonexistent/pairs.jsonl"], ["/nonexistent/pairs.jsonl", "not exist"]),
     ],
 )
-def test_bad_input_gives_one_clear_error_and_no_csv(tmp_path, model_dir, rows, args, message):
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+def test_bad_input_gives_one_clear_error_and_no_csv(
+    tmp_path, model_dir, capsys, content, args, messages
+):
+    data = tmp_path / "pairs.jsonl"
+    if isinstance(content, str):
+        data.write_text(content, encoding="utf-8")
+    else:
+        write_jsonl(data, content)
     out = tmp_path / "stats.csv"
-    base = ["--model", str(model_dir), "--data", str(data), "--out", str(out)]
-    proc = diagnose(*base, *args)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert message in proc.stderr
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == [data]
+    code, err = run(
+        capsys, "--model", str(model_dir), "--data", str(data), "--out", str(out), *args
+    )
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for message in messages:
+        assert message in lines[0]
+    assert list(tmp_path.iterdir()) == [data], "a CSV or a temporary file was left behind"
+
+
+def test_error_leaves_an_existing_csv_untouched(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a"}])
+    out = tmp_path / "stats.csv"
+    out.write_text("old results\n", encoding="utf-8")
+    code, _ = run(capsys, "--model", str(model_dir), "--data", str(data), "--out", str(out))
+    assert code == 2 and out.read_text(encoding="utf-8") == "old results\n"
+
+
+@pytest.mark.parametrize("value", ["beta", "beta=x"])
+def test_malformed_loss_param_is_a_usage_error(capsys, value):
+    argv = ["diagnose", "--model", "m", "--data", "d.jsonl", "--out", "o.csv"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli([*argv, "--loss-param", value])
+    assert exit_info.value.code == 2
+    assert "--loss-param" in capsys.readouterr().err

@@ -14,8 +14,9 @@ from ge_utils.gradients import (
     pair_logps,
     parameter_set,
 )
-from ge_utils.logprobs import build_batch
+from ge_utils.logprobs import build_batch, sequence_logprobs, tokenize
 from ge_utils.losses import get_loss
+from ge_utils.models import tiny_causal_lm
 
 PROMPTS = [[2, 5, 7, 6], [2, 4, 6], [2, 9, 10, 11, 12]]
 CHOSEN = [[13, 14, 15, 8], [16, 8], [13, 17]]
@@ -55,12 +56,17 @@ def test_exact_stats_match_brute_force(tiny_model, side):
 
 
 def test_tied_embeddings_are_counted_once(tokenizer):
-    from ge_utils.models import tiny_causal_lm
-
     model = tiny_causal_lm("gpt2", len(tokenizer)).double()
     names = [n for n, _ in parameter_set(model)]
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert sum("wte" in n or "lm_head" in n for n in names) == 1
+    # The tied weight can be named by either of its names; naming both counts it once.
+    wte = model.get_input_embeddings().weight
+    both = parameter_set(
+        model, ["lm_head.weight", "transformer.ln_f.bias", "transformer.wte.weight"]
+    )
+    assert [n for n, _ in both] == ["lm_head.weight", "transformer.ln_f.bias"]
+    assert both[0][1] is wte
     stats = exact_gradient_stats(model, *batches("right"))
     g = brute_grad(model, PROMPTS[0], CHOSEN[0])
     assert g.numel() == sum(p.numel() for p in model.parameters())
@@ -125,26 +131,53 @@ def test_case_labels_and_impossible_fourth_case():
 
 
 def test_diagnose_pairs_uses_reference_and_loss(tiny_model, tokenizer):
-    prompts = ["The film was a delight.", "The food was cold."]
-    table = diagnose_pairs(
+    prompts = ["The film was a delight.", "The food was cold.", "The service was slow."]
+    chosen = ["Positive sentiment.", "Negative sentiment.", "Negative."]
+    rejected = ["Negative sentiment.", "Positive sentiment.", "Positive."]
+    loss = get_loss("dpo", beta=0.2)
+    table = diagnose_pairs(tiny_model, tokenizer, prompts, chosen, rejected, loss, progress=False)
+    assert list(table["pair"]) == [0, 1, 2]
+    assert (table["d_w"] == 0.1).all() and (table["d_l"] == 0.1).all()  # rewards 0: beta/2
+    c, r = tokenize(tokenizer, prompts, chosen), tokenize(tokenizer, prompts, rejected)
+    stats = exact_gradient_stats(tiny_model, c, r)
+    for key, col in [("inner", "grad_inner"), ("norm2_chosen", "grad_norm2_chosen")]:
+        torch.testing.assert_close(torch.tensor(table[col].values), stats[key])
+
+    # A reference model: rewards from its log-probs, computed independently here.
+    torch.manual_seed(1)
+    ref_model = tiny_causal_lm("llama", len(tokenizer)).double().train()
+    in_batches = diagnose_pairs(
         tiny_model,
         tokenizer,
         prompts,
-        ["Positive sentiment."] * 2,
-        ["Negative sentiment."] * 2,
-        get_loss("dpo", beta=0.2),
+        chosen,
+        rejected,
+        loss,
+        ref_model=ref_model,
+        batch_size=2,
         progress=False,
     )
-    assert list(table["pair"]) == [0, 1]
-    assert (table["d_w"] == 0.1).all() and (table["d_l"] == 0.1).all()
-    with pytest.raises(ValueError, match="unknown statistics method"):
+    assert ref_model.training, "the reference model's mode was not restored"
+    assert list(in_batches["pair"]) == [0, 1, 2]
+    with torch.no_grad():
+        ref = (sequence_logprobs(ref_model.eval(), c), sequence_logprobs(ref_model, r))
+    z = 0.2 * ((stats["logp_chosen"] - ref[0]) - (stats["logp_rejected"] - ref[1]))
+    torch.testing.assert_close(torch.tensor(in_batches["d_w"].values), 0.2 * torch.sigmoid(-z))
+    torch.testing.assert_close(
+        torch.tensor(in_batches["grad_inner"].values), torch.tensor(table["grad_inner"].values)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "ghostly"}, "unknown statistics method 'ghostly'"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"eta": float("nan")}, "eta must be finite"),
+    ],
+)
+def test_diagnose_pairs_rejects_bad_arguments(tiny_model, tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
         diagnose_pairs(
-            tiny_model,
-            tokenizer,
-            prompts,
-            ["a"] * 2,
-            ["b"] * 2,
-            get_loss("dpo"),
-            method="ghostly",
-            progress=False,
+            tiny_model, tokenizer, ["p"] * 2, ["a"] * 2, ["b"] * 2, get_loss("dpo"), **kwargs
         )

@@ -46,15 +46,84 @@ def test_coefficients_match_under_non_default_hyperparameters(name):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-13)
 
 
-def test_dpo_matches_independent_formula():
+def _indep(name: str, p: PairLogps, h: dict) -> torch.Tensor:
+    """Each loss written out from its paper, with plain exp/log (no shared helpers)."""
+    r_w, r_l = p.chosen - p.ref_chosen, p.rejected - p.ref_rejected
+    a_w, a_l = p.chosen / p.len_chosen, p.rejected / p.len_rejected
+
+    def nls(x):  # -log sigmoid(x)
+        return torch.log(1 + torch.exp(-x))
+
+    def odds(a):
+        return torch.log(torch.exp(a) / (1 - torch.exp(a)))
+
+    formulas = {
+        "dpo": lambda: nls(h["beta"] * (r_w - r_l)),
+        "ipo": lambda: (r_w - r_l - 1 / (2 * h["tau"])) ** 2,
+        "rdpo": lambda: nls(h["beta"] * (r_w - r_l) + h["alpha"] * (p.len_chosen - p.len_rejected)),
+        "simpo": lambda: nls(h["beta"] * (a_w - a_l) - h["gamma"]),
+        "slic": lambda: (
+            torch.clamp(h["delta"] - p.chosen + p.rejected, min=0) - h["lam"] * p.chosen
+        ),
+        "cpo": lambda: nls(h["beta"] * (p.chosen - p.rejected)) - h["lam"] * p.chosen,
+        "dpop": lambda: nls(h["beta"] * (r_w - r_l - h["lam"] * torch.clamp(-r_w, min=0))),
+        "rrhf": lambda: torch.clamp(a_l - a_w, min=0) - h["lam"] * p.chosen,
+        "orpo": lambda: h["lam"] * nls(odds(a_w) - odds(a_l)) - a_w,
+        "sppo": lambda: (r_w - 1 / (2 * h["beta"])) ** 2 + (r_l + 1 / (2 * h["beta"])) ** 2,
+        "kto_pair": lambda: (
+            (1 - 1 / (1 + torch.exp(-h["beta"] * r_w))) + (1 - 1 / (1 + torch.exp(h["beta"] * r_l)))
+        ),
+    }
+    return formulas[name]()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_values_match_independent_formulas(name):
+    p = random_pairs(3)
+    h = {k: v * 1.3 for k, v in LOSSES[name].defaults.items()}
+    torch.testing.assert_close(
+        get_loss(name, **h).loss(p), _indep(name, p, h), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_rdpo_rewards_a_longer_chosen_response():
+    """Park et al. Eq. 9: z = beta D + alpha (|y_w| - |y_l|), so a longer chosen response
+    lowers the loss at equal rewards (the length is credited, not learned)."""
+    zero = torch.zeros(2, dtype=torch.float64)
+    p = PairLogps(zero, zero, zero, zero, torch.tensor([10.0, 5.0]), torch.tensor([5.0, 10.0]))
+    longer_chosen, shorter_chosen = get_loss("rdpo").loss(p).tolist()
+    assert longer_chosen < math.log(2) < shorter_chosen
+
+
+def test_dpo_coefficients_match_independent_formula():
     p = random_pairs(3)
     beta = 0.25
     z = beta * ((p.chosen - p.ref_chosen) - (p.rejected - p.ref_rejected))
-    loss = get_loss("dpo", beta=beta)
-    torch.testing.assert_close(loss.loss(p), -torch.log(1 / (1 + torch.exp(-z))))
-    d_w, d_l = loss.coefficients(p)
-    torch.testing.assert_close(d_w, beta * (1 - torch.sigmoid(z)))
+    d_w, d_l = get_loss("dpo", beta=beta).coefficients(p)
+    torch.testing.assert_close(d_w, beta / (1 + torch.exp(z)))
     torch.testing.assert_close(d_w, d_l)
+
+
+@pytest.mark.parametrize(
+    ("name", "chosen", "rejected", "ref_chosen", "expected"),
+    [
+        ("slic", -3.0, -4.0, 0.0, (0.1, 0.0)),  # D = delta exactly: hinge off
+        ("rrhf", -4.0, -4.0, 0.0, (1.0, 0.0)),  # D = 0 exactly (equal lengths): hinge off
+        ("dpop", -4.0, -4.0, -4.0, (0.05, 0.05)),  # r_w = 0 exactly: no penalty
+    ],
+)
+def test_subgradient_at_the_kink_is_zero_in_both_forms(
+    name, chosen, rejected, ref_chosen, expected
+):
+    def t(x):
+        return torch.tensor([x], dtype=torch.float64)
+
+    p = PairLogps(t(chosen), t(rejected), t(ref_chosen), t(rejected), t(2.0), t(2.0))
+    loss = get_loss(name)
+    closed, auto = loss.coefficients(p), autograd_coefficients(loss, p)
+    for c, a, e in zip(closed, auto, expected, strict=True):
+        torch.testing.assert_close(c, t(e), rtol=1e-12, atol=0)
+        torch.testing.assert_close(a, t(e), rtol=1e-12, atol=0)
 
 
 def test_sppo_ratio_exceeds_one_iff_rewards_sum_negative():
@@ -85,10 +154,32 @@ def test_orpo_log_odds_is_stable_near_probability_one():
 
 def test_table2_lists_every_loss():
     table = table2()
-    assert len(table) == len(LOSSES)
-    assert {"m(D)", "h_w", "h_l", "Lambda(u_w)", "d_w", "d_l", "separable"} <= set(table.columns)
-    assert table.loc["SPPO (hard)", "separable"] and not table.loc["DPO", "separable"]
-    assert table.loc["DPOP", "defaults"] == "beta=0.1, lam=50"
+    assert list(table["name"]) == list(LOSSES)
+    assert list(table.columns) == [
+        "loss",
+        "name",
+        "m",
+        "h_w",
+        "h_l",
+        "Lambda",
+        "d_w",
+        "d_l",
+        "separable",
+        "defaults",
+        "description",
+    ]
+    rows = table.set_index("name")
+    assert rows.loc["sppo", "separable"] and not rows.loc["dpo", "separable"]
+    assert rows.loc["dpop", "defaults"] == "beta=0.1, lam=50"
+    assert rows.loc["simpo", "defaults"] == "beta=2, gamma=0.5"
+    assert (table["description"].str.len() > 20).all()
+
+
+def test_get_loss_binds_hyperparameters():
+    loss = get_loss("SimPO", gamma=1)
+    assert loss.name == "simpo" and loss.hyperparameters == {"beta": 2.0, "gamma": 1.0}
+    assert repr(loss) == "simpo(beta=2, gamma=1)"
+    assert loss.description.startswith("Meng et al.")
 
 
 @pytest.mark.parametrize(

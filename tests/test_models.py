@@ -1,34 +1,67 @@
 """Model loading: offline SmolLM2, tiny pre-trained models, local folders, freezing, LoRA."""
 
+import socket
+
 import pytest
 import torch
 
-from ge_utils.models import load_model, pretrained_tiny, tiny_causal_lm, train_last_k_blocks
+from ge_utils.models import (
+    LoraSettings,
+    load_model,
+    pretrained_tiny,
+    tiny_causal_lm,
+    train_last_k_blocks,
+)
 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """Loaded once per test session (the first load ever de-quantizes the GGUF file: ~21 s)."""
     return load_model("smollm2-135m-instruct", device="cpu")
 
 
 def test_offline_pretrained_default_loads_and_tokenizes_as_documented(smollm2):
     tok = smollm2.tokenizer
-    assert type(smollm2.model).__name__ == "LlamaForCausalLM"
-    assert sum(p.numel() for p in smollm2.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    model = smollm2.model
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert not hasattr(model.config, "quantization_config")
+    assert next(model.parameters()).dtype == torch.float32
     assert len(tok("Positive.", add_special_tokens=False).input_ids) == 2
     assert len(tok("Positive", add_special_tokens=False).input_ids) == 1
+    assert (
+        tok("Positive", add_special_tokens=False).input_ids
+        != tok(" Positive", add_special_tokens=False).input_ids
+    )
     long = "Positive sentiment based on my judgement."
     assert len(tok(long, add_special_tokens=False).input_ids) == 7
     assert tok.pad_token_id is not None
     assert tok.chat_template is not None
 
 
+def test_train_last_k_on_smollm2_keeps_last_blocks_and_final_norm(smollm2):
+    trainable = train_last_k_blocks(smollm2.model, 2)
+    try:
+        expected = {
+            n
+            for n, _ in smollm2.model.named_parameters()
+            if n.startswith(("model.layers.28.", "model.layers.29.", "model.norm."))
+        }
+        assert set(trainable) == expected and len(expected) == 2 * 9 + 1
+    finally:
+        smollm2.model.requires_grad_(True)
+
+
 def test_tiny_pretrained_is_deterministic_and_learned(tmp_path, monkeypatch):
     monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
     a, tok = pretrained_tiny("llama", seed=1, steps=30)
-    b, _ = pretrained_tiny("llama", seed=1, steps=30, use_cache=False)
+    b, _ = pretrained_tiny("llama", seed=1, steps=30, cache=False)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+    first, last = a.config.pretraining_losses
+    assert last < first - 1.0
     fresh = tiny_causal_lm("llama", len(tok), hidden=64, seed=1)
     enc = tok(
         ["What is the sentiment of this statement? The pizza was outstanding."], return_tensors="pt"
@@ -36,31 +69,104 @@ def test_tiny_pretrained_is_deterministic_and_learned(tmp_path, monkeypatch):
     trained_loss = a(**enc, labels=enc.input_ids).loss
     random_loss = fresh(**enc, labels=enc.input_ids).loss
     assert trained_loss < random_loss - 1.0
+    assert [p.name.startswith("tiny-llama-") for p in tmp_path.iterdir()] == [True]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
     cached, _ = pretrained_tiny("llama", seed=1, steps=30)  # from the cache folder
-    assert torch.equal(next(cached.parameters()), next(a.parameters()))
+    for pa, pc in zip(a.parameters(), cached.parameters(), strict=True):
+        assert torch.equal(pa, pc)
+    other, _ = pretrained_tiny("llama", seed=2, steps=30)
+    assert len(list(tmp_path.iterdir())) == 2  # a different recipe, a different cache entry
+    assert not torch.equal(next(other.parameters()), next(a.parameters()))
+    with pytest.raises(ValueError, match="unknown tiny architecture 'bert'"):
+        pretrained_tiny("bert")
 
 
-def test_local_folder_last_k_and_lora(tmp_path, tokenizer):
-    model = tiny_causal_lm("gpt2", len(tokenizer), layers=3)
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+def test_load_model_tiny_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    loaded = load_model("tiny-gpt2", dtype="float64", device="cpu", seed=3)
+    assert type(loaded.model).__name__ == "GPT2LMHeadModel"
+    assert next(loaded.model.parameters()).dtype == torch.float64
+    assert loaded.tokenizer.pad_token == "<pad>" and not loaded.model.training
+
+
+def save_tiny(folder, tokenizer, layers=3):
+    model = tiny_causal_lm("gpt2", len(tokenizer), layers=layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_local_folder_loads_the_same_weights(tmp_path, tokenizer):
+    model = save_tiny(tmp_path / "m", tokenizer)
+    loaded = load_model(str(tmp_path / "m"), device="cpu")
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    ids = tokenizer(["The film was a delight."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+
+
+def test_train_last_k_freezes_the_right_parameters(tmp_path, tokenizer):
+    save_tiny(tmp_path / "m", tokenizer)
     loaded = load_model(str(tmp_path / "m"), device="cpu", train_last_k=1)
-    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
-    assert trainable and all(
-        n.startswith(("transformer.h.2.", "transformer.ln_f")) for n in trainable
-    )
-    lora = load_model(str(tmp_path / "m"), device="cpu", lora_rank=4)
-    names = [n for n, p in lora.model.named_parameters() if p.requires_grad]
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    expected = {
+        n
+        for n, _ in loaded.model.named_parameters()
+        if n.startswith(("transformer.h.2.", "transformer.ln_f."))
+    }
+    assert trainable == expected and expected
+    assert not loaded.model.transformer.wte.weight.requires_grad  # tied with the output head
+    with pytest.raises(ValueError, match=r"train_last_k must be in 1\.\.3, got 5"):
+        train_last_k_blocks(loaded.model, 5)
+
+
+def test_lora_wraps_with_the_given_settings(tmp_path, tokenizer):
+    save_tiny(tmp_path / "m", tokenizer)
+    by_rank = load_model(str(tmp_path / "m"), device="cpu", lora_rank=4)
+    names = [n for n, p in by_rank.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
-    with pytest.raises(ValueError, match=r"train_last_k must be in 1\.\.3"):
-        train_last_k_blocks(model, 5)
+    lora = LoraSettings(r=2, alpha=8, targets=("c_fc",))
+    wrapped = load_model(str(tmp_path / "m"), device="cpu", lora=lora).model
+    shapes = {n: p.shape for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert len(shapes) == 2 * 3 and all(".mlp.c_fc.lora_" in n for n in shapes)
+    assert all(2 in s for s in shapes.values())
+    assert wrapped.peft_config["default"].lora_alpha == 8
+    with pytest.raises(ValueError, match="exclude each other"):
+        load_model(str(tmp_path / "m"), device="cpu", lora=lora, train_last_k=1)
+    with pytest.raises(ValueError, match="LoRA rank must be >= 1, got 0"):
+        load_model(str(tmp_path / "m"), device="cpu", lora_rank=0)
+
+
+def test_cached_hub_name_loads_offline(tmp_path, tokenizer, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / "0123abc"
+    model = save_tiny(snapshot, tokenizer)
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    loaded = load_model("someone/tiny", device="cpu")
+    assert lookups == []  # cache only: no probe of the Hub (which retries for 23 s offline)
+    ids = tokenizer(["The film was a delight."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
 
 
 def test_missing_models_fail_clearly(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"no-such-model.*does not exist"):
         load_model(str(tmp_path / "no-such-model"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="cannot be reached"):
+    with pytest.raises(OSError, match="'someone/not-a-cached-model' is not a local path"):
         load_model("someone/not-a-cached-model")
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_model("tiny-llama", dtype="float8")
+    with pytest.raises(ValueError, match="non-empty string"):
+        load_model("")

