@@ -37,6 +37,8 @@ from ge_utils.training import (
     sft,
 )
 
+CACHE_VERSION = 2  # bump when a change of code changes results, so old cached runs are not reused
+
 
 @dataclass
 class ExperimentResult:
@@ -93,7 +95,7 @@ def sft_then_preference(
         "seed": seed,
         "sft": config_dict(sft_cfg),
         "po": config_dict(po_cfg),
-        "version": 1,
+        "version": CACHE_VERSION,
     }
 
     def run() -> dict[str, pd.DataFrame]:
