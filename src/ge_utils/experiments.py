@@ -152,6 +152,7 @@ def condition_study(
         "seed": seed,
         "sft": config_dict(sft_cfg),
         "po": config_dict(po_cfg),
+        "version": CACHE_VERSION,
     }
 
     def run() -> dict[str, pd.DataFrame]:
