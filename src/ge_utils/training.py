@@ -352,7 +352,7 @@ def preference_microstep(
         )
         loss = loss_fn.loss(p).sum() / n_total
         if not torch.isfinite(loss):
-            raise FloatingPointError(float(loss))
+            raise FloatingPointError(float(loss.detach()))
         stats = None
         if recorder is not None:
             d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
