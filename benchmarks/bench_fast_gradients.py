@@ -1,12 +1,16 @@
 """Fast (ghost) gradient statistics against the floor and brute force, side by side.
 
-    python -m benchmarks.bench_fast_gradients            # SmolLM2-135M, 8 pairs (minutes)
+    python -m benchmarks.bench_fast_gradients            # SmolLM2-135M, 8 pairs, CPU (minutes)
     python -m benchmarks.bench_fast_gradients --quick    # tiny model, seconds
+    python -m benchmarks.bench_fast_gradients --device cuda --random-init DIR
+        # DIR holds a model's config and tokenizer only: random weights of that architecture
+        # (same cost as the trained ones) where the weights cannot be copied
 
-Each measurement runs in its own interpreter so its peak memory (max RSS) is its own; memory is
-reported above the RSS of the loaded model and batch. Ratios are to the floor (one plain
-forward+backward of the same 16 sequences) and to brute force (the authors' method: one backward
-per sequence, flattened gradient vectors).
+Each measurement runs in its own interpreter so its peak memory is its own: max RSS above that of
+the loaded model and batch on the CPU, peak allocated CUDA memory above the same on a GPU.
+Ratios are to the floor (one plain forward+backward of the same 2B sequences) and to brute force
+(the authors' method: one backward per sequence, flattened gradient vectors). The brute-force
+run also reports the largest relative difference between the two methods' statistics.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +42,7 @@ METHODS = [
 ]
 
 
-def flat_grad(value, params):
+def flat_grad(value: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
     return torch.cat(
         [
@@ -47,19 +52,52 @@ def flat_grad(value, params):
     )
 
 
-def measure(method: str, model_name: str, n_pairs: int, repeat: int) -> dict:
+def load_model_for_bench(name: str, random_init: str | None, device: str):
+    """The named model (``benchmarks.common.load``), or random weights from a config folder."""
+    if random_init is None:
+        model, tok = load(name)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(random_init))
+        tok = AutoTokenizer.from_pretrained(random_init)
+    return model.to(device=device, dtype=torch.float32).eval(), tok
+
+
+class Memory:
+    """Peak memory (MB) of what runs after construction: CUDA allocations or process RSS."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.base = peak_rss_mb()
+
+    def extra_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return peak_rss_mb() - self.base
+
+
+def measure(method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    model, tok = load(model_name)
-    pairs = benchmark_pairs(n_pairs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model_for_bench(args.model, args.random_init, args.device)
+    pairs = benchmark_pairs(args.pairs)
     prompts = [p.prompt for p in pairs]
-    c = tokenize(tok, prompts, [p.chosen for p in pairs])
-    r = tokenize(tok, prompts, [p.rejected for p in pairs])
-    longest = int(c.response_lengths.argmax())
-    c1, r1 = c.select([longest]), r.select([longest])
+    c = tokenize(tok, prompts, [p.chosen for p in pairs]).to(args.device)
+    r = tokenize(tok, prompts, [p.rejected for p in pairs]).to(args.device)
+    pick = int(c.response_lengths.argmax()) if args.tok_pair < 0 else args.tok_pair
+    c1, r1 = c.select([pick]), r.select([pick])
     params = [p for p in model.parameters() if p.requires_grad]
     head = [model.get_output_embeddings().weight]
     dpo = get_loss("dpo")
-    base_rss = peak_rss_mb()
+    memory = Memory(args.device)
 
     def floor():
         model.zero_grad(set_to_none=True)
@@ -67,17 +105,20 @@ def measure(method: str, model_name: str, n_pairs: int, repeat: int) -> dict:
 
     def train(stats: bool):
         model.zero_grad(set_to_none=True)
-        ref = (torch.zeros(len(c)), torch.zeros(len(r)))
+        ref = (torch.zeros(len(c), device=args.device), torch.zeros(len(r), device=args.device))
         preference_microstep(model, dpo, c, r, ref, len(c), record_stats=stats)
 
     def tok_brute(plist):
+        """One backward per response token; the per-token gradients stored as matrix rows."""
         rows = {}
         for name, batch in (("w", c1), ("l", r1)):
             lp = token_logprobs(model, batch)[0][batch.response_mask[0]]
-            rows[name] = torch.stack([flat_grad(lp[t], plist) for t in range(len(lp))])
+            rows[name] = torch.empty(len(lp), sum(p.numel() for p in plist), device=args.device)
+            for t in range(len(lp)):
+                rows[name][t] = flat_grad(lp[t], plist)
         return rows["w"] @ rows["l"].T
 
-    fns = {
+    fns: dict[str, Callable[[], object]] = {
         "floor": floor,
         "fast": lambda: fast_gradient_stats(model, c, r),
         "brute": lambda: exact_gradient_stats(model, c, r),
@@ -88,67 +129,96 @@ def measure(method: str, model_name: str, n_pairs: int, repeat: int) -> dict:
         "tok_all_fast": lambda: tokenwise_inner(model, c1, r1, scope="all"),
         "tok_all_brute": lambda: tok_brute(params),
     }
-    seconds = timed(fns[method], repeat=repeat, warmup=1)
-    return {
+
+    def synced() -> None:
+        fns[method]()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    out = {
         "method": method,
-        "seconds": seconds,
-        "extra_mb": peak_rss_mb() - base_rss,
+        "seconds": timed(synced, repeat=args.repeat, warmup=1),
+        "extra_mb": memory.extra_mb(),
         "tokens": [int(c.input_ids.shape[1]), int(r.input_ids.shape[1])],
         "response_tokens": [int(c1.response_lengths[0]), int(r1.response_lengths[0])],
+        "device": torch.cuda.get_device_name()
+        if memory.cuda
+        else f"cpu x{torch.get_num_threads()}",
     }
+    if method == "brute":  # agreement of the two methods, outside the timed region
+        exact, fast = exact_gradient_stats(model, c, r), fast_gradient_stats(model, c, r)
+        out["max_rel_diff"] = max(
+            float(((fast[k] - exact[k]).abs() / exact[k].abs().max()).max())
+            for k in ("norm2_chosen", "norm2_rejected", "inner")
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--random-init", metavar="DIR", help="config+tokenizer folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--tok-pair", type=int, default=-1, help="pair for the token-wise runs (-1: longest)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke check")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model = "tiny-llama" if args.quick else args.model
+    if args.quick:
+        args.model, args.random_init = "tiny-llama", None
     if args.measure:
-        print(json.dumps(measure(args.measure, model, args.pairs, args.repeat)))
+        print(json.dumps(measure(args.measure, args)))
         return
-    res = {}
-    for m in METHODS:
-        res[m] = run_isolated(
-            "benchmarks.bench_fast_gradients",
-            "--measure",
-            m,
-            "--model",
-            model,
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    forwarded = [
+        *("--model", args.model, "--device", args.device, "--threads", str(args.threads)),
+        *(
             "--pairs",
             str(args.pairs),
             "--repeat",
             str(args.repeat),
-        )
+            "--tok-pair",
+            str(args.tok_pair),
+        ),
+        *(("--random-init", args.random_init) if args.random_init else ()),
+    ]
+    res = {}
+    for m in methods:
+        res[m] = run_isolated("benchmarks.bench_fast_gradients", "--measure", m, *forwarded)
         print(
-            f"{m:>15}: {res[m]['seconds']:8.3f} s  +{res[m]['extra_mb']:7.0f} MB", file=sys.stderr
+            f"{m:>15}: {res[m]['seconds']:8.3f} s  +{res[m]['extra_mb']:8.1f} MB", file=sys.stderr
         )
-    t, mb = ({k: v[f] for k, v in res.items()} for f in ("seconds", "extra_mb"))
+    first = res[methods[0]]
+    weights = "random weights" if args.random_init else "trained weights"
     print(
-        f"\nmodel {model}, {args.pairs} pairs, padded lengths {res['floor']['tokens']}, "
-        f"token-wise pair {res['floor']['response_tokens']} response tokens"
+        f"\nmodel {args.model} ({weights}) on {first['device']}, {args.pairs} pairs, padded "
+        f"lengths {first['tokens']}, token-wise pair {first['response_tokens']} response tokens"
     )
-    print(
-        f"fast stats / floor (fwd+bwd)       time {t['fast'] / t['floor']:.2f}x  "
-        f"memory {mb['fast'] / max(mb['train'], 1):.2f}x of a training step"
-    )
-    print(
-        f"brute force / fast                 time {t['brute'] / t['fast']:.2f}x  "
-        f"memory {mb['brute'] / max(mb['fast'], 1):.2f}x"
-    )
-    print(f"training step with stats / without time {t['train_stats'] / t['train']:.2f}x")
-    print(
-        "token-wise head: per-token backward / fast  time "
-        f"{t['tok_head_brute'] / t['tok_head_fast']:.1f}x"
-    )
-    print(
-        "token-wise all: fast / per-token gradients  time "
-        f"{t['tok_all_fast'] / t['tok_all_brute']:.2f}x  "
-        f"memory {mb['tok_all_fast'] / max(mb['tok_all_brute'], 1):.2f}x"
-    )
+    print(f"{'method':>15} {'seconds':>9} {'extra MB':>9}")
+    for m in methods:
+        print(f"{m:>15} {res[m]['seconds']:9.3f} {res[m]['extra_mb']:9.1f}")
+    t = {k: v["seconds"] for k, v in res.items()}
+    mb = {k: max(v["extra_mb"], 1.0) for k, v in res.items()}
+    ratios = [
+        ("fast stats / floor (fwd+bwd)", "fast", "floor"),
+        ("brute force / fast stats", "brute", "fast"),
+        ("training step with stats / without", "train_stats", "train"),
+        ("token-wise head: per-token backward / fast", "tok_head_brute", "tok_head_fast"),
+        ("token-wise all: per-token gradients / fast", "tok_all_brute", "tok_all_fast"),
+    ]
+    for label, num, den in ratios:
+        if num in t and den in t:
+            print(f"{label:<44} time {t[num] / t[den]:6.2f}x  memory {mb[num] / mb[den]:6.2f}x")
+    if "brute" in res:
+        print(f"max relative difference fast vs brute force: {res['brute']['max_rel_diff']:.1e}")
 
 
 if __name__ == "__main__":

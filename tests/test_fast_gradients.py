@@ -1,12 +1,20 @@
-"""Fast (ghost) statistics equal the exact ones, per pair and token-wise."""
+"""Fast (ghost) statistics equal brute force (per-sequence autograd, flattened float64 gradients),
+per pair and token-wise, on tiny models of several architectures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import ge_utils.fast_gradients as fg
-from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats, tokenwise_inner
+from ge_utils.fast_gradients import (
+    GhostRecorder,
+    fast_gradient_stats,
+    tokenwise_inner,
+    training_step_stats,
+)
 from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
 from ge_utils.models import tiny_causal_lm
@@ -14,7 +22,19 @@ from ge_utils.models import tiny_causal_lm
 PROMPTS = [[2, 5, 7, 6], [2, 4, 6], [2, 9, 10, 11, 12]]
 CHOSEN = [[13, 14, 15, 8], [16, 8], [13, 17]]
 REJECTED = [[18, 14, 15, 8], [19, 20, 21, 8], [18]]
+# Llama's RMSNorm back-propagates in float32 even in a float64 model, so a backward of scaled
+# output gradients rounds differently from the unit one: 1e-6 there, not 1e-8.
+SCALED_RTOL = 1e-6
 KEYS = ("norm2_chosen", "norm2_rejected", "inner", "logp_chosen", "logp_rejected")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def batches(side: str = "right"):
@@ -23,10 +43,18 @@ def batches(side: str = "right"):
     return c, r
 
 
-def assert_stats_close(fast, exact, rtol):
-    for k in KEYS:
+def assert_stats_close(fast, exact, rtol, keys=KEYS):
+    for k in keys:
         scale = exact[k].abs().max()
+        assert scale > 0, k
         assert ((fast[k] - exact[k]).abs() / scale).max() < rtol, k
+
+
+def assert_fast_equals_exact(model, params=None, side="right", rtol=1e-8):
+    c, r = batches(side)
+    exact = exact_gradient_stats(model, c, r, params)
+    assert_stats_close(fast_gradient_stats(model, c, r, params), exact, rtol)
+    return exact
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -34,17 +62,18 @@ def assert_stats_close(fast, exact, rtol):
 def test_fast_equals_exact_float64(tiny_model, side, materialize, monkeypatch):
     if not materialize:  # force the Gram-product path for every layer
         monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
-    c, r = batches(side)
-    assert_stats_close(
-        fast_gradient_stats(tiny_model, c, r), exact_gradient_stats(tiny_model, c, r), 1e-8
-    )
+    assert_fast_equals_exact(tiny_model, side=side)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fast_equals_exact_float32(arch):
-    model = tiny_causal_lm(arch, 30, seed=2)
-    c, r = batches()
-    assert_stats_close(fast_gradient_stats(model, c, r), exact_gradient_stats(model, c, r), 1e-4)
+    assert_fast_equals_exact(tiny_causal_lm(arch, 30, seed=2), rtol=1e-4)
+
+
+def test_padding_side_does_not_change_the_statistics(tiny_model):
+    left = fast_gradient_stats(tiny_model, *batches("left"))
+    right = fast_gradient_stats(tiny_model, *batches("right"))
+    assert_stats_close(left, right, 1e-8)
 
 
 @pytest.mark.parametrize(
@@ -58,26 +87,202 @@ def test_fast_equals_exact_with_lora(arch, targets, monkeypatch):
     model = get_peft_model(
         base,
         LoraConfig(
-            r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            fan_in_fan_out=arch == "gpt2",  # GPT-2's Conv1D stores its weight transposed
         ),
     )
     model.eval()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
     monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
-    c, r = batches("left")
-    assert_stats_close(fast_gradient_stats(model, c, r), exact_gradient_stats(model, c, r), 1e-8)
+    assert_fast_equals_exact(model, side="left")
 
 
-def test_parameter_subsets_and_unsupported_parameters(tiny_model):
-    names = [n for n, _ in tiny_model.named_parameters()][-4:]
+SUBSETS = {
+    "last_four": lambda names: names[-4:],
+    "norms_and_biases": lambda names: [n for n in names if "norm" in n or "ln" in n or "bias" in n],
+    "attention": lambda names: [n for n in names if "attn" in n],
+    "embeddings": lambda names: [n for n in names if "emb" in n or "wte" in n or "wpe" in n],
+}
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_parameter_subsets(tiny_model, subset):
+    names = SUBSETS[subset]([n for n, _ in tiny_model.named_parameters()])
+    assert names
+    assert_fast_equals_exact(tiny_model, names)
+
+
+def test_a_predicate_selects_the_parameter_set(tiny_model):
+    def pick(name, _):
+        return "layers.1" in name or ".h.1." in name
+
+    assert_fast_equals_exact(tiny_model, pick)
+
+
+def test_modules_called_twice_get_their_cross_terms():
+    """Two decoder layers that are the same module (weight sharing across depth)."""
+    model = tiny_causal_lm("llama", 30, layers=1).double()
+    block = model.model.layers[0]
+    model.model.layers = nn.ModuleList([block, block])
+    model.config.num_hidden_layers = 2
+    exact = assert_fast_equals_exact(model, side="left")
+    one_call = tiny_causal_lm("llama", 30, layers=1).double()
+    assert not torch.allclose(exact["inner"], exact_gradient_stats(one_call, *batches())["inner"])
+
+
+def test_embedding_padding_idx_row_gets_no_gradient():
+    model = tiny_causal_lm("llama", 30).double()
+    model.model.embed_tokens.padding_idx = 14  # a token inside responses (not the last one)
+    assert_fast_equals_exact(model)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_in_a_training_step(reentrant):
+    model = tiny_causal_lm("llama", 30).double()
     c, r = batches()
-    assert_stats_close(
-        fast_gradient_stats(tiny_model, c, r, names),
-        exact_gradient_stats(tiny_model, c, r, names),
-        1e-8,
-    )
-    tiny_model.register_parameter("mystery", torch.nn.Parameter(torch.ones(3)))
-    with pytest.raises(TypeError, match=r"cannot handle parameter.*mystery"):
+    exact = exact_gradient_stats(model, c, r)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": reentrant})
+    model.train()  # checkpointing is active in training mode only
+    _, stats = training_step_stats(model, c, r, lambda u_w, u_l: (u_l - u_w).sum())
+    assert_stats_close(stats, exact, 1e-8, keys=fg.PAIR_KEYS)
+
+
+def test_linear_head_with_bias():
+    model = tiny_causal_lm("llama", 30, seed=3).double()
+    old = model.lm_head
+    model.lm_head = nn.Linear(old.in_features, old.out_features, bias=True).double()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+        model.lm_head.bias.normal_()
+    assert_fast_equals_exact(model)
+
+
+class SoftGate(nn.Module):
+    """A module of no supported kind with small parameters: ``b * tanh(a * x) + c``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.b = nn.Parameter(torch.linspace(1.0, 2.0, dim))
+        self.c = nn.Parameter(torch.linspace(-0.1, 0.1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b * torch.tanh(self.a * x) + self.c
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+def test_small_modules_of_unknown_kind_by_per_sequence_autograd(vmap, monkeypatch):
+    if not vmap:
+
+        def no_vmap(*args):
+            raise RuntimeError("vmap unavailable")
+
+        monkeypatch.setattr(GhostRecorder, "_small_grads_vmap", staticmethod(no_vmap))
+    model = tiny_causal_lm("llama", 30).double()
+    model.model.norm = SoftGate(model.config.hidden_size).double()
+    model.model.norm.register_forward_hook(lambda m, a, out: 1.5 * out + 0.1)  # after the module
+    exact = assert_fast_equals_exact(model)
+    only_gate = [n for n, _ in model.named_parameters() if n.startswith("model.norm.")]
+    assert len(only_gate) == 3
+    gate = assert_fast_equals_exact(model, only_gate)
+    assert (gate["norm2_chosen"] < exact["norm2_chosen"]).all()
+
+
+class SquaredRMSNorm(nn.Module):
+    """Named like an RMSNorm, but its output is ``w^2 * x_hat``: not the known formula."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.8, 1.3, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight**2 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_rmsnorm_formula_is_checked_before_its_closed_form_is_used():
+    model = tiny_causal_lm("llama", 30).double()
+    model.model.norm = SquaredRMSNorm(model.config.hidden_size).double()
+    assert_fast_equals_exact(model)
+    assert fg._SLOPE_IS_NORMALIZED[SquaredRMSNorm] is False
+    assert fg._SLOPE_IS_NORMALIZED[type(model.model.layers[0].input_layernorm)] is True
+
+
+def test_hooks_that_change_module_outputs_are_part_of_the_model(tiny_model):
+    """User hooks act after the module: the recorder must see the module's own output."""
+    blocks = getattr(tiny_model.base_model, "layers", None) or tiny_model.base_model.h
+    linear = next(m for m in blocks[0].modules() if isinstance(m, nn.Linear | Conv1D))
+    norm = next(m for m in blocks[1].modules() if type(m).__name__.endswith("Norm"))
+    linear.register_forward_hook(lambda m, a, out: 1.7 * out)
+    norm.register_forward_hook(lambda m, a, out: out * torch.linspace(0.5, 2.0, out.shape[-1]))
+    assert_fast_equals_exact(tiny_model)
+
+
+def test_layers_sharing_an_input_reuse_its_gram_matrix(monkeypatch):
+    monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
+    model = tiny_causal_lm("llama", 30)
+    joint = concat_batches(*batches())
+    with GhostRecorder(model, batch=joint) as rec:
+        rec.backward(sequence_logprobs(model, joint).sum())
+    # Per layer: k and v reuse q's input Gram, up reuses gate's; for the two norms (one Gram
+    # over all sequences) and for the inner products; 2 layers.
+    assert rec.gram_reuses == 3 * 2 * 2
+
+
+class EmbeddingAsHead(nn.Module):
+    """An output layer that reads the embedding weight directly: a use outside its module."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = [embedding]  # not a submodule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.embedding[0].weight)
+
+
+def test_parameters_used_outside_their_module_raise():
+    model = tiny_causal_lm("llama", 30).double()
+    model.lm_head = EmbeddingAsHead(model.model.embed_tokens)
+    c, r = batches()
+    with pytest.raises(
+        RuntimeError, match=r"outside their own module.*: model\.embed_tokens\.weight$"
+    ):
+        fast_gradient_stats(model, c, r)
+
+    model = tiny_causal_lm("llama", 30).double()
+    model.model.gain = SoftGate(model.config.hidden_size).double()  # never called
+
+    def apply_gain(module, args, output):
+        return output * model.model.gain.b
+
+    model.model.norm.register_forward_hook(apply_gain)
+    with pytest.raises(RuntimeError, match=r"outside their own module.*: model\.gain\.b$"):
+        fast_gradient_stats(model, c, r)
+    # Unused parameters of the set contribute zero, as in brute force.
+    assert_fast_equals_exact(model, ["model.gain.a", "model.norm.weight"])
+    unused = fast_gradient_stats(model, c, r, ["model.gain.a"])
+    assert all((unused[k] == 0).all() for k in fg.PAIR_KEYS)
+
+
+def test_unsupported_and_frozen_parameters_raise(tiny_model, monkeypatch):
+    c, r = batches()
+    monkeypatch.setattr(fg, "SMALL_MODULE_NUMEL", 8)
+    tiny_model.base_model.gate = SoftGate(4)  # 12 parameters of no supported kind
+    with pytest.raises(TypeError, match=r"cannot handle parameter\(s\): \S*gate\.a, "):
         fast_gradient_stats(tiny_model, c, r)
+    monkeypatch.undo()
+    first = next(iter(tiny_model.parameters()))
+    first.requires_grad_(False)
+    name = next(n for n, p in tiny_model.named_parameters() if p is first)
+    with pytest.raises(ValueError, match=f"do not require grad: {name}"):
+        fast_gradient_stats(tiny_model, c, r, [name])
+    with pytest.raises(ValueError, match="3 chosen but 2 rejected"):
+        fast_gradient_stats(tiny_model, c, r.select([0, 1]))
 
 
 def brute_token_grads(model, batch, params=None):
@@ -111,17 +316,39 @@ def test_tokenwise_all_parameters_matches_brute_force(tiny_model, side):
     torch.testing.assert_close(got.sum(), stats["inner"][0], rtol=1e-8, atol=0)
 
 
-def test_tokenwise_head_matches_brute_force_on_the_output_layer():
-    model = tiny_causal_lm("llama", 30, seed=1).double()
+def test_tokenwise_with_a_parameter_subset(tiny_model):
+    c, r = batches()
+    c, r = c.select([1]), r.select([1])
+    names = [n for n, _ in tiny_model.named_parameters()][-3:]
+    expected = brute_token_grads(tiny_model, c, names) @ brute_token_grads(tiny_model, r, names).T
+    got = tokenwise_inner(tiny_model, c, r, scope="all", params=names)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-bias"])
+def test_tokenwise_head_matches_brute_force_on_the_output_layer(arch):
+    model = tiny_causal_lm(arch.split("-")[0], 30, seed=1, tie_embeddings=False).double()
+    if arch == "llama-bias":
+        model.lm_head = nn.Linear(32, 30, bias=True).double()
     head = model.get_output_embeddings()
     c, r = batches()
     c, r = c.select([1]), r.select([1])
-    params = {n for n, p in model.named_parameters() if p is head.weight}
+    params = {n for n, p in model.named_parameters() if p is head.weight or p is head.bias}
+    assert len(params) == (2 if arch == "llama-bias" else 1)
     expected = brute_token_grads(model, c, params) @ brute_token_grads(model, r, params).T
     got = tokenwise_inner(model, c, r, scope="head")
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tokenwise_inner(model, c, r, params=params), got, rtol=1e-8, atol=0)
+
+
+def test_tokenwise_rejects_bad_arguments(tiny_model):
+    c, r = batches()
     with pytest.raises(ValueError, match="scope"):
-        tokenwise_inner(model, c, r, scope="body")
+        tokenwise_inner(tiny_model, c.select([0]), r.select([0]), scope="body")
+    with pytest.raises(ValueError, match="one chosen and one rejected"):
+        tokenwise_inner(tiny_model, c, r)
+    with pytest.raises(ValueError, match="params must be None"):
+        tokenwise_inner(tiny_model, c.select([0]), r.select([0]), scope="head", params=["x"])
 
 
 def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
@@ -129,15 +356,62 @@ def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
     c, r = batches("left")
     joint = concat_batches(c, r)
     coef = torch.tensor([-0.3, -0.05, -2.0, 0.4, 0.07, 1.5], dtype=torch.float64)
-    with GhostRecorder(tiny_model) as rec:
-        rec.n_seq, rec.row_seq = len(joint), fg.target_positions(joint)[0]
+    with GhostRecorder(tiny_model, keep_outputs=False, batch=joint) as rec:
         u = sequence_logprobs(tiny_model, joint)
-        rec.scale = coef
-        rec.expect_pairs(len(c))
         (coef * u).sum().backward()
-        stats = rec.results()
+        stats = rec.pair_stats(coef[:3], coef[3:])
     exact = exact_gradient_stats(tiny_model, c, r)
-    for k in ("norm2_chosen", "norm2_rejected", "inner"):
-        # Llama's RMSNorm computes in float32 even in a float64 model: 1e-6, not 1e-12.
-        torch.testing.assert_close(stats[k], exact[k], rtol=1e-6, atol=0)
+    assert_stats_close(stats, exact, SCALED_RTOL, keys=fg.PAIR_KEYS)
     assert all(p.grad is not None for p in tiny_model.parameters())  # training grads intact
+
+
+def dpo_like(beta: float):
+    def loss(u_w: torch.Tensor, u_l: torch.Tensor) -> torch.Tensor:
+        return -nn.functional.logsigmoid(beta * (u_w - u_l)).mean()
+
+    return loss
+
+
+def test_training_step_stats_equal_exact_and_leave_the_training_gradient(tiny_model):
+    c, r = batches("left")
+    exact = exact_gradient_stats(tiny_model, c, r)
+    tiny_model.zero_grad()
+    loss, stats = training_step_stats(tiny_model, c, r, dpo_like(0.5))
+    assert_stats_close(stats, exact, SCALED_RTOL)
+    # Coefficients: dLoss/du_w = -beta sig(-beta D) / B, dLoss/du_l = +beta sig(-beta D) / B.
+    d = 0.5 * torch.sigmoid(-0.5 * (exact["logp_chosen"] - exact["logp_rejected"])) / 3
+    torch.testing.assert_close(stats["coef_chosen"], -d, rtol=1e-8, atol=0)
+    torch.testing.assert_close(stats["coef_rejected"], d, rtol=1e-8, atol=0)
+    got = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    joint = concat_batches(c, r)
+    u = sequence_logprobs(tiny_model, joint)
+    expected = dpo_like(0.5)(u[:3], u[3:])
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    for g, p in zip(got, tiny_model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_pairs_without_gradient_in_the_training_backward_are_nan(tiny_model):
+    c, r = batches()
+    weights = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    weights[0] = fg.TINY_COEFFICIENT / 10  # not exactly 0: NaN by the threshold, not by 0 / 0
+
+    def weighted_margin(u_w, u_l):
+        return (weights * (u_l - u_w)).sum()
+
+    _, stats = training_step_stats(tiny_model, c, r, weighted_margin)
+    exact = exact_gradient_stats(tiny_model, c, r)
+    for k in fg.PAIR_KEYS:
+        assert torch.isnan(stats[k][0]), k
+        torch.testing.assert_close(stats[k][1:], exact[k][1:], rtol=SCALED_RTOL, atol=0)
+
+
+def test_expect_after_the_backward_is_an_error(tiny_model):
+    c, r = batches()
+    joint = concat_batches(c, r)
+    with GhostRecorder(tiny_model, batch=joint) as rec:
+        rec.backward(sequence_logprobs(tiny_model, joint).sum())
+        with pytest.raises(RuntimeError, match="before the backward"):
+            rec.expect_pairs(3)
