@@ -302,7 +302,8 @@ class GhostRecorder:
             saved = [x.detach()]  # released once used, like autograd's saved tensors
 
             def grad_hook(grad: Tensor) -> None:
-                self._record(mod, kind, own, saved.pop(), grad.detach())
+                if saved:  # a second backward through a retained graph records nothing
+                    self._record(mod, kind, own, saved.pop(), grad.detach())
 
             output.register_hook(grad_hook)
             if self.keep_outputs:
@@ -537,13 +538,15 @@ class GhostRecorder:
                 f"them): {', '.join(extra)}"
             )
 
-    def backward(self, value: Tensor) -> None:
+    def backward(self, value: Tensor, retain_graph: bool = False) -> None:
         """Back-propagate ``value`` to the recorded layer outputs only: the hooks see every
-        output gradient, and no parameter gradient is computed or stored."""
+        output gradient, and no parameter gradient is computed or stored. With
+        ``retain_graph`` the forward's graph survives for a later ``loss.backward()`` (which
+        then accumulates parameter gradients and records nothing)."""
         self.check_uses(value)
         outputs, self.outputs = self.outputs, []
         if outputs:  # else no parameter of the set took part: every statistic is 0
-            torch.autograd.grad(value, outputs, allow_unused=True)
+            torch.autograd.grad(value, outputs, allow_unused=True, retain_graph=retain_graph)
 
     def clear(self) -> None:
         """Forget everything recorded (hooks stay): ready for another forward and backward."""

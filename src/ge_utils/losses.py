@@ -279,8 +279,9 @@ def _kto_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
 _LOG_SIG = r"$\log\sigma(\beta D)$"
 _R_W, _R_L = r"$r_w = u_w - u_w^{ref}$", r"$r_l = u_l - u_l^{ref}$"
 _S = r"\sigma(-\beta D)"
-_POSITIVE = "must be > 0"
-_NON_NEGATIVE = "must be >= 0"
+POSITIVE = "must be > 0"
+NON_NEGATIVE = "must be >= 0"
+OPEN_UNIT = "must be in (0, 1)"
 
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
@@ -299,7 +300,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1},
             loss_fn=_dpo_loss,
             coef_fn=_dpo_coef,
-            constraints={"beta": _POSITIVE},
+            constraints={"beta": POSITIVE},
         ),
         LossSpec(
             name="ipo",
@@ -318,7 +319,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"tau": 0.1},
             loss_fn=_ipo_loss,
             coef_fn=_ipo_coef,
-            constraints={"tau": _POSITIVE},
+            constraints={"tau": POSITIVE},
         ),
         LossSpec(
             name="rdpo",
@@ -337,7 +338,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1, "alpha": 0.2},
             loss_fn=_rdpo_loss,
             coef_fn=_rdpo_coef,
-            constraints={"beta": _POSITIVE},
+            constraints={"beta": POSITIVE},
         ),
         LossSpec(
             name="simpo",
@@ -356,7 +357,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 2.0, "gamma": 0.5},
             loss_fn=_simpo_loss,
             coef_fn=_simpo_coef,
-            constraints={"beta": _POSITIVE},
+            constraints={"beta": POSITIVE},
         ),
         LossSpec(
             name="slic",
@@ -375,7 +376,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"delta": 1.0, "lam": 0.1},
             loss_fn=_slic_loss,
             coef_fn=_slic_coef,
-            constraints={"delta": _NON_NEGATIVE, "lam": _NON_NEGATIVE},
+            constraints={"delta": NON_NEGATIVE, "lam": NON_NEGATIVE},
         ),
         LossSpec(
             name="cpo",
@@ -394,7 +395,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1, "lam": 1.0},
             loss_fn=_cpo_loss,
             coef_fn=_cpo_coef,
-            constraints={"beta": _POSITIVE, "lam": _NON_NEGATIVE},
+            constraints={"beta": POSITIVE, "lam": NON_NEGATIVE},
         ),
         LossSpec(
             name="dpop",
@@ -413,7 +414,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1, "lam": 50.0},
             loss_fn=_dpop_loss,
             coef_fn=_dpop_coef,
-            constraints={"beta": _POSITIVE, "lam": _NON_NEGATIVE},
+            constraints={"beta": POSITIVE, "lam": NON_NEGATIVE},
         ),
         LossSpec(
             name="rrhf",
@@ -432,7 +433,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"lam": 1.0},
             loss_fn=_rrhf_loss,
             coef_fn=_rrhf_coef,
-            constraints={"lam": _NON_NEGATIVE},
+            constraints={"lam": NON_NEGATIVE},
         ),
         LossSpec(
             name="orpo",
@@ -452,7 +453,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"lam": 0.1},
             loss_fn=_orpo_loss,
             coef_fn=_orpo_coef,
-            constraints={"lam": _NON_NEGATIVE},
+            constraints={"lam": NON_NEGATIVE},
         ),
         LossSpec(
             name="sppo",
@@ -472,7 +473,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1},
             loss_fn=_sppo_loss,
             coef_fn=_sppo_coef,
-            constraints={"beta": _POSITIVE},
+            constraints={"beta": POSITIVE},
         ),
         LossSpec(
             name="kto_pair",
@@ -491,7 +492,7 @@ LOSSES: dict[str, LossSpec] = {
             defaults={"beta": 0.1},
             loss_fn=_kto_loss,
             coef_fn=_kto_coef,
-            constraints={"beta": _POSITIVE},
+            constraints={"beta": POSITIVE},
         ),
     ]
 }
@@ -503,11 +504,32 @@ def _check_value(loss: str, key: str, value: object, constraint: str | None) -> 
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{loss}: hyperparameter {key!r} must be finite, got {value}")
-    if constraint == _POSITIVE and value <= 0:
+    if constraint == POSITIVE and value <= 0:
         raise ValueError(f"{loss}: hyperparameter {key!r} {constraint}, got {value}")
-    if constraint == _NON_NEGATIVE and value < 0:
+    if constraint == NON_NEGATIVE and value < 0:
+        raise ValueError(f"{loss}: hyperparameter {key!r} {constraint}, got {value}")
+    if constraint == OPEN_UNIT and not 0 < value < 1:
         raise ValueError(f"{loss}: hyperparameter {key!r} {constraint}, got {value}")
     return value
+
+
+def bind_hyperparameters(
+    name: str,
+    defaults: dict[str, float],
+    constraints: dict[str, str],
+    hparams: dict[str, object],
+) -> dict[str, float]:
+    """``defaults`` overridden by ``hparams``, each checked: unknown names, non-numbers,
+    non-finite values and values outside their constraint raise ``ValueError``."""
+    for key in hparams:
+        if key not in defaults:
+            raise ValueError(
+                f"{name}: unknown hyperparameter {key!r}; allowed: {', '.join(defaults)}"
+            )
+    return {
+        key: _check_value(name, key, hparams.get(key, default), constraints.get(key))
+        for key, default in defaults.items()
+    }
 
 
 def get_loss(name: str, **hparams: float) -> MarginLoss:
@@ -519,15 +541,9 @@ def get_loss(name: str, **hparams: float) -> MarginLoss:
     if not isinstance(name, str) or name.lower() not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
     spec = LOSSES[name.lower()]
-    for key in hparams:
-        if key not in spec.defaults:
-            allowed = ", ".join(spec.defaults)
-            raise ValueError(f"{spec.name}: unknown hyperparameter {key!r}; allowed: {allowed}")
-    bound = {
-        key: _check_value(spec.name, key, hparams.get(key, default), spec.constraints.get(key))
-        for key, default in spec.defaults.items()
-    }
-    return MarginLoss(spec, bound)
+    return MarginLoss(
+        spec, bind_hyperparameters(spec.name, spec.defaults, spec.constraints, hparams)
+    )
 
 
 def autograd_coefficients(loss: MarginLoss, p: PairLogps) -> tuple[Tensor, Tensor]:

@@ -40,8 +40,17 @@ from ge_utils.logprobs import (
     response_ids,
     sequence_logprobs,
     target_positions,
+    token_logprobs,
+    unwrap_model,
 )
-from ge_utils.losses import MarginLoss, PairLogps, get_loss
+from ge_utils.losses import MarginLoss, PairLogps
+from ge_utils.mitigations import (
+    MaskedDPO,
+    Mitigation,
+    get_objective,
+    response_token_values,
+    scatter_response_tokens,
+)
 
 Optimizer = Literal["adamw", "sgd"]
 
@@ -89,15 +98,19 @@ class TrainConfig:
             raise ValueError(f"stats_method must be fast, exact or none: {self.stats_method!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        get_loss(self.loss, **self.loss_params)  # validates the loss name and hyperparameters
+        objective = get_objective(self.loss, **self.loss_params)  # validates name and values
+        if self.train_stats and not getattr(objective, "train_stats_supported", True):
+            raise ValueError(f"train_stats is not available with {self.loss!r}")
 
 
 @dataclass
 class RunResult:
-    """``steps``: one row per optimizer step; ``pairs``: one row per (step, split, pair)."""
+    """``steps``: one row per optimizer step; ``pairs``: one row per (step, split, pair);
+    ``extra``: frames of the objective's own (``mask``: a learned mask's token weights)."""
 
     steps: pd.DataFrame
     pairs: pd.DataFrame
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def means(self, split: str = "eval") -> pd.DataFrame:
         """Per-step means of every numeric pair column of ``split``."""
@@ -105,7 +118,7 @@ class RunResult:
         return sub.groupby("step").mean(numeric_only=True).reset_index()
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        return {"steps": self.steps, "pairs": self.pairs}
+        return {"steps": self.steps, "pairs": self.pairs, **self.extra}
 
 
 @dataclass
@@ -266,6 +279,24 @@ def _eval_logprobs(
     return torch.cat(u_w), torch.cat(u_l)
 
 
+@torch.no_grad()
+def _eval_token_logprobs(
+    model: nn.Module, enc: EncodedPairs, pad: int, batch_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per pair, the response-token log-probs of chosen and of rejected (1-D, in order)."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    out_w: list[torch.Tensor] = []
+    out_l: list[torch.Tensor] = []
+    for k in range(0, len(enc), batch_size):
+        c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
+        out_w += [v.cpu() for v in response_token_values(c, token_logprobs(model, c))]
+        out_l += [v.cpu() for v in response_token_values(r, token_logprobs(model, r))]
+    model.train(was_training)
+    return out_w, out_l
+
+
 def _lengths(seqs: list[list[int]]) -> torch.Tensor:
     return torch.tensor([len(s) for s in seqs], dtype=torch.float64)
 
@@ -324,17 +355,24 @@ def _log_probe(
 
 def preference_microstep(
     model: nn.Module,
-    loss_fn: MarginLoss,
+    loss_fn: MarginLoss | Mitigation,
     chosen: SequenceBatch,
     rejected: SequenceBatch,
     ref: tuple[torch.Tensor, torch.Tensor],
     n_total: int,
     record_stats: bool = False,
+    ref_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """Forward and backward of one micro-batch: ``loss.sum() / n_total`` is back-propagated
     (gradients accumulate in ``.grad``). Returns the loss, ``u_w``, ``u_l`` and, with
     ``record_stats``, every pair's gradient statistics (with ``d_w``, ``d_l``) recovered from this
-    backward. Raises ``FloatingPointError(value)`` on a NaN or infinite loss, before backward."""
+    backward. Raises ``FloatingPointError(value)`` on a NaN or infinite loss, before backward.
+    A :class:`ge_utils.mitigations.Mitigation` runs its own step (``ref_tokens``: (B, T)
+    per-token reference log-probs of chosen and rejected, for a token mask)."""
+    if isinstance(loss_fn, Mitigation):
+        return loss_fn.microstep(
+            model, chosen, rejected, ref, n_total, record_stats, ref_tokens=ref_tokens
+        )
     recorder = GhostRecorder(model, keep_outputs=False) if record_stats else None
     try:
         joint = concat_batches(chosen, rejected)
@@ -391,7 +429,8 @@ def preference_optimization(
     history so far) on a NaN or inf loss.
     """
     torch.manual_seed(cfg.seed)
-    loss_fn = get_loss(cfg.loss, **cfg.loss_params)
+    objective = get_objective(cfg.loss, **cfg.loss_params)
+    loss_fn = objective.base if isinstance(objective, Mitigation) else objective  # for the logs
     device = _device_of(model)
     pad = _pad_id(tokenizer)
     train = encode_pairs(tokenizer, train_pairs, cfg.template)
@@ -402,8 +441,20 @@ def preference_optimization(
     ref_train = _eval_logprobs(model, train, pad, ref_batch)
     ref_held = _eval_logprobs(model, held, pad, ref_batch)
     ref_probe = _eval_logprobs(model, probe, pad, ref_batch) if probe else None
+    ref_tokens = None
+    if isinstance(objective, Mitigation) and objective.needs_token_reference:
+        ref_tokens = _eval_token_logprobs(model, train, pad, ref_batch)
+    mask_ids: list[int] = []
+    mask_frames: list[pd.DataFrame] = []
+    if isinstance(objective, MaskedDPO) and not objective.oracle:
+        vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
+        objective.ensure_parameters(vocab, device)
+        mask_ids = sorted({t for seqs in (train.chosen, train.rejected) for s in seqs for t in s})
 
     opt = _make_optimizer(model, cfg)
+    group = objective.param_group() if isinstance(objective, Mitigation) else None
+    if group is not None:
+        opt.add_param_group(group)
     step_rows: list[dict] = []
     pair_frames: list[pd.DataFrame] = []
 
@@ -417,6 +468,18 @@ def preference_optimization(
             pair_frames.append(
                 _log_probe(step, model, probe, ref_probe, loss_fn, stats_fn, cfg.lr, pad)
             )
+        if mask_ids and isinstance(objective, MaskedDPO):
+            weights = objective.token_weights()[mask_ids].cpu().double().numpy()
+            mask_frames.append(
+                pd.DataFrame(
+                    {
+                        "step": step,
+                        "token_id": mask_ids,
+                        "token": [tokenizer.decode([t]) for t in mask_ids],
+                        "weight": weights,
+                    }
+                )
+            )
         if on_log is not None:
             was_training = model.training
             on_log(step, model.eval())
@@ -424,11 +487,12 @@ def preference_optimization(
 
     def result() -> RunResult:
         pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
-        return RunResult(pd.DataFrame(step_rows), pairs)
+        extra = {"mask": pd.concat(mask_frames, ignore_index=True)} if mask_frames else {}
+        return RunResult(pd.DataFrame(step_rows), pairs, extra)
 
     log(0)
     schedule = _batch_schedule(len(train), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed)
-    bar = tqdm(schedule, desc=f"{loss_fn.name}", disable=not cfg.progress)
+    bar = tqdm(schedule, desc=f"{objective.name}", disable=not cfg.progress)
     model.train()
     for step, index in enumerate(bar):
         started = time.perf_counter()
@@ -441,8 +505,16 @@ def preference_optimization(
             c, r = pair_batches(train, part, pad, device)
             sel = torch.as_tensor(part)
             ref = (ref_train[0][sel], ref_train[1][sel])
+            ref_tok = None
+            if ref_tokens is not None:
+                ref_tok = (
+                    scatter_response_tokens(c, [ref_tokens[0][i] for i in part]),
+                    scatter_response_tokens(r, [ref_tokens[1][i] for i in part]),
+                )
             try:
-                out = preference_microstep(model, loss_fn, c, r, ref, len(index), cfg.train_stats)
+                out = preference_microstep(
+                    model, objective, c, r, ref, len(index), cfg.train_stats, ref_tok
+                )
             except FloatingPointError as exc:
                 model.eval()
                 raise TrainingDivergedError(step + 1, float(exc.args[0]), result()) from None

@@ -1,0 +1,341 @@
+"""The paper's two mitigations of gradient entanglement, stated precisely and trainable.
+
+The paper names them without formulas (and its authors released no code); these are our
+definitions. Notation as in :mod:`ge_utils.losses`: ``u = log pi(y|x)`` summed over response
+tokens (nats), ``r = u - u_ref``, ``g = grad u``.
+
+**Pairwise normalized preference optimization** (``normalized_dpo``). Each pair moves along
+
+    c (g_w / |g_w| - g_l / |g_l|),   c = beta sigmoid(-beta (r_w - r_l))   (the DPO weight),
+
+and a batch step is the mean of these directions over its pairs. One step of size ``eta`` on a
+pair alone changes, to first order,
+
+    Delta u_w = eta c |g_w| (1 - cos),   Delta u_l = -eta c |g_l| (1 - cos),
+
+with ``cos`` the cosine of ``g_w, g_l``: chosen up and rejected down for *any* inner product,
+unless ``cos = 1``. (Between different pairs of a batch nothing is guaranteed.) It is computed
+from one forward: a backward to the layer outputs gives every ``|g|^2``
+(:class:`ge_utils.fast_gradients.GhostRecorder`, no parameter gradient is formed), then the
+surrogate ``L = -(1/n) sum_i c_i (u_w,i / |g_w,i| - u_l,i / |g_l,i|)`` (``c`` and the norms held
+constant) is back-propagated through the same graph: its gradient is minus the mean direction.
+
+**Sparse token masking** (``masked_dpo`` learned, ``oracle_masked_dpo``). The margin is put on
+token-weighted rewards. With per-token rewards ``rho_t = log pi(y_t|x, y_<t) - log pi_ref(...)``
+and weights ``m_t`` in [0, 1]:
+
+    D_m = sum_t m_t rho_t(y_w) - sum_t m_t rho_t(y_l)
+    loss = -log sigmoid(beta D_m) + lam (mean_t m_t(y_w) + mean_t m_t(y_l)) / 2
+
+*Learned*: ``m_t = sigmoid(a[y_t])``, one logit per vocabulary id (shared by every position and
+pair, so the mask is a readable list of token weights), all starting at ``mask_init`` and trained
+with the model by the same optimizer at learning rate ``mask_lr``; the L1 term (``m >= 0``, so
+it is the mean weight) drives unused tokens to 0. *Oracle*: ``m_t = 1`` where the chosen and
+rejected tokens differ (responses aligned from their first token; every position past the
+shorter one), 0 elsewhere: on the sentiment task, only the ``Positive``/``Negative`` token. The
+oracle has no parameters and no penalty. Tokens with ``m_t = 0`` are no longer trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ge_utils.fast_gradients import GhostRecorder
+from ge_utils.logprobs import SequenceBatch, concat_batches, token_logprobs
+from ge_utils.losses import (
+    NON_NEGATIVE,
+    OPEN_UNIT,
+    POSITIVE,
+    MarginLoss,
+    PairLogps,
+    bind_hyperparameters,
+    get_loss,
+)
+
+MicrostepResult = tuple[Tensor, Tensor, Tensor, dict[str, Tensor] | None]
+
+
+@dataclass(frozen=True)
+class MitigationSpec:
+    """A mitigation's name, description, default hyperparameters and their constraints."""
+
+    name: str
+    title: str
+    description: str
+    defaults: dict[str, float]
+    constraints: dict[str, str]
+
+
+MITIGATIONS: dict[str, MitigationSpec] = {
+    spec.name: spec
+    for spec in [
+        MitigationSpec(
+            "normalized_dpo",
+            "Pairwise normalized DPO",
+            "Each pair steps along c (g_w/|g_w| - g_l/|g_l|) with the DPO weight c.",
+            {"beta": 0.1},
+            {"beta": POSITIVE},
+        ),
+        MitigationSpec(
+            "masked_dpo",
+            "Sparse token-masked DPO (learned mask)",
+            "DPO on token-weighted rewards; one sigmoid weight per vocabulary id, L1-penalized.",
+            {"beta": 0.1, "lam": 0.1, "mask_lr": 0.05, "mask_init": 0.9},
+            {"beta": POSITIVE, "lam": NON_NEGATIVE, "mask_lr": POSITIVE, "mask_init": OPEN_UNIT},
+        ),
+        MitigationSpec(
+            "oracle_masked_dpo",
+            "Token-masked DPO (oracle mask)",
+            "DPO on the rewards of the tokens where chosen and rejected differ only.",
+            {"beta": 0.1},
+            {"beta": POSITIVE},
+        ),
+    ]
+}
+
+
+def is_mitigation(name: object) -> bool:
+    return isinstance(name, str) and name.lower() in MITIGATIONS
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _pair_logps(u_w: Tensor, u_l: Tensor, chosen, rejected, ref) -> PairLogps:
+    return PairLogps(
+        chosen=u_w,
+        rejected=u_l,
+        ref_chosen=ref[0].to(u_w),
+        ref_rejected=ref[1].to(u_w),
+        len_chosen=chosen.response_lengths.to(u_w),
+        len_rejected=rejected.response_lengths.to(u_w),
+    )
+
+
+def _checked(loss: Tensor) -> Tensor:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(float(loss.detach()))
+    return loss
+
+
+class Mitigation:
+    """A training objective that is not a plain margin loss of the summed log-probs.
+
+    ``base`` is DPO with the same ``beta``: the training loop logs its loss and coefficients on
+    the *unmasked* summed log-probs, so histories compare with every other loss.
+    """
+
+    needs_token_reference = False
+    train_stats_supported = False
+
+    def __init__(self, spec: MitigationSpec, hyperparameters: dict[str, float]):
+        self.spec = spec
+        self.hyperparameters = hyperparameters
+        self.base: MarginLoss = get_loss("dpo", beta=hyperparameters["beta"])
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters of the objective itself, trained with the model (a learned mask)."""
+        return []
+
+    def param_group(self) -> dict | None:
+        """An optimizer parameter group for :meth:`parameters`, or None."""
+        return None
+
+    def microstep(
+        self,
+        model: nn.Module,
+        chosen: SequenceBatch,
+        rejected: SequenceBatch,
+        ref: tuple[Tensor, Tensor],
+        n_total: int,
+        record_stats: bool = False,
+        ref_tokens: tuple[Tensor, Tensor] | None = None,
+    ) -> MicrostepResult:
+        """Forward and backward of one micro-batch (gradients accumulate in ``.grad``); same
+        contract as :func:`ge_utils.training.preference_microstep`."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
+        return f"{self.name}({args})"
+
+
+class NormalizedDPO(Mitigation):
+    """Pairwise normalized DPO (see the module docstring)."""
+
+    train_stats_supported = True
+
+    def microstep(self, model, chosen, rejected, ref, n_total, record_stats=False, ref_tokens=None):
+        joint = concat_batches(chosen, rejected)
+        b = len(chosen)
+        with GhostRecorder(model, batch=joint) as rec:
+            u = token_logprobs(model, joint).sum(dim=1)
+            u_w, u_l = u[:b], u[b:]
+            p = _pair_logps(u_w, u_l, chosen, rejected, ref)
+            loss = _checked(self.base.loss(p).sum() / n_total)
+            rec.backward(u.sum(), retain_graph=True)
+            stats = rec.results()
+            c, _ = (d.detach() for d in self.base.coefficients(p))
+            norm_w = stats["norm2_chosen"].sqrt().to(u)
+            norm_l = stats["norm2_rejected"].sqrt().to(u)
+            d_w, d_l = _ratio(c, norm_w), _ratio(c, norm_l)  # effective coefficients
+            surrogate = -(d_w * u_w - d_l * u_l).sum() / n_total
+            surrogate.backward()
+        out = None
+        if record_stats:
+            out = {
+                "logp_chosen": u_w.detach(),
+                "logp_rejected": u_l.detach(),
+                "d_w": d_w.detach(),
+                "d_l": d_l.detach(),
+                **stats,
+            }
+        return loss.detach(), u_w.detach(), u_l.detach(), out
+
+
+def contrastive_mask(chosen: SequenceBatch, rejected: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """Oracle masks, (B, T_w) and (B, T_l) float: 1 at the response positions whose token
+    differs from the other response's token at the same response index (and past the shorter
+    response), 0 elsewhere (prompt and padding included)."""
+    masks = []
+    for this, other in ((chosen, rejected), (rejected, chosen)):
+        out = torch.zeros(this.input_ids.shape, dtype=torch.float64, device=this.input_ids.device)
+        for i in range(len(this)):
+            pos = this.response_mask[i].nonzero().flatten()
+            mine = this.input_ids[i, pos]
+            theirs = other.input_ids[i, other.response_mask[i]]
+            n = min(len(mine), len(theirs))
+            differs = torch.ones(len(mine), dtype=torch.bool, device=mine.device)
+            differs[:n] = mine[:n] != theirs[:n]
+            out[i, pos] = differs.to(out.dtype)
+        masks.append(out)
+    return masks[0], masks[1]
+
+
+class MaskedDPO(Mitigation):
+    """Sparse token-masked DPO, learned or oracle (see the module docstring)."""
+
+    needs_token_reference = True
+
+    def __init__(self, spec: MitigationSpec, hyperparameters: dict[str, float], oracle: bool):
+        super().__init__(spec, hyperparameters)
+        self.oracle = oracle
+        self.logits: nn.Parameter | None = None  # created at the first step (vocabulary size)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.logits is None else [self.logits]
+
+    def ensure_parameters(self, vocab_size: int, device: torch.device | str) -> None:
+        """Create the mask logits (one per vocabulary id) if this is the learned variant."""
+        if self.oracle or self.logits is not None:
+            return
+        init = self.hyperparameters["mask_init"]
+        value = math.log(init / (1 - init))
+        self.logits = nn.Parameter(torch.full((vocab_size,), value, device=device))
+
+    def param_group(self) -> dict | None:
+        if self.logits is None:
+            return None
+        return {"params": [self.logits], "lr": self.hyperparameters["mask_lr"], "weight_decay": 0}
+
+    def weights(self, chosen: SequenceBatch, rejected: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """Token weights ``m``, (B, T_w) and (B, T_l), 0 outside the responses."""
+        if self.oracle:
+            return contrastive_mask(chosen, rejected)
+        if self.logits is None:
+            raise RuntimeError("call ensure_parameters(vocab_size, device) first")
+        return tuple(  # type: ignore[return-value]
+            torch.sigmoid(self.logits[b.input_ids]) * b.response_mask for b in (chosen, rejected)
+        )
+
+    def token_weights(self) -> Tensor:
+        """(V,) current weight of every vocabulary id (learned variant)."""
+        if self.logits is None:
+            raise RuntimeError("the oracle mask has no per-token weights")
+        return torch.sigmoid(self.logits.detach())
+
+    def microstep(self, model, chosen, rejected, ref, n_total, record_stats=False, ref_tokens=None):
+        if ref_tokens is None:
+            raise ValueError(f"{self.name} needs per-token reference log-probs (ref_tokens)")
+        joint = concat_batches(chosen, rejected)
+        b = len(chosen)
+        lp = token_logprobs(model, joint)
+        lp_w, lp_l = lp[:b, : chosen.input_ids.shape[1]], lp[b:, : rejected.input_ids.shape[1]]
+        m_w, m_l = (m.to(lp) for m in self.weights(chosen, rejected))
+        rho_w, rho_l = lp_w - ref_tokens[0].to(lp), lp_l - ref_tokens[1].to(lp)
+        margin = (m_w * rho_w).sum(1) - (m_l * rho_l).sum(1)
+        beta = self.hyperparameters["beta"]
+        per_pair = -F.logsigmoid(beta * margin)
+        if not self.oracle:
+            mean_w = m_w.sum(1) / chosen.response_lengths.to(lp)
+            mean_l = m_l.sum(1) / rejected.response_lengths.to(lp)
+            per_pair = per_pair + self.hyperparameters["lam"] * (mean_w + mean_l) / 2
+        loss = _checked(per_pair.sum() / n_total)
+        loss.backward()
+        return loss.detach(), lp_w.sum(1).detach(), lp_l.sum(1).detach(), None
+
+
+_BUILDERS: dict[str, Callable[[MitigationSpec, dict[str, float]], Mitigation]] = {
+    "normalized_dpo": NormalizedDPO,
+    "masked_dpo": lambda spec, h: MaskedDPO(spec, h, oracle=False),
+    "oracle_masked_dpo": lambda spec, h: MaskedDPO(spec, h, oracle=True),
+}
+
+
+def get_mitigation(name: str, **hparams: float) -> Mitigation:
+    """A fresh mitigation objective (a learned mask starts anew) with its hyperparameters
+    checked like a loss's (:func:`ge_utils.losses.get_loss`)."""
+    if not is_mitigation(name):
+        raise ValueError(f"unknown mitigation {name!r}; known: {', '.join(MITIGATIONS)}")
+    spec = MITIGATIONS[name.lower()]
+    bound = bind_hyperparameters(spec.name, spec.defaults, spec.constraints, hparams)
+    return _BUILDERS[spec.name](spec, bound)
+
+
+def get_objective(name: str, **hparams: float) -> MarginLoss | Mitigation:
+    """A margin loss of :data:`ge_utils.losses.LOSSES` or a mitigation, by name."""
+    if is_mitigation(name):
+        return get_mitigation(name, **hparams)
+    try:
+        return get_loss(name, **hparams)
+    except ValueError as exc:
+        if isinstance(name, str) and "unknown loss" in str(exc):
+            raise ValueError(f"{exc}; mitigations: {', '.join(MITIGATIONS)}") from None
+        raise
+
+
+def first_order_normalized(stats: dict[str, Tensor], c: Tensor, eta: float) -> dict[str, Tensor]:
+    """Predicted ``Delta u_w = eta c |g_w| (1 - cos)`` and ``Delta u_l = -eta c |g_l| (1 - cos)``
+    of one normalized step on each pair alone, from (B,) ``norm2_chosen``, ``norm2_rejected``,
+    ``inner`` and the weights ``c`` (B,)."""
+    nw, nl = stats["norm2_chosen"].sqrt(), stats["norm2_rejected"].sqrt()
+    cos = stats["inner"] / (nw * nl)
+    return {
+        "pred_delta_chosen": eta * c * nw * (1 - cos),
+        "pred_delta_rejected": -eta * c * nl * (1 - cos),
+    }
+
+
+def scatter_response_tokens(batch: SequenceBatch, values: list[Tensor]) -> Tensor:
+    """(B, T) tensor with ``values[i]`` (one value per response token of row i, in order) at
+    row i's response positions, 0 elsewhere."""
+    out = torch.zeros(batch.input_ids.shape, dtype=values[0].dtype, device=batch.input_ids.device)
+    for i, v in enumerate(values):
+        out[i, batch.response_mask[i]] = v.to(out.device)
+    return out
+
+
+def response_token_values(batch: SequenceBatch, per_token: Tensor) -> list[Tensor]:
+    """Inverse of :func:`scatter_response_tokens`: row i's response-position values."""
+    return [per_token[i, batch.response_mask[i]] for i in range(len(batch))]
