@@ -102,7 +102,7 @@ def test_same_seed_same_history(tokenizer):
 def test_nan_loss_stops_with_step_and_history(tokenizer, monkeypatch):
     import ge_utils.training as training
 
-    real = training.get_loss
+    real = training.get_objective
 
     class Poisoned:
         def __init__(self, inner):
@@ -119,7 +119,7 @@ def test_nan_loss_stops_with_step_and_history(tokenizer, monkeypatch):
                     return out * math.nan
             return out
 
-    monkeypatch.setattr(training, "get_loss", lambda name, **kw: Poisoned(real(name, **kw)))
+    monkeypatch.setattr(training, "get_objective", lambda name, **kw: Poisoned(real(name, **kw)))
     with pytest.raises(TrainingDivergedError, match="at step 3") as info:
         run(tokenizer, method="none")
     assert list(info.value.history.steps["step"]) == [1, 2]
