@@ -1,0 +1,607 @@
+"""Gradient-entanglement metrics in anyone's TRL ``DPOTrainer`` run (TRL >= 1.0).
+
+    from ge_utils.trl_integration import attach_entanglement_metrics
+    trainer = DPOTrainer(model=..., args=..., train_dataset=..., processing_class=tok)
+    probe = [{"prompt": ..., "chosen": ..., "rejected": ...}, ...]   # a few held-out pairs
+    callback = attach_entanglement_metrics(trainer, probe=probe)
+    trainer.train()          # the logs now carry ge/* metrics; callback.pairs_frame() etc.
+
+At every logging step (or every ``every`` optimizer steps) it adds to the trainer's logged
+metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
+
+- over the pairs of that step's batch (all micro-batches of the optimizer step, all processes):
+  ``ge/inner`` (mean ``<g_w, g_l>``), ``ge/cosine``, ``ge/norm2_chosen`` (``|g_w|^2``),
+  ``ge/norm2_rejected`` (``|g_l|^2``), ``ge/inner_over_min_norm2`` (median), ``ge/d_w``,
+  ``ge/d_l`` (mean loss coefficients), ``ge/case1_frac`` ... ``ge/case4_frac`` (first-order case
+  of a plain gradient step on each pair, :func:`ge_utils.gradients.condition_table`) and
+  ``ge/n_pairs``; ``g = grad log pi(y|x)`` over the trainable parameters (LoRA adapters only
+  for a PEFT model), at the parameters before the step's update;
+- over a fixed probe set of pairs (optional): ``ge/probe_pred_delta_chosen`` /
+  ``ge/probe_pred_delta_rejected`` (mean first-order prediction ``g . Delta theta`` with the
+  step's actual update ``Delta theta``, so it is honest under AdamW, weight decay and clipping
+  included), ``ge/probe_real_delta_chosen`` / ``ge/probe_real_delta_rejected`` (mean realized
+  change ``log pi after - log pi before`` of the step), ``ge/probe_sign_agree`` (fraction of
+  probe responses whose predicted and realized changes have the same sign) and
+  ``ge/probe_real_case1_frac`` ... ``ge/probe_real_case4_frac`` (realized cases);
+- ``ge/seconds``: the time the integration spent on that step (all of it outside training).
+
+Where the statistics come from: a separate pass at the logging steps, not TRL's own backward.
+Just before the optimizer step (``on_pre_optimizer_step``, when the step's gradients are in
+``.grad`` but the parameters are not yet updated) the captured micro-batches of the step go
+through :func:`ge_utils.fast_gradients.fast_gradient_stats`: one forward and one backward to the
+layer outputs only, in eval mode, which never touches ``.grad``, the optimizer or the RNG. TRL's
+training forward runs through a fused LM head that computes log-probs in chunks from the head's
+weight directly, which the layer hooks of the fast method cannot see, and its backward carries
+DDP's reducer hooks and gradient accumulation: recording inside it would mean replacing TRL's
+forward. The separate pass costs about one extra training step at each logging step and
+leaves training bit-identical with the integration on or off.
+
+The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
+``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
+batch (``precompute_ref_log_probs``), computed with ``trainer.ref_model``, or, for a PEFT model
+without a reference model, with the adapters disabled (as TRL does). Pass ``loss=`` (a
+:class:`ge_utils.losses.MarginLoss`) for another loss of the family.
+
+Several processes (``accelerate launch``, DDP): every process computes the statistics of its own
+micro-batches and of its share of the probe pairs; the per-pair values are gathered from every
+process (``accelerate.utils.gather_object``) before any mean is taken, so the logged numbers are
+means over the global batch and the whole probe set, the same as one process with the same
+global batch. DeepSpeed and FSDP (sharded parameters) are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from ge_utils.fast_gradients import fast_gradient_stats
+from ge_utils.gradients import classify_cases, condition_table
+from ge_utils.logprobs import SequenceBatch, sequence_logprobs
+from ge_utils.losses import MarginLoss, PairLogps, get_loss
+
+PREFIX = "ge/"
+BATCH_METRICS = (
+    "inner",
+    "cosine",
+    "norm2_chosen",
+    "norm2_rejected",
+    "inner_over_min_norm2",
+    "d_w",
+    "d_l",
+    "case1_frac",
+    "case2_frac",
+    "case3_frac",
+    "case4_frac",
+    "n_pairs",
+)
+PROBE_METRICS = (
+    "probe_pred_delta_chosen",
+    "probe_pred_delta_rejected",
+    "probe_real_delta_chosen",
+    "probe_real_delta_rejected",
+    "probe_sign_agree",
+    "probe_real_case1_frac",
+    "probe_real_case2_frac",
+    "probe_real_case3_frac",
+    "probe_real_case4_frac",
+)
+METRIC_NAMES = tuple(PREFIX + k for k in (*BATCH_METRICS, *PROBE_METRICS, "seconds"))
+
+
+@dataclass
+class ProbeBatch:
+    """Tokenized probe pairs: row i of ``chosen`` pairs with row i of ``rejected``."""
+
+    chosen: SequenceBatch
+    rejected: SequenceBatch
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def select(self, index: Sequence[int]) -> ProbeBatch:
+        return ProbeBatch(self.chosen.select(index), self.rejected.select(index))
+
+
+def split_trl_batch(inputs: Mapping[str, Tensor]) -> tuple[SequenceBatch, SequenceBatch]:
+    """TRL's collated preference batch (``input_ids``, ``attention_mask``, ``completion_mask``;
+    chosen rows first, then rejected) as (chosen, rejected) :class:`SequenceBatch`."""
+    missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in inputs]
+    if missing:
+        raise ValueError(
+            f"not a TRL preference batch: missing {', '.join(missing)} (is this a DPOTrainer "
+            "with a text-only dataset?)"
+        )
+    ids = inputs["input_ids"]
+    if ids.shape[0] % 2:
+        raise ValueError(f"a preference batch has an even number of rows, got {ids.shape[0]}")
+    resp = inputs["completion_mask"].bool()
+    empty = (resp.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} of the batch have no response token (truncated?)")
+    joint = SequenceBatch(ids, inputs["attention_mask"].long(), resp)
+    b = ids.shape[0] // 2
+    return joint.select(range(b)), joint.select(range(b, 2 * b))
+
+
+def _records(probe: Any) -> list[dict[str, Any]]:
+    """Probe pairs as ``{"prompt", "chosen", "rejected"}`` records (dicts, a ``datasets``
+    Dataset, a DataFrame, or objects with those attributes such as
+    :class:`ge_utils.data.PreferencePair`)."""
+    if isinstance(probe, pd.DataFrame):
+        rows: Iterable[Any] = probe.to_dict("records")
+    else:
+        rows = probe
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, Mapping):
+            rec = {k: row.get(k) for k in ("prompt", "chosen", "rejected")}
+        else:
+            rec = {k: getattr(row, k, None) for k in ("prompt", "chosen", "rejected")}
+        for key, value in rec.items():
+            if value is None:
+                raise ValueError(f"probe pair {i} has no {key!r} field")
+            if isinstance(value, str) and key != "prompt" and not value.strip():
+                raise ValueError(f"probe pair {i} has an empty {key} response")
+            if isinstance(value, list) and key != "prompt" and not value:
+                raise ValueError(f"probe pair {i} has an empty {key} response")
+        out.append(rec)
+    if not out:
+        raise ValueError("the probe set is empty")
+    return out
+
+
+def tokenize_probe(trainer: Any, probe: Any) -> ProbeBatch:
+    """Tokenize probe pairs exactly as the trainer tokenizes its training pairs (its own dataset
+    preparation and collator: EOS, chat template, truncation). A :class:`ProbeBatch` or a
+    ``(chosen, rejected)`` tuple of :class:`SequenceBatch` is checked and returned as is."""
+    if isinstance(probe, tuple) and len(probe) == 2:
+        probe = ProbeBatch(*probe)
+    if isinstance(probe, ProbeBatch):
+        if len(probe.chosen) != len(probe.rejected):
+            raise ValueError(f"{len(probe.chosen)} chosen but {len(probe.rejected)} rejected")
+        if len(probe) == 0:
+            raise ValueError("the probe set is empty")
+        for side in ("chosen", "rejected"):
+            lengths = getattr(probe, side).response_lengths
+            if (lengths == 0).any():
+                rows = (lengths == 0).nonzero().flatten().tolist()
+                raise ValueError(f"probe {side} rows {rows} have an empty response")
+        return probe
+    from datasets import Dataset
+
+    records = _records(probe)
+    prepare = getattr(trainer, "_prepare_dataset", None)
+    if prepare is None:
+        raise TypeError(f"{type(trainer).__name__} cannot tokenize a probe set (not a DPOTrainer)")
+    data = prepare(Dataset.from_list(records), trainer.processing_class, trainer.args, "probe")
+    if len(data) != len(records):
+        raise ValueError(
+            f"{len(records) - len(data)} probe pair(s) were dropped by the trainer's "
+            "preparation (prompt longer than max_length?)"
+        )
+    keep = ("prompt_ids", "chosen_ids", "rejected_ids")
+    batch = trainer.data_collator([{k: row[k] for k in keep} for row in data])
+    chosen, rejected = split_trl_batch(batch)
+    return ProbeBatch(chosen, rejected)
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) RNG states afterwards."""
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class _Logps(nn.Module):
+    """Summed response log-probs of a batch as a module call (for ``functional_call``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch: SequenceBatch) -> Tensor:
+        return sequence_logprobs(self.inner, batch)
+
+
+def directional_logps(
+    model: nn.Module, batch: SequenceBatch, at: dict[str, Tensor], direction: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(u, g . v)``: summed response log-probs ``u`` (B,) of ``batch`` with the named
+    parameters of ``model`` set to ``at``, and their exact directional derivatives along
+    ``direction`` (same names), without changing the model or any ``.grad``.
+
+    Forward-mode AD (one forward, attention through PyTorch's math kernel, which supports it);
+    where the model has an operation without a forward-mode derivative, one reverse-mode
+    gradient per sequence instead. Eval mode."""
+    wrapper = _Logps(model)
+    names = list(at)
+
+    def call(values: Sequence[Tensor]) -> Tensor:
+        params = {"inner." + n: v for n, v in zip(names, values, strict=True)}
+        return torch.func.functional_call(wrapper, params, (batch,))
+
+    primals = tuple(at[n] for n in names)
+    tangents = tuple(direction[n].to(at[n].dtype) for n in names)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                u, du = torch.func.jvp(call, (primals,), (tangents,))
+            return u.detach(), du.detach()
+        except (NotImplementedError, RuntimeError):
+            pass
+        leaves = [p.detach().requires_grad_(True) for p in primals]
+        u = call(leaves)
+        dots = []
+        for i in range(len(u)):
+            grads = torch.autograd.grad(
+                u[i], leaves, retain_graph=i + 1 < len(u), allow_unused=True
+            )
+            dots.append(
+                sum(
+                    (g.double() * t.double()).sum()
+                    for g, t in zip(grads, tangents, strict=True)
+                    if g is not None
+                )
+            )
+        return u.detach(), torch.stack([torch.as_tensor(d) for d in dots]).to(u.dtype)
+    finally:
+        model.train(was_training)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+class EntanglementCallback(TrainerCallback):
+    """Adds ``ge/*`` gradient-entanglement metrics to a TRL ``DPOTrainer``'s logs (see the module
+    docstring). Build it with :func:`attach_entanglement_metrics`.
+
+    ``every``: compute at every ``every``-th optimizer step; None (default): at the trainer's
+    logging steps (``logging_strategy="steps"``, plus the first step with
+    ``logging_first_step``). ``probe``: pairs (records with prompt/chosen/rejected, a Dataset or
+    DataFrame, or a :class:`ProbeBatch`) followed across each computed step; None: no probe
+    metrics. ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
+    sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
+    process's batch (None: all).
+
+    Per-pair results are kept: :meth:`pairs_frame` (one row per batch pair and computed step)
+    and :meth:`probe_frame` (one row per probe pair and computed step), identical on every
+    process.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        probe: Any = None,
+        every: int | None = None,
+        loss: MarginLoss | None = None,
+        max_pairs: int | None = None,
+    ):
+        _check_trainer(trainer, loss)
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if every is not None and every < 1:
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if max_pairs is not None and max_pairs < 1:
+            raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs!r}")
+        if every is None and str(getattr(trainer.args, "logging_strategy", "steps")) not in (
+            "steps",
+            "IntervalStrategy.STEPS",
+        ):
+            raise ValueError(
+                "logging_strategy is not 'steps': pass every=N to choose the steps to measure"
+            )
+        self.trainer = trainer
+        self.every = every
+        self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
+        self.max_pairs = max_pairs
+        self.probe: ProbeBatch | None = None
+        self._probe_input = probe
+        if probe is not None:
+            self.probe = tokenize_probe(trainer, probe)
+        self._captured: list[Mapping[str, Tensor]] = []
+        self._theta0: dict[str, Tensor] | None = None
+        self._seconds = 0.0
+        self._pairs: list[pd.DataFrame] = []
+        self._probes: list[pd.DataFrame] = []
+        self._wrap_compute_loss()
+
+    # -- capture ---------------------------------------------------------------------------
+
+    def _wrap_compute_loss(self) -> None:
+        """Keep a reference to each training micro-batch (nothing is computed or copied)."""
+        original = self.trainer.compute_loss
+        if getattr(original, "_ge_capture", False):
+            raise RuntimeError("an EntanglementCallback is already attached to this trainer")
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            if torch.is_grad_enabled() and model.training:
+                self._captured.append(inputs)
+            return original(model, inputs, *args, **kwargs)
+
+        compute_loss._ge_capture = True  # type: ignore[attr-defined]
+        compute_loss._ge_original = original  # type: ignore[attr-defined]
+        self.trainer.compute_loss = compute_loss
+
+    def detach(self) -> None:
+        """Remove the integration from its trainer."""
+        original = getattr(self.trainer.compute_loss, "_ge_original", None)
+        if original is not None:
+            self.trainer.compute_loss = original
+        with contextlib.suppress(ValueError):
+            self.trainer.remove_callback(self)
+
+    # -- when ------------------------------------------------------------------------------
+
+    def measures(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based, the value of ``global_step`` after it)
+        is measured."""
+        if self.every is not None:
+            return step % self.every == 0
+        args, state = self.trainer.args, self.trainer.state
+        every = getattr(state, "logging_steps", None) or args.logging_steps
+        every = max(1, int(every if every >= 1 else math.ceil(state.max_steps * every)))
+        return step % every == 0 or (step == 1 and bool(args.logging_first_step))
+
+    # -- the model as the trainer sees it --------------------------------------------------
+
+    def _policy(self) -> nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def _trainable(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self._policy().named_parameters() if p.requires_grad}
+
+    def _reference(self, inputs: Mapping[str, Tensor], c: SequenceBatch, r: SequenceBatch):
+        if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        trainer = self.trainer
+        with torch.no_grad():
+            if trainer.ref_model is not None:
+                ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+                return _eval_logps(ref, c), _eval_logps(ref, r)
+            policy = self._policy()
+            if hasattr(policy, "peft_config"):
+                from trl.trainer.utils import use_adapter
+
+                name = "ref" if "ref" in policy.peft_config else None
+                with use_adapter(policy, adapter_name=name):
+                    return _eval_logps(policy, c), _eval_logps(policy, r)
+        raise RuntimeError(
+            "no reference log-probs: the trainer has no ref_model, the model is not a PEFT "
+            "model and the batch has no precomputed ref_chosen_logps/ref_rejected_logps"
+        )
+
+    # -- events ----------------------------------------------------------------------------
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        captured, self._captured = self._captured, []
+        step = state.global_step + 1
+        if not self.measures(step):
+            return
+        start = time.perf_counter()
+        with _rng_untouched():
+            records = []
+            for inputs in captured:
+                records += self._batch_records(inputs, step)
+            rows = _gather(records)
+            if rows:
+                self._log_batch(pd.DataFrame(rows))
+            if self.probe is not None:
+                self._theta0 = {n: p.detach().clone() for n, p in self._trainable().items()}
+        self._seconds = time.perf_counter() - start
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        theta0, self._theta0 = self._theta0, None
+        step = state.global_step + 1
+        start = time.perf_counter()
+        if theta0 is not None:
+            with _rng_untouched():
+                self._probe_step(theta0, step)
+        if self.measures(step):
+            self._seconds += time.perf_counter() - start
+            self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
+
+    # -- batch statistics ------------------------------------------------------------------
+
+    def _batch_records(self, inputs: Mapping[str, Tensor], step: int) -> list[dict]:
+        chosen, rejected = split_trl_batch(inputs)
+        if self.max_pairs is not None and len(chosen) > self.max_pairs:
+            keep = range(self.max_pairs)
+            chosen, rejected = chosen.select(keep), rejected.select(keep)
+            inputs = {k: v[: self.max_pairs] for k, v in inputs.items() if k.startswith("ref_")}
+        policy = self._policy()
+        stats = fast_gradient_stats(policy, chosen, rejected)
+        ref_w, ref_l = self._reference(inputs, chosen, rejected)
+        p = PairLogps(
+            stats["logp_chosen"],
+            stats["logp_rejected"],
+            ref_w.detach().double().cpu().flatten()[: len(chosen)],
+            ref_l.detach().double().cpu().flatten()[: len(chosen)],
+            chosen.response_lengths.double().cpu(),
+            rejected.response_lengths.double().cpu(),
+        )
+        d_w, d_l = self.loss.coefficients(p)
+        table = condition_table(stats, d_w, d_l)
+        table.insert(0, "step", step)
+        table.insert(1, "rank", int(self.trainer.accelerator.process_index))
+        return table.to_dict("records")
+
+    def _log_batch(self, pairs: pd.DataFrame) -> None:
+        pairs = pairs.reset_index(drop=True)
+        pairs.insert(2, "pair", range(len(pairs)))
+        self._pairs.append(pairs)
+        metrics = self.trainer._metrics["train"]
+        cols = {
+            "inner": "grad_inner",
+            "cosine": "cosine",
+            "norm2_chosen": "grad_norm2_chosen",
+            "norm2_rejected": "grad_norm2_rejected",
+            "d_w": "d_w",
+            "d_l": "d_l",
+        }
+        for key, col in cols.items():
+            metrics[PREFIX + key].append(_mean(pairs[col].tolist()))
+        ratio = pairs["inner_over_min_norm2"].to_numpy()
+        ratio = ratio[np.isfinite(ratio)]
+        median = float(np.median(ratio)) if len(ratio) else float("nan")
+        metrics[PREFIX + "inner_over_min_norm2"].append(median)
+        for k in (1, 2, 3, 4):
+            metrics[PREFIX + f"case{k}_frac"].append(float((pairs["case"] == k).mean()))
+        metrics[PREFIX + "n_pairs"].append(float(len(pairs)))
+
+    # -- probe -----------------------------------------------------------------------------
+
+    def _probe_step(self, theta0: dict[str, Tensor], step: int) -> None:
+        accel = self.trainer.accelerator
+        rank, world = int(accel.process_index), int(accel.num_processes)
+        mine = list(range(rank, len(self.probe), world))
+        records = []
+        if mine:
+            policy = self._policy()
+            device = next(policy.parameters()).device
+            part = self.probe.select(mine)
+            now = self._trainable()
+            delta = {n: now[n].detach() - theta0[n] for n in theta0}
+            out = {}
+            for side in ("chosen", "rejected"):
+                batch = getattr(part, side).to(device)
+                before, pred = directional_logps(policy, batch, theta0, delta)
+                after = _eval_logps(policy, batch)
+                out[side] = (before, pred, after)
+            for k, i in enumerate(mine):
+                rec = {"step": step, "pair": i}
+                for side, (before, pred, after) in out.items():
+                    rec[f"logp_{side}"] = float(before[k])
+                    rec[f"pred_delta_{side}"] = float(pred[k])
+                    rec[f"real_delta_{side}"] = float(after[k] - before[k])
+                records.append(rec)
+        rows = sorted(_gather(records), key=lambda r: r["pair"])
+        frame = pd.DataFrame(rows)
+        frame["real_case"] = classify_cases(
+            torch.tensor(frame["real_delta_chosen"].values),
+            torch.tensor(frame["real_delta_rejected"].values),
+        ).numpy()
+        frame["pred_case"] = classify_cases(
+            torch.tensor(frame["pred_delta_chosen"].values),
+            torch.tensor(frame["pred_delta_rejected"].values),
+        ).numpy()
+        self._probes.append(frame)
+        if not self.measures(step):
+            return
+        metrics = self.trainer._metrics["train"]
+        for side in ("chosen", "rejected"):
+            for kind in ("pred", "real"):
+                key = f"{kind}_delta_{side}"
+                metrics[PREFIX + "probe_" + key].append(_mean(frame[key].tolist()))
+        agree = np.concatenate(
+            [
+                np.sign(frame[f"pred_delta_{s}"]) == np.sign(frame[f"real_delta_{s}"])
+                for s in ("chosen", "rejected")
+            ]
+        )
+        metrics[PREFIX + "probe_sign_agree"].append(float(agree.mean()))
+        for k in (1, 2, 3, 4):
+            frac = float((frame["real_case"] == k).mean())
+            metrics[PREFIX + f"probe_real_case{k}_frac"].append(frac)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def pairs_frame(self) -> pd.DataFrame:
+        """One row per batch pair and measured step: ``step, rank, pair`` and the columns of
+        :func:`ge_utils.gradients.condition_table` (``grad_inner``, ``cosine``, ``d_w``,
+        ``case``, ...)."""
+        return pd.concat(self._pairs, ignore_index=True) if self._pairs else pd.DataFrame()
+
+    def probe_frame(self) -> pd.DataFrame:
+        """One row per probe pair and measured step: ``step, pair, logp_*`` (before the step),
+        ``pred_delta_*`` (``g . Delta theta``), ``real_delta_*``, ``pred_case``, ``real_case``."""
+        return pd.concat(self._probes, ignore_index=True) if self._probes else pd.DataFrame()
+
+
+def _eval_logps(model: nn.Module, batch: SequenceBatch) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return sequence_logprobs(model, batch.to(device)).detach()
+    finally:
+        model.train(was_training)
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """Every process's records, in process order (no-op on one process)."""
+    from accelerate.utils import gather_object
+
+    return list(gather_object(records))
+
+
+def _check_trainer(trainer: Any, loss: MarginLoss | None) -> None:
+    """Raise a clear error for a trainer or setting the integration cannot measure."""
+    try:
+        from trl import DPOTrainer
+    except ImportError as exc:  # pragma: no cover - trl is an extra
+        raise ImportError("the TRL integration needs trl: pip install 'ge-utils[trl]'") from exc
+    if not isinstance(trainer, DPOTrainer):
+        raise TypeError(
+            f"unsupported trainer {type(trainer).__name__}: the integration works with TRL's "
+            "DPOTrainer (and subclasses)"
+        )
+    if not isinstance(getattr(trainer, "_metrics", None), dict) or "train" not in trainer._metrics:
+        raise TypeError("unsupported DPOTrainer version: it has no _metrics dict (TRL >= 1.0)")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
+        trainer, "is_fsdp_enabled", False
+    ):
+        raise NotImplementedError("DeepSpeed and FSDP (sharded parameters) are not supported")
+    if loss is not None:
+        if not isinstance(loss, MarginLoss):
+            raise TypeError(f"loss must be a ge_utils.losses.MarginLoss, got {type(loss).__name__}")
+        return
+    if list(getattr(trainer, "loss_types", ["sigmoid"])) != ["sigmoid"]:
+        raise NotImplementedError(
+            f"loss_type {trainer.loss_types} is not TRL's plain DPO ('sigmoid'): pass loss= "
+            "(a ge_utils.losses.MarginLoss) with that loss's coefficients"
+        )
+    if getattr(trainer, "f_divergence_type", "reverse_kl") != "reverse_kl":
+        raise NotImplementedError(
+            f"f_divergence_type={trainer.f_divergence_type!r} changes the loss coefficients: "
+            "only reverse_kl (standard DPO) is supported"
+        )
+    if getattr(trainer, "ld_alpha", None) is not None:
+        raise NotImplementedError("ld_alpha (LD-DPO) changes the log-probs: not supported")
+
+
+def attach_entanglement_metrics(
+    trainer: Any,
+    probe: Any = None,
+    every: int | None = None,
+    loss: MarginLoss | None = None,
+    max_pairs: int | None = None,
+) -> EntanglementCallback:
+    """Build an :class:`EntanglementCallback` for ``trainer``, add it to the trainer's
+    callbacks, and return it. Call before ``trainer.train()``, on every process."""
+    callback = EntanglementCallback(trainer, probe, every=every, loss=loss, max_pairs=max_pairs)
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,268 @@
+"""The TRL integration: training unchanged, metrics right, one process = two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from ge_utils.data import sentiment_pairs
+from ge_utils.fast_gradients import fast_gradient_stats
+from ge_utils.losses import get_loss
+from ge_utils.models import load_model
+from ge_utils.trl_integration import (
+    METRIC_NAMES,
+    ProbeBatch,
+    attach_entanglement_metrics,
+    directional_logps,
+    tokenize_probe,
+)
+
+HERE = Path(__file__).resolve().parent
+TRAIN, PROBE = sentiment_pairs(16, 4, config="long")
+
+
+def _data(pairs=TRAIN) -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
+
+
+def _trainer(tmp_path, lora=False, ref=True, **overrides) -> DPOTrainer:
+    warnings.filterwarnings("ignore")
+    lm = load_model("tiny-llama", device="cpu", lora_rank=4 if lora else None)
+    ref_model = load_model("tiny-llama", device="cpu").model if ref else None
+    cfg = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=2,
+        learning_rate=1e-4,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    cfg.update(overrides)
+    return DPOTrainer(
+        model=lm.model,
+        ref_model=ref_model,
+        args=DPOConfig(**cfg),
+        train_dataset=_data(),
+        processing_class=lm.tokenizer,
+    )
+
+
+def _params(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"lora": False, "ref": True, "gradient_accumulation_steps": 2},
+        {"lora": True, "ref": False},
+    ],
+    ids=["full+ref+accumulation", "lora-no-ref"],
+)
+def test_training_unchanged_and_metrics_logged(tmp_path, setting):
+    """Bit-identical parameters and TRL metrics with the integration on and off: it never
+    writes a parameter, a ``.grad``, the optimizer or an RNG (the comparison is exact, not to a
+    tolerance, because both runs do the same floating-point operations in the same order)."""
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(123)
+        trainer = _trainer(tmp_path / str(on), **setting)
+        callback = attach_entanglement_metrics(trainer, probe=PROBE) if on else None
+        trainer.train()
+        runs[on] = (trainer, callback)
+    (off, _), (on, callback) = runs[False], runs[True]
+    p_off, p_on = _params(off), _params(on)
+    assert p_off.keys() == p_on.keys()
+    assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
+    logs_off = [h for h in off.state.log_history if "loss" in h]
+    logs_on = [h for h in on.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs_on] == [2, 4]
+    for a, b in zip(logs_off, logs_on, strict=True):
+        assert {k: v for k, v in b.items() if not k.startswith("ge/")} == a
+        assert set(METRIC_NAMES) <= set(b)
+        assert b["ge/n_pairs"] == 8 if setting.get("gradient_accumulation_steps") else 4
+        fracs = sum(b[f"ge/case{k}_frac"] for k in (1, 2, 3, 4))
+        assert math.isclose(fracs, 1.0)
+        assert b["ge/case4_frac"] == 0.0  # impossible for DPO's positive coefficients
+        assert -1 <= b["ge/cosine"] <= 1
+        assert b["ge/norm2_chosen"] > 0 and b["ge/norm2_rejected"] > 0
+    pairs, probe = callback.pairs_frame(), callback.probe_frame()
+    assert sorted(set(pairs["step"])) == [2, 4] and sorted(set(probe["step"])) == [2, 4]
+    assert len(probe) == 2 * len(PROBE)
+    # lr 1e-4: the first-order prediction of the probe changes is close to the realized one
+    # (float32 log-probs near -20 resolve changes to about 1e-5)
+    for side in ("chosen", "rejected"):
+        pred, real = probe[f"pred_delta_{side}"], probe[f"real_delta_{side}"]
+        assert np.allclose(pred, real, rtol=0.2, atol=max(0.02 * np.abs(real).max(), 2e-5))
+
+
+def test_statistics_match_trl_and_brute_force(tmp_path):
+    """Per-pair log-probs equal TRL's logged ``logps/*`` (same tokens, same parameters); at step
+    1 the policy is its reference, so DPO's coefficients are beta / 2; the statistics of a
+    step's batch are those of the fast method on that batch."""
+    trainer = _trainer(tmp_path, logging_steps=1, max_steps=2, beta=0.2)
+    callback = attach_entanglement_metrics(trainer)
+    batches = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        if torch.is_grad_enabled():
+            batches.append((inputs, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    pairs = callback.pairs_frame()
+    logs = [h for h in trainer.state.log_history if "ge/inner" in h]
+    assert len(logs) == 2 and not any(k.startswith("ge/probe") for k in logs[0])
+    for log in logs:
+        rows = pairs[pairs["step"] == log["step"]]
+        assert math.isclose(rows["logp_chosen"].mean(), log["logps/chosen"], rel_tol=1e-5)
+        assert math.isclose(rows["logp_rejected"].mean(), log["logps/rejected"], rel_tol=1e-5)
+    first = pairs[pairs["step"] == 1]
+    assert np.allclose(first["d_w"], 0.1) and np.allclose(first["d_l"], 0.1)
+    # step 2's batch, recomputed directly at the parameters the step started from
+    from ge_utils.trl_integration import split_trl_batch
+
+    inputs, params = batches[1]
+    model = load_model("tiny-llama", device="cpu").model
+    model.load_state_dict(params)
+    chosen, rejected = split_trl_batch(inputs)
+    stats = fast_gradient_stats(model, chosen, rejected)
+    rows = pairs[pairs["step"] == 2]
+    for key, col in (("inner", "grad_inner"), ("norm2_chosen", "grad_norm2_chosen")):
+        assert np.allclose(rows[col], stats[key].numpy(), rtol=1e-6)
+
+
+def test_precomputed_reference_logps(tmp_path):
+    """``precompute_ref_log_probs`` without a reference model: the batch's columns are used."""
+    trainer = _trainer(tmp_path, ref=False, precompute_ref_log_probs=True, max_steps=2)
+    callback = attach_entanglement_metrics(trainer, every=1)
+    trainer.train()
+    first = callback.pairs_frame().query("step == 1")
+    assert np.allclose(first["d_w"], 0.05, rtol=1e-4)
+
+
+def test_directional_derivative_forward_and_reverse_mode(monkeypatch):
+    """``g . v`` by forward-mode AD equals the per-sequence reverse-mode fallback and a
+    central finite difference; the model is left untouched."""
+    lm = load_model("tiny-llama", device="cpu")
+    model = lm.model.double()
+    from ge_utils.logprobs import tokenize
+
+    batch = tokenize(lm.tokenizer, [p.prompt for p in PROBE], [p.chosen for p in PROBE])
+    at = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    v = {n: 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in at.items()}
+    u, fwd = directional_logps(model, batch, at, v)
+
+    def broken_jvp(*args, **kwargs):
+        raise NotImplementedError("no forward AD here")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.func, "jvp", broken_jvp)
+        u2, rev = directional_logps(model, batch, at, v)
+    assert torch.allclose(u, u2) and torch.allclose(fwd, rev, rtol=1e-6), fwd - rev
+    eps = 1e-2  # Llama's rotary tables are float32: a smaller step meets their rounding
+    plus = directional_logps(model, batch, {n: at[n] + eps * v[n] for n in at}, v)[0]
+    minus = directional_logps(model, batch, {n: at[n] - eps * v[n] for n in at}, v)[0]
+    assert torch.allclose(fwd, (plus - minus) / (2 * eps), rtol=1e-3)
+    assert all(torch.equal(p, at[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_clear_errors(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="empty chosen response"):
+        attach_entanglement_metrics(
+            trainer, probe=[{"prompt": "a", "chosen": " ", "rejected": "b"}]
+        )
+    with pytest.raises(ValueError, match="no 'rejected' field"):
+        attach_entanglement_metrics(trainer, probe=[{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(ValueError, match="probe set is empty"):
+        attach_entanglement_metrics(trainer, probe=[])
+    probe = tokenize_probe(trainer, PROBE)
+    bad = ProbeBatch(probe.chosen, probe.rejected.select([0, 1, 2, 3]))
+    bad.rejected.response_mask[1] = False
+    with pytest.raises(ValueError, match="rejected rows \\[1\\] have an empty response"):
+        attach_entanglement_metrics(trainer, probe=bad)
+    with pytest.raises(ValueError, match="every"):
+        attach_entanglement_metrics(trainer, every=0)
+    with pytest.raises(TypeError, match="unsupported trainer"):
+        attach_entanglement_metrics(object())
+    with pytest.raises(TypeError, match="MarginLoss"):
+        attach_entanglement_metrics(trainer, loss="dpo")
+    callback = attach_entanglement_metrics(trainer, probe=probe)
+    with pytest.raises(RuntimeError, match="already attached"):
+        attach_entanglement_metrics(trainer)
+    callback.detach()
+    attach_entanglement_metrics(trainer, loss=get_loss("dpo", beta=0.1)).detach()
+    hinge = _trainer(tmp_path, max_steps=1, loss_type=["hinge"])
+    with pytest.raises(NotImplementedError, match="pass loss="):
+        attach_entanglement_metrics(hinge)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    """The same global batch (4 pairs a step) on one process and on two (2 pairs each, DDP over
+    gloo): the aggregated metrics and every pair's statistics agree to float tolerance (the two
+    runs pad and reduce differently, so bit-equality is not expected)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate command is not installed")
+    load_model("tiny-llama", device="cpu")  # build the cache once, not in both processes
+    script = str(HERE / "trl_ddp_run.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run(
+        [sys.executable, script, str(one), "--per-device", "4"], check=True, capture_output=True
+    )
+    # accelerate 1.15: --cpu with several processes starts only one; --multi_gpu on a machine
+    # without GPUs starts DDP over CPU processes (gloo)
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    out = subprocess.run(
+        [*launch, script, str(two), "--per-device", "2"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert len(a["logs"]) == len(b["logs"]) == 3
+    for la, lb in zip(a["logs"], b["logs"], strict=True):
+        assert lb["ge/n_pairs"] == la["ge/n_pairs"] == 4
+        for key in la:
+            if key.startswith("ge/") and key != "ge/seconds":
+                assert math.isclose(la[key], lb[key], rel_tol=1e-4, abs_tol=1e-4), key
+    for frame in ("pairs", "probe"):
+        for key, xs in a[frame].items():
+            x, y = np.asarray(xs, dtype=float), np.asarray(b[frame][key], dtype=float)
+            assert np.allclose(x, y, rtol=1e-4, atol=1e-4), (frame, key)
+    assert a["probe"]["pair"] == b["probe"]["pair"] == [0, 1, 2, 3, 4] * 3
