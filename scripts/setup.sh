@@ -19,3 +19,7 @@ if [ "$(cat .venv/.ge-stamp 2>/dev/null)" != "$stamp" ]; then
   python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   echo "$stamp" > .venv/.ge-stamp
 fi
+if ! [ -x "${GE_CHROMIUM:-/usr/bin/chromium}" ]; then
+  echo "note: no Chromium at ${GE_CHROMIUM:-/usr/bin/chromium}: tests/test_browser.py will be" \
+    "skipped (as root: apt-get install -y chromium)" >&2
+fi

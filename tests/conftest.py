@@ -25,3 +25,11 @@ def tiny_model(request, tokenizer):
     """Llama-style (untied) and GPT-2-style (tied embeddings) tiny models, float64, eval mode."""
     torch.manual_seed(0)
     return tiny_causal_lm(request.param, len(tokenizer)).double()
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """The whole book at the smoke profile, built once per test run (tests/book_fixture.py)."""
+    from book_fixture import build_smoke_book
+
+    return build_smoke_book(tmp_path_factory.mktemp("smoke-book"))

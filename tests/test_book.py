@@ -1,11 +1,14 @@
-"""Smoke build of the whole book: every notebook through the runner, then Jupyter Book -W."""
+"""Smoke build of the whole book: every notebook through the runner, then Jupyter Book -W.
+
+The build itself is the session fixture ``smoke_book`` (tests/book_fixture.py), shared with
+the browser test.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
+import html
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -13,53 +16,64 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_book_builds_at_smoke_with_warnings_as_errors(tmp_path):
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("chapters"))
-    env = {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1"}
-    env.pop("MPLBACKEND", None)  # the inline backend puts figures in the notebooks
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ge_utils",
-            "run",
-            "--profile",
-            "smoke",
-            "--no-progress",
-            "--notebooks-dir",
-            str(ROOT / "notebooks"),
-            "--out-dir",
-            str(tmp_path / "book/chapters"),
-            "--results-dir",
-            str(tmp_path / "results"),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    jb = Path(sys.executable).with_name("jupyter-book")
-    build = subprocess.run(
-        [str(jb), "build", "-W", "-n", "--keep-going", "."],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
-    html = tmp_path / "_build" / "html"
-    intro = (html / "book" / "intro.html").read_text(encoding="utf-8")
-    assert "What this build reproduced" in intro and "claims held" in intro
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    for entry in (c for part in toc["parts"] for c in part["chapters"]):
-        page = (html / entry["file"]).with_suffix(".html").read_text(encoding="utf-8")
+def plain_text(page: str) -> str:
+    """The page's text without tags, entities, typographic quotes or repeated spaces."""
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page))
+    for fancy, plain in (("\u2018", "'"), ("\u2019", "'"), ("\u201c", '"'), ("\u201d", '"')):
+        text = text.replace(fancy, plain)
+    return " ".join(text.split())
+
+
+def chapter_entries(toc_path: Path) -> list[str]:
+    """The ``file`` entries of _toc.yml that are generated chapters (book/chapters/...)."""
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    return [f for f in files if f.startswith("book/chapters/")]
+
+
+def test_book_builds_at_smoke_with_warnings_as_errors(smoke_book):
+    assert smoke_book.run.returncode == 0, smoke_book.run.stderr[-3000:]
+    assert smoke_book.build.returncode == 0, smoke_book.log_tail()
+    site = smoke_book.html
+    for entry in chapter_entries(ROOT / "_toc.yml"):
+        page = (site / entry).with_suffix(".html").read_text(encoding="utf-8")
         assert "Provenance of this page" in page
         assert "Smoke profile" in page
         assert "Traceback" not in page and "output_error" not in page
         assert "HOLDS" in page
-        assert "<img" in page, f"{entry['file']}: no figure rendered"
+        assert "<img" in page, f"{entry}: no figure rendered"
+        name = Path(entry).name
+        assert "Run this chapter yourself" in page
+        assert f"notebooks/{name}.ipynb" in page  # launch links point at the source notebook
+        assert f"{name}.ipynb" in {p.name for p in (site / "_downloads").rglob("*.ipynb")}
+
+
+def test_landing_page_is_generated_from_this_build(smoke_book):
+    assert smoke_book.ok, smoke_book.log_tail()
+    root, site = smoke_book.root, smoke_book.html
+    intro = (site / "book" / "intro.html").read_text(encoding="utf-8")
+    assert "What this build reproduced" in intro
+    assert 'id="headline-figure"' in intro and "headline.png" in intro
+    assert (site / "_images" / "headline.png").stat().st_size > 1000
+    text = plain_text(intro)
+    results = sorted((root / "results").glob("*.json"))
+    assert {r.stem for r in results} >= {Path(e).name for e in chapter_entries(ROOT / "_toc.yml")}
+    for result in results:
+        record = json.loads(result.read_text(encoding="utf-8"))
+        assert record["claims"], f"{result.name}: no verdicts"
+        for claim in record["claims"]:
+            row = " ".join(claim["claim"].split())
+            assert row in text, f"{result.stem}: {claim['claim']!r} not on the landing page"
+            assert " ".join(claim["evidence"].split()) in text
+    assert "not built" not in text
+
+
+def test_reproducibility_page_lists_every_chapter(smoke_book):
+    assert smoke_book.ok, smoke_book.log_tail()
+    page = (smoke_book.html / "book" / "reproducibility.html").read_text(encoding="utf-8")
+    for entry in chapter_entries(ROOT / "_toc.yml"):
+        name = Path(entry).name
+        assert f"python -m ge_utils run {name} --profile default" in page
+        assert f"python -m ge_utils run {name} --profile paper" in page
+    assert "differs from the paper profile" in page
+    assert "torch " in page and "git commit" in page

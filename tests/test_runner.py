@@ -161,3 +161,102 @@ def test_repository_notebooks_declare_valid_profiles():
         spec = load_spec(name, nbdir)
         for profile in PROFILES:
             assert resolve_parameters(spec, profile, profiles, {})["profile"] == profile
+
+
+PNG_1x1 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+    "hKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def executed_chapter(path: Path, with_headline: bool) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter")]
+    prov = nbformat.v4.new_markdown_cell("provenance")
+    prov.metadata["tags"] = ["provenance"]
+    nb.cells.append(prov)
+    if with_headline:
+        fig = nbformat.v4.new_code_cell("plot()")
+        fig.metadata["tags"] = ["headline"]
+        fig.outputs = [nbformat.v4.new_output("display_data", data={"image/png": PNG_1x1})]
+        nb.cells.append(fig)
+    nbformat.write(nb, path)
+
+
+def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
+    from ge_utils.runner import write_pages
+
+    out, res = tmp_path / "book" / "chapters", tmp_path / "results"
+    out.mkdir(parents=True)
+    res.mkdir()
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - chapters:\n"
+        "      - file: book/chapters/first\n      - file: book/chapters/second\n"
+    )
+    (tmp_path / "_config.yml").write_text(
+        "repository:\n  url: https://github.com/someone/fork\n  branch: dev\n"
+    )
+    executed_chapter(out / "first.ipynb", with_headline=True)
+    record = {
+        "notebook": "first",
+        "provenance": {
+            "profile": "default",
+            "parameters": {"profile": "default", "model": "tiny | model"},
+            "device": "cpu (2 threads, x86_64)",
+            "torch": "2",
+            "transformers": "5",
+            "ge_utils": "0.1",
+            "python": "3.11",
+            "git_commit": "abc123+dirty",
+            "date": "today",
+            "wall_time_s": 1.5,
+        },
+        "claims": [
+            {"kind": "guaranteed", "claim": "margin grows", "holds": True, "evidence": "3/3"},
+            {"kind": "empirical", "claim": "chosen falls", "holds": False, "evidence": "+1 nat"},
+        ],
+    }
+    (res / "first.json").write_text(json.dumps(record))
+    (res / "second.json").write_text("{not json")  # a broken results file is "not built"
+    chapters = write_pages(out, res, ["second", "first"], tmp_path / "nb", tmp_path, True)
+    assert [(c.name, c.built) for c in chapters] == [("first", True), ("second", False)]
+    summary = (out / "summary.md").read_text()
+    assert "{doc}`chapters/first` | margin grows | guaranteed | **✅ holds** | 3/3" in summary
+    assert "chosen falls | empirical | **❌ does not hold** | +1 nat" in summary
+    assert "`tiny \\| model`" in summary  # pipes escaped in table cells
+    assert "| second | — | — | **not built** |" in summary  # no link to a missing page
+    assert "1 of 2 chapters built" in summary and "1 of 2 takeaways hold" in summary
+    assert "```{figure} chapters/headline.png" in summary
+    assert (out / "headline.png").read_bytes()[:4] == b"\x89PNG"
+    repro = (out / "reproducibility.md").read_text()
+    assert "python -m ge_utils run second --profile paper" in repro
+    assert "**not built**" in repro and "`abc123+dirty`" in repro
+    assert "https://github.com/someone/fork/blob/dev/notebooks/first.ipynb" in repro
+    nb = nbformat.read(out / "first.ipynb", as_version=4)
+    assert nb.cells[2].metadata["tags"] == ["launch"]
+    launch = nb.cells[2].source
+    assert (
+        "https://colab.research.google.com/github/someone/fork/blob/dev/notebooks/first.ipynb"
+        in launch
+    )
+    assert "https://mybinder.org/v2/gh/someone/fork/dev?labpath=notebooks%2Ffirst.ipynb" in launch
+    assert "{download}`download this executed notebook <first.ipynb>`" in launch
+    write_pages(out, res, ["first", "second"], tmp_path / "nb", tmp_path, True)
+    nb = nbformat.read(out / "first.ipynb", as_version=4)
+    assert sum("launch" in c.metadata.get("tags", []) for c in nb.cells) == 1  # replaced
+
+
+def test_run_writes_pages_and_pages_only_refreshes_links(project):
+    assert run(project, "toy").returncode == 0
+    summary = (project / "out" / "summary.md").read_text()
+    assert "n is positive" in summary and "No headline figure" in summary
+    assert "toy" in (project / "out" / "reproducibility.md").read_text()
+    nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
+    assert any("launch" in c.metadata.get("tags", []) for c in nb.cells)
+    (project / "_config.yml").write_text("repository:\n  url: https://github.com/me/mine\n")
+    proc = run(project, "--pages-only")
+    assert proc.returncode == 0, proc.stderr
+    assert "1/1 chapters built" in proc.stderr
+    nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
+    launch = next(c for c in nb.cells if "launch" in c.metadata.get("tags", []))
+    assert "github.com/me/mine/blob/main/notebooks/toy.ipynb" in launch.source
