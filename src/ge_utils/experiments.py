@@ -25,8 +25,16 @@ from ge_utils.data import (
 )
 from ge_utils.fast_gradients import fast_gradient_stats, tokenwise_inner
 from ge_utils.gradients import condition_table, one_step_change, pair_logps
-from ge_utils.logprobs import sequence_logprobs, tokenize
+from ge_utils.logprobs import (
+    build_batch,
+    prompt_ids,
+    response_ids,
+    sequence_logprobs,
+    token_logprobs,
+    tokenize,
+)
 from ge_utils.losses import get_loss
+from ge_utils.mitigations import contrastive_mask, get_objective
 from ge_utils.models import cache_dir, load_model
 from ge_utils.training import (
     RunResult,
@@ -37,7 +45,7 @@ from ge_utils.training import (
     sft,
 )
 
-CACHE_VERSION = 2  # bump when a change of code changes results, so old cached runs are not reused
+CACHE_VERSION = 3  # bump when a change of code changes results, so old cached runs are not reused
 
 
 @dataclass
@@ -290,3 +298,182 @@ def tokenwise_study(
         for c, r in batches
     ]
     return {"tokens": tokens, "matrices": pd.DataFrame(rows)}
+
+
+@dataclass
+class ComparisonResult:
+    """Runs of several objectives from one SFT start, keyed by label.
+
+    ``runs[label]``: the training history; ``tokens``: per (label, step, pair) held-out summed
+    log-probs of the *contrastive* tokens (where chosen and rejected differ) and of the *shared*
+    ones; ``answers``: per (label, step, pair) whether greedy decoding from the prompt gives the
+    chosen answer token (``correct``) and the whole chosen response (``exact``), at the first
+    and last logged steps.
+    """
+
+    runs: dict[str, RunResult]
+    tokens: pd.DataFrame
+    answers: pd.DataFrame
+
+    def means(self, split: str = "eval") -> pd.DataFrame:
+        """Per-step means of ``split`` for every run, with a ``loss`` column (the label)."""
+        frames = [r.means(split).assign(loss=label) for label, r in self.runs.items()]
+        return pd.concat(frames, ignore_index=True)
+
+    def pairs(self, split: str) -> pd.DataFrame:
+        """Every run's pair rows of ``split``, with a ``loss`` column."""
+        frames = [
+            r.pairs[r.pairs["split"] == split].assign(loss=label) for label, r in self.runs.items()
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+    def steps(self) -> pd.DataFrame:
+        return pd.concat(
+            [r.steps.assign(loss=label) for label, r in self.runs.items()], ignore_index=True
+        )
+
+
+def _token_split(model, tok, held, template: str) -> pd.DataFrame:
+    """Held-out summed log-probs of the contrastive and the shared response tokens."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    seqs = [(prompt_ids(tok, p.prompt, template), p) for p in held]
+    c = build_batch([(ids, response_ids(tok, p.chosen)) for ids, p in seqs], pad).to(device)
+    r = build_batch([(ids, response_ids(tok, p.rejected)) for ids, p in seqs], pad).to(device)
+    with torch.no_grad():
+        lp_w, lp_l = token_logprobs(model, c).double(), token_logprobs(model, r).double()
+    m_w, m_l = (m.to(lp_w) for m in contrastive_mask(c, r))
+    return pd.DataFrame(
+        {
+            "pair": range(len(held)),
+            "contrastive_chosen": (lp_w * m_w).sum(1).cpu().numpy(),
+            "shared_chosen": (lp_w * (1 - m_w) * c.response_mask).sum(1).cpu().numpy(),
+            "contrastive_rejected": (lp_l * m_l).sum(1).cpu().numpy(),
+            "shared_rejected": (lp_l * (1 - m_l) * r.response_mask).sum(1).cpu().numpy(),
+        }
+    )
+
+
+def greedy_answers(model, tok, pairs, template: str = "none") -> pd.DataFrame:
+    """Greedy continuation of each prompt, as long as its chosen response, compared by token
+    ids: ``correct`` if it matches the chosen response up to its first token that differs from
+    the rejected one (the answer), ``exact`` if it is the whole chosen response."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = []
+    for i, p in enumerate(pairs):
+        prompt = prompt_ids(tok, p.prompt, template)
+        want, other = response_ids(tok, p.chosen), response_ids(tok, p.rejected)
+        decisive = next(
+            (k for k in range(min(len(want), len(other))) if want[k] != other[k]),
+            min(len(want), len(other)) - 1,
+        )
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt], device=device),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+                max_new_tokens=len(want),
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        got = out[0, len(prompt) :].tolist()
+        rows.append(
+            {
+                "pair": i,
+                "correct": got[: decisive + 1] == want[: decisive + 1],
+                "exact": got[: len(want)] == want,
+                "answer": tok.decode(got),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def loss_comparison(
+    model: str,
+    sft_cfg: TrainConfig | None,
+    po_cfg: TrainConfig,
+    losses: dict[str, dict[str, float]],
+    config: str = "long",
+    n_train: int = 64,
+    n_eval: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    dtype: str = "float32",
+    cache: bool = True,
+) -> ComparisonResult:
+    """Train one copy of the SFT model per objective (``{name: hyperparameters}``, any loss of
+    :mod:`ge_utils.losses` or mitigation of :mod:`ge_utils.mitigations`) with ``po_cfg``.
+
+    Every run logs the held-out set (and, where the objective allows, every training pair's
+    gradient statistics) each ``po_cfg.eval_every`` steps, the contrastive/shared token split of
+    the held-out log-probs and greedy answers at the first and last logged steps. Each run is
+    cached by its own parameters; SFT runs once, only if some run is not cached.
+    """
+    for name, hparams in losses.items():
+        get_objective(name, **hparams)  # clear errors before any training
+    state: dict[str, Any] = {}
+
+    def fine_tuned():
+        if "model" not in state:
+            torch.manual_seed(seed)
+            train, held = experiment_data("synthetic", config, None, n_train, n_eval, seed)
+            loaded = load_model(model, dtype=dtype, device=device, seed=seed)
+            sft_hist = pd.DataFrame({"step": [], "sft_loss": []})
+            if sft_cfg is not None:
+                sft_hist = sft(loaded.model, loaded.tokenizer, sft_examples(train), sft_cfg)
+            weights = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+            state.update(model=loaded.model, tok=loaded.tokenizer, weights=weights)
+            state.update(train=train, held=held, sft=sft_hist)
+        net = state["model"]
+        net.load_state_dict(state["weights"])
+        return net, state["tok"], state["train"], state["held"]
+
+    runs: dict[str, RunResult] = {}
+    tokens, answers = [], []
+    for name, hparams in losses.items():
+        objective = get_objective(name, **hparams)
+        cfg = replace(
+            po_cfg,
+            loss=name,
+            loss_params=dict(objective.hyperparameters),  # defaults too: they key the cache
+            train_stats=po_cfg.train_stats and getattr(objective, "train_stats_supported", True),
+        )
+        params = {
+            "kind": "loss_comparison",
+            "model": model,
+            "config": config,
+            "n_train": n_train,
+            "n_eval": n_eval,
+            "seed": seed,
+            "dtype": dtype,
+            "sft": config_dict(sft_cfg) if sft_cfg is not None else None,
+            "po": config_dict(cfg),
+            "version": CACHE_VERSION,
+        }
+
+        def run(cfg: TrainConfig = cfg) -> dict[str, pd.DataFrame]:
+            net, tok, train, held = fine_tuned()
+            tok_rows, ans_rows = [], []
+
+            def measure(step: int, m: torch.nn.Module) -> None:
+                tok_rows.append(_token_split(m, tok, held, cfg.template).assign(step=step))
+                if step in (0, cfg.steps):
+                    ans_rows.append(greedy_answers(m, tok, held, cfg.template).assign(step=step))
+
+            result = preference_optimization(net, tok, train, held, cfg, on_log=measure)
+            return {
+                **result.frames(),
+                "tokens": pd.concat(tok_rows, ignore_index=True),
+                "answers": pd.concat(ans_rows, ignore_index=True),
+            }
+
+        frames = cached_run(cache_dir() / "runs" if cache else None, params, run)
+        extra = {
+            k: v for k, v in frames.items() if k not in ("steps", "pairs", "tokens", "answers")
+        }
+        runs[name] = RunResult(frames["steps"], frames["pairs"], extra)
+        tokens.append(frames["tokens"].assign(loss=name))
+        answers.append(frames["answers"].assign(loss=name))
+    return ComparisonResult(
+        runs, pd.concat(tokens, ignore_index=True), pd.concat(answers, ignore_index=True)
+    )

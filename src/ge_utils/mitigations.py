@@ -21,19 +21,25 @@ surrogate ``L = -(1/n) sum_i c_i (u_w,i / |g_w,i| - u_l,i / |g_l,i|)`` (``c`` an
 constant) is back-propagated through the same graph: its gradient is minus the mean direction.
 
 **Sparse token masking** (``masked_dpo`` learned, ``oracle_masked_dpo``). The margin is put on
-token-weighted rewards. With per-token rewards ``rho_t = log pi(y_t|x, y_<t) - log pi_ref(...)``
-and weights ``m_t`` in [0, 1]:
+token-weighted rewards. With per-token log-probs ``l_t = log pi(y_t|x, y_<t)``, rewards
+``rho_t = l_t - l_t^ref`` and weights ``m_t`` in [0, 1], the model is trained on
 
-    D_m = sum_t m_t rho_t(y_w) - sum_t m_t rho_t(y_l)
-    loss = -log sigmoid(beta D_m) + lam (mean_t m_t(y_w) + mean_t m_t(y_l)) / 2
+    loss_model = -log sigmoid(beta D_m),   D_m = sum_t m_t rho_t(y_w) - sum_t m_t rho_t(y_l)
 
-*Learned*: ``m_t = sigmoid(a[y_t])``, one logit per vocabulary id (shared by every position and
-pair, so the mask is a readable list of token weights), all starting at ``mask_init`` and trained
-with the model by the same optimizer at learning rate ``mask_lr``; the L1 term (``m >= 0``, so
-it is the mean weight) drives unused tokens to 0. *Oracle*: ``m_t = 1`` where the chosen and
-rejected tokens differ (responses aligned from their first token; every position past the
-shorter one), 0 elsewhere: on the sentiment task, only the ``Positive``/``Negative`` token. The
-oracle has no parameters and no penalty. Tokens with ``m_t = 0`` are no longer trained.
+(the mask held fixed). *Oracle*: ``m_t = 1`` where the chosen and rejected tokens differ
+(responses aligned from their first token; every position past the shorter one), 0 elsewhere: on
+the sentiment task, only the ``Positive``/``Negative`` token. *Learned*: ``m_t = sigmoid(a[y_t])``,
+one logit per vocabulary id (shared by every position and pair, so the mask is a readable list
+of token weights), all starting at ``mask_init``. The mask is trained, with the model held fixed,
+to explain the preference with as few tokens as possible under the current policy:
+
+    loss_mask = -log sigmoid(beta sum_t m_t (l_t(y_w)) - beta sum_t m_t l_t(y_l))
+                + lam (mean_t m_t(y_w) + mean_t m_t(y_l)) / 2
+
+(rewards would not do: they are all 0 at the start, so the mask would get no signal). The L1 term
+(``m >= 0``: the mean weight) drives tokens that do not separate chosen from rejected to 0; both
+losses are minimized together, the mask by the same optimizer at learning rate ``mask_lr``.
+Tokens with ``m_t = 0`` are no longer trained.
 """
 
 from __future__ import annotations
@@ -85,8 +91,9 @@ MITIGATIONS: dict[str, MitigationSpec] = {
         MitigationSpec(
             "masked_dpo",
             "Sparse token-masked DPO (learned mask)",
-            "DPO on token-weighted rewards; one sigmoid weight per vocabulary id, L1-penalized.",
-            {"beta": 0.1, "lam": 0.1, "mask_lr": 0.05, "mask_init": 0.9},
+            "DPO on token-weighted rewards; one sigmoid weight per vocabulary id, learned to "
+            "separate chosen from rejected with few tokens (L1).",
+            {"beta": 0.1, "lam": 0.1, "mask_lr": 0.25, "mask_init": 0.5},
             {"beta": POSITIVE, "lam": NON_NEGATIVE, "mask_lr": POSITIVE, "mask_init": OPEN_UNIT},
         ),
         MitigationSpec(
@@ -274,13 +281,15 @@ class MaskedDPO(Mitigation):
         lp_w, lp_l = lp[:b, : chosen.input_ids.shape[1]], lp[b:, : rejected.input_ids.shape[1]]
         m_w, m_l = (m.to(lp) for m in self.weights(chosen, rejected))
         rho_w, rho_l = lp_w - ref_tokens[0].to(lp), lp_l - ref_tokens[1].to(lp)
-        margin = (m_w * rho_w).sum(1) - (m_l * rho_l).sum(1)
         beta = self.hyperparameters["beta"]
+        margin = (m_w.detach() * rho_w).sum(1) - (m_l.detach() * rho_l).sum(1)
         per_pair = -F.logsigmoid(beta * margin)
         if not self.oracle:
+            contrast = (m_w * lp_w.detach()).sum(1) - (m_l * lp_l.detach()).sum(1)
             mean_w = m_w.sum(1) / chosen.response_lengths.to(lp)
             mean_l = m_l.sum(1) / rejected.response_lengths.to(lp)
-            per_pair = per_pair + self.hyperparameters["lam"] * (mean_w + mean_l) / 2
+            l1 = self.hyperparameters["lam"] * (mean_w + mean_l) / 2
+            per_pair = per_pair - F.logsigmoid(beta * contrast) + l1
         loss = _checked(per_pair.sum() / n_total)
         loss.backward()
         return loss.detach(), lp_w.sum(1).detach(), lp_l.sum(1).detach(), None

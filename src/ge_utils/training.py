@@ -455,6 +455,7 @@ def preference_optimization(
     group = objective.param_group() if isinstance(objective, Mitigation) else None
     if group is not None:
         opt.add_param_group(group)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # warm-up scales each group's own rate
     step_rows: list[dict] = []
     pair_frames: list[pd.DataFrame] = []
 
@@ -496,8 +497,8 @@ def preference_optimization(
     model.train()
     for step, index in enumerate(bar):
         started = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
+        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * _lr_factor(step, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss_total, margin_total = 0.0, 0.0
         for k in range(0, len(index), cfg.batch_size):

@@ -67,7 +67,7 @@ from transformers import TrainerCallback
 
 from ge_utils.fast_gradients import fast_gradient_stats
 from ge_utils.gradients import classify_cases, condition_table
-from ge_utils.logprobs import SequenceBatch, sequence_logprobs
+from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
 
 PREFIX = "ge/"
@@ -378,16 +378,17 @@ class EntanglementCallback(TrainerCallback):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         trainer = self.trainer
         with torch.no_grad():
+            joint = concat_batches(c, r)
             if trainer.ref_model is not None:
                 ref = trainer.accelerator.unwrap_model(trainer.ref_model)
-                return _eval_logps(ref, c), _eval_logps(ref, r)
+                return _eval_logps(ref, joint).chunk(2)
             policy = self._policy()
             if hasattr(policy, "peft_config"):
                 from trl.trainer.utils import use_adapter
 
                 name = "ref" if "ref" in policy.peft_config else None
                 with use_adapter(policy, adapter_name=name):
-                    return _eval_logps(policy, c), _eval_logps(policy, r)
+                    return _eval_logps(policy, joint).chunk(2)
         raise RuntimeError(
             "no reference log-probs: the trainer has no ref_model, the model is not a PEFT "
             "model and the batch has no precomputed ref_chosen_logps/ref_rejected_logps"
@@ -484,18 +485,16 @@ class EntanglementCallback(TrainerCallback):
             part = self.probe.select(mine)
             now = self._trainable()
             delta = {n: now[n].detach() - theta0[n] for n in theta0}
-            out = {}
-            for side in ("chosen", "rejected"):
-                batch = getattr(part, side).to(device)
-                before, pred = directional_logps(policy, batch, theta0, delta)
-                after = _eval_logps(policy, batch)
-                out[side] = (before, pred, after)
+            joint = concat_batches(part.chosen, part.rejected).to(device)
+            before, pred = directional_logps(policy, joint, theta0, delta)
+            after = _eval_logps(policy, joint)
+            n = len(mine)
             for k, i in enumerate(mine):
                 rec = {"step": step, "pair": i}
-                for side, (before, pred, after) in out.items():
-                    rec[f"logp_{side}"] = float(before[k])
-                    rec[f"pred_delta_{side}"] = float(pred[k])
-                    rec[f"real_delta_{side}"] = float(after[k] - before[k])
+                for side, j in (("chosen", k), ("rejected", n + k)):
+                    rec[f"logp_{side}"] = float(before[j])
+                    rec[f"pred_delta_{side}"] = float(pred[j])
+                    rec[f"real_delta_{side}"] = float(after[j] - before[j])
                 records.append(rec)
         rows = sorted(_gather(records), key=lambda r: r["pair"])
         frame = pd.DataFrame(rows)
