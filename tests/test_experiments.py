@@ -1,6 +1,7 @@
-"""The shared SFT-then-preference experiment: runs on a tiny model and is cached."""
+"""The shared experiments on a tiny model: SFT then preference, loss comparisons; caching."""
 
 import pandas as pd
+import pytest
 
 import ge_utils.experiments as experiments
 from ge_utils.training import TrainConfig
@@ -33,3 +34,44 @@ def test_tiny_experiment_runs_and_is_cached(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(
         first.run.pairs.reset_index(drop=True), again.run.pairs, check_dtype=False
     )
+
+
+def test_loss_comparison_shares_one_sft_and_caches_each_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    sft_calls = []
+    real_sft = experiments.sft
+
+    def counting_sft(*args, **kw):
+        sft_calls.append(1)
+        return real_sft(*args, **kw)
+
+    monkeypatch.setattr(experiments, "sft", counting_sft)
+    sft_cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False)
+    po_cfg = TrainConfig(
+        steps=2, batch_size=4, lr=1e-3, eval_every=1, progress=False, train_stats=True
+    )
+    kwargs = dict(model="tiny-llama", sft_cfg=sft_cfg, po_cfg=po_cfg, n_train=8, n_eval=4)
+    losses = {"dpo": {}, "masked_dpo": {"lam": 0.2}}
+    res = experiments.loss_comparison(losses=losses, **kwargs)
+    assert len(sft_calls) == 1
+    assert set(res.means()["loss"]) == {"dpo", "masked_dpo"}
+    assert set(res.pairs("train")["loss"]) == {"dpo"}  # no unmasked statistics for a mask
+    assert set(res.answers["step"]) == {0, 2} and res.answers["correct"].dtype == bool
+    tokens = res.tokens[res.tokens["step"] == 0]
+    whole = res.means().query("step == 0 and loss == 'dpo'")["logp_chosen"].iloc[0]
+    split = (tokens["contrastive_chosen"] + tokens["shared_chosen"]).mean()
+    assert abs(split - whole) < 1e-4  # the two token groups add up to the response
+    agreement = experiments.direction_agreement(res.runs["dpo"])
+    assert list(agreement["from_step"]) == [0, 1] and agreement["agree"].notna().all()
+    again = experiments.loss_comparison(losses={"dpo": {}}, **kwargs)
+    assert len(sft_calls) == 1  # cached: no second SFT
+    pd.testing.assert_frame_equal(again.runs["dpo"].steps, res.runs["dpo"].steps)
+
+
+def test_loss_comparison_rejects_bad_objectives(tmp_path, monkeypatch):
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    cfg = TrainConfig(steps=1, progress=False)
+    with pytest.raises(ValueError, match="unknown loss 'dpoo'"):
+        experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpoo": {}})
+    with pytest.raises(ValueError, match="'beta' must be > 0"):
+        experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpo": {"beta": -1}})

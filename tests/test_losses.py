@@ -197,3 +197,11 @@ def test_get_loss_binds_hyperparameters():
 def test_bad_names_and_hyperparameters_are_rejected(name, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         get_loss(name, **kwargs)
+
+
+def test_coefficient_check_covers_every_loss_and_agrees():
+    from ge_utils.losses import LOSSES, coefficient_check
+
+    table = coefficient_check(n=64)
+    assert list(table["name"]) == list(LOSSES)
+    assert (table["max_rel_err"] < 1e-10).all()

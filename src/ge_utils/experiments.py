@@ -477,3 +477,33 @@ def loss_comparison(
     return ComparisonResult(
         runs, pd.concat(tokens, ignore_index=True), pd.concat(answers, ignore_index=True)
     )
+
+
+def direction_agreement(run: RunResult) -> pd.DataFrame:
+    """Did the gradient condition predict where the held-out chosen log-prob went?
+
+    For each interval between logged steps ``[t0, t1)``: ``predicted`` is the mean, over the
+    training pairs of those steps, of the first-order change of each pair's own chosen log-prob
+    (``eta (d_w |g_w|^2 - d_l <g_w, g_l>)``, positive iff ``<g_w, g_l> < (d_w/d_l) |g_w|^2``);
+    ``realized`` is the change of the mean held-out chosen log-prob from ``t0`` to ``t1``;
+    ``agree`` whether their signs match. Needs a run with ``train_stats``.
+    """
+    held = run.means("eval").set_index("step")["logp_chosen"]
+    train = run.pairs[run.pairs["split"] == "train"]
+    if train.empty:
+        raise ValueError("the run has no training-pair statistics (train_stats=False)")
+    logged = list(held.index)
+    rows = []
+    for t0, t1 in itertools.pairwise(logged):
+        pred = train[(train["step"] >= t0) & (train["step"] < t1)]["pred_delta_chosen"].mean()
+        real = held[t1] - held[t0]
+        rows.append(
+            {
+                "from_step": t0,
+                "to_step": t1,
+                "predicted": pred,
+                "realized": real,
+                "agree": bool((pred > 0) == (real > 0)) if pd.notna(pred) else None,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -86,3 +86,59 @@ def case_fractions(pairs: pd.DataFrame, by: str = "step", title: str = "") -> pl
     ax.legend(title="case", fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     return fig
+
+
+def loss_grid(means: pd.DataFrame, col_wrap: int = 3, title: str = "") -> plt.Figure:
+    """One panel per ``loss``: change since step 0 of the held-out chosen and rejected
+    log-probs and of the margin (nats, summed), so every loss reads on one scale."""
+    cols = ["logp_chosen", "logp_rejected", "margin"]
+    rel = means[["loss", "step", *cols]].copy()
+    rel[cols] = rel[cols] - rel.groupby("loss")[cols].transform("first")
+    long = rel.melt(id_vars=["loss", "step"], value_vars=cols, var_name="quantity")
+    long["quantity"] = long["quantity"].map(
+        {"logp_chosen": "chosen", "logp_rejected": "rejected", "margin": "margin"}
+    )
+    grid = sns.relplot(
+        data=long,
+        x="step",
+        y="value",
+        hue="quantity",
+        col="loss",
+        col_wrap=col_wrap,
+        kind="line",
+        marker="o",
+        height=2.6,
+        aspect=1.3,
+        palette={"chosen": "seagreen", "rejected": "firebrick", "margin": "grey"},
+        facet_kws={"sharey": False},
+    )
+    for ax in grid.axes.flat:
+        ax.axhline(0, color="black", lw=0.8)
+    grid.set_axis_labels("training step", "change since step 0 (nats)")
+    if title:
+        grid.figure.suptitle(title, y=1.02)
+    return grid.figure
+
+
+def coefficient_curves(train_means: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Per ``loss``, over training: ``d_w/d_l`` and the training pairs' mean ``|g_w|^2``,
+    ``|g_l|^2`` and ``<g_w, g_l>`` (columns ``d_ratio``, ``grad_norm2_chosen``,
+    ``grad_norm2_rejected``, ``grad_inner``)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    panels = [
+        ("d_ratio", r"$d_w / d_l$"),
+        ("grad_norm2_chosen", r"$\|g_w\|^2$"),
+        ("grad_norm2_rejected", r"$\|g_l\|^2$"),
+        ("grad_inner", r"$\langle g_w, g_l\rangle$"),
+    ]
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        sns.lineplot(data=train_means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
+        ax.set(xlabel="training step", ylabel=label)
+    axes[0].axhline(1, color="black", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[-1].axhline(0, color="black", lw=0.8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

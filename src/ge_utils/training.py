@@ -329,6 +329,8 @@ def _log_eval(
             "reward_chosen": (p.chosen - p.ref_chosen).numpy(),
             "reward_rejected": (p.rejected - p.ref_rejected).numpy(),
             "margin": (p.chosen - p.rejected).numpy(),
+            "len_chosen": p.len_chosen.numpy(),
+            "len_rejected": p.len_rejected.numpy(),
             "loss": loss_fn.loss(p).detach().numpy(),
             "d_w": d_w.detach().numpy(),
             "d_l": d_l.detach().numpy(),
