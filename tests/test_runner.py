@@ -221,10 +221,12 @@ def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
     chapters = write_pages(out, res, ["second", "first"], tmp_path / "nb", tmp_path, True)
     assert [(c.name, c.built) for c in chapters] == [("first", True), ("second", False)]
     summary = (out / "summary.md").read_text()
-    assert "{doc}`chapters/first` | margin grows | guaranteed | **✅ holds** | 3/3" in summary
-    assert "chosen falls | empirical | **❌ does not hold** | +1 nat" in summary
-    assert "`tiny \\| model`" in summary  # pipes escaped in table cells
-    assert "| second | — | — | **not built** |" in summary  # no link to a missing page
+    assert (
+        "| {doc}`chapters/first`<br>`tiny \\| model`, default | margin grows "  # pipes escaped
+        "| {bdg-success}`holds`<br>guaranteed | 3/3 |" in summary
+    )
+    assert "|  | chosen falls | {bdg-danger}`does not hold`<br>empirical | +1 nat |" in summary
+    assert "| second | — | {bdg-secondary}`not built` |" in summary  # no link to a missing page
     assert "1 of 2 chapters built" in summary and "1 of 2 takeaways hold" in summary
     assert "```{figure} chapters/headline.png" in summary
     assert (out / "headline.png").read_bytes()[:4] == b"\x89PNG"

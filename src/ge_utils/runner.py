@@ -378,17 +378,28 @@ def add_launch_cell(nb: nbformat.NotebookNode, name: str, repo: Repository | Non
     nb.cells.insert(where, cell)
 
 
-def headline_png(nb: nbformat.NotebookNode) -> bytes | None:
-    """The first PNG output of the first cell tagged ``headline`` that has one."""
+def headline_png(nb: nbformat.NotebookNode) -> tuple[bytes, str] | None:
+    """The first PNG output of the first cell tagged ``headline`` that has one, and its caption.
+
+    The caption is the Markdown cell right before that cell, when it has no MyST roles (they
+    would not resolve on another page).
+    """
     import base64
 
-    for c in nb.cells:
+    for i, c in enumerate(nb.cells):
         if c.cell_type != "code" or HEADLINE_TAG not in c.metadata.get("tags", []):
             continue
         for out in c.get("outputs", []):
             data = out.get("data", {}).get("image/png")
             if data:
-                return base64.b64decode(data if isinstance(data, str) else "".join(data))
+                png = base64.b64decode(data if isinstance(data, str) else "".join(data))
+                before = nb.cells[i - 1] if i > 0 else None
+                caption = ""
+                if before is not None and before.cell_type == "markdown":
+                    text = " ".join(before.source.split())
+                    if "{" not in text and "```" not in text and not text.startswith("#"):
+                        caption = text
+                return png, caption
     return None
 
 
@@ -407,7 +418,15 @@ class Chapter:
 
     @property
     def link(self) -> str:
+        """The chapter's title as a link, or its name where there is no page to link to."""
         return f"{{doc}}`chapters/{self.name}`" if self.in_toc and self.rendered else self.name
+
+    @property
+    def short_link(self) -> str:
+        """The chapter's name as a link (compact tables)."""
+        if self.in_toc and self.rendered:
+            return f"{{doc}}`{self.name} <chapters/{self.name}>`"
+        return self.name
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -442,19 +461,20 @@ def collect_chapters(
     return chapters
 
 
-def summary_markdown(chapters: list[Chapter], headline: tuple[Chapter, str] | None = None) -> str:
+def summary_markdown(
+    chapters: list[Chapter], headline: tuple[Chapter, str, str] | None = None
+) -> str:
     """The landing page's generated part: headline figure, then one row per takeaway."""
     lines: list[str] = []
     if headline is not None:
-        ch, image = headline
+        ch, image, caption = headline
         lines += [
             f"```{{figure}} {image}",
             ":name: headline-figure",
             ":width: 100%",
             "",
             f"Headline figure of this build, from {ch.link} at profile "
-            f"**{ch.provenance.get('profile', '?')}** on model `{ch.model}`: held-out chosen and "
-            "rejected log-probabilities and their margin during DPO.",
+            f"**{ch.provenance.get('profile', '?')}** on model `{ch.model}`. {caption}".rstrip(),
             "```",
             "",
         ]
@@ -472,27 +492,24 @@ def summary_markdown(chapters: list[Chapter], headline: tuple[Chapter, str] | No
         f"This build: {len(built)} of {len(chapters)} chapters built "
         f"(profile {', '.join(profiles) or 'none'}); {n_held} of {n_claims} takeaways hold.",
         "",
-        "| chapter | takeaway | kind | verdict | evidence | model | profile |",
-        "|---|---|---|---|---|---|---|",
+        "| chapter (model, profile) | takeaway | verdict | evidence |",
+        "|---|---|---|---|",
     ]
     for ch in chapters:
         if not ch.built:
             lines.append(
-                f"| {ch.link} | — | — | **not built** | run `{_command(ch.name, 'default')}` "
-                "| — | — |"
+                f"| {ch.link} | — | {{bdg-secondary}}`not built` "
+                f"| run `{_command(ch.name, 'default')}` |"
             )
             continue
+        head = f"{ch.link}<br>`{_cell(ch.model)}`, {_cell(ch.provenance.get('profile', '?'))}"
         if not ch.results["claims"]:
+            lines.append(f"| {head} | — | **no verdicts** | the claims cell printed none |")
+        for i, k in enumerate(ch.results["claims"]):
+            badge = "{bdg-success}`holds`" if k.get("holds") else "{bdg-danger}`does not hold`"
             lines.append(
-                f"| {ch.link} | — | — | **no verdicts** | the claims cell printed none "
-                f"| `{_cell(ch.model)}` | {_cell(ch.provenance.get('profile', '?'))} |"
-            )
-        for k in ch.results["claims"]:
-            verdict = "✅ holds" if k.get("holds") else "❌ does not hold"
-            lines.append(
-                f"| {ch.link} | {_cell(k.get('claim', ''))} | {_cell(k.get('kind', ''))} "
-                f"| **{verdict}** | {_cell(k.get('evidence', ''))} | `{_cell(ch.model)}` "
-                f"| {_cell(ch.provenance.get('profile', '?'))} |"
+                f"| {head if i == 0 else ''} | {_cell(k.get('claim', ''))} "
+                f"| {badge}<br>{_cell(k.get('kind', ''))} | {_cell(k.get('evidence', ''))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -518,21 +535,21 @@ def reproducibility_markdown(
 ) -> str:
     """The reproducibility page's generated part: how each chapter was produced, how to rerun."""
     lines = [
-        "| chapter | status | profile | model | device | wall time | commit |",
-        "|---|---|---|---|---|---|---|",
+        "| chapter | profile | model | device | wall time | commit |",
+        "|---|---|---|---|---|---|",
     ]
     for ch in chapters:
         p = ch.provenance
         if not ch.built:
-            lines.append(f"| {ch.link} | **not built** | — | — | — | — | — |")
+            lines.append(f"| {ch.short_link} | **not built** | — | — | — | — |")
             continue
         wall = p.get("wall_time_s")
         wall_text = f"{wall:.1f} s" if isinstance(wall, int | float) else "n/a"
         commit = str(p.get("git_commit", "unknown"))
         lines.append(
-            f"| {ch.link} | built {_cell(p.get('date', ''))} | {_cell(p.get('profile', '?'))} "
-            f"| `{_cell(ch.model)}` | {_cell(p.get('device', '?'))} | {wall_text} "
-            f"| `{_cell(commit[:12] + ('+dirty' if commit.endswith('+dirty') else ''))}` |"
+            f"| {ch.short_link} | {_cell(p.get('profile', '?'))} | `{_cell(ch.model)}` "
+            f"| {_cell(p.get('device', '?'))} | {wall_text} "
+            f"| `{_cell(commit[:8] + ('+dirty' if commit.endswith('+dirty') else ''))}` |"
         )
     for ch in chapters:
         p = ch.provenance
@@ -598,12 +615,12 @@ def write_pages(
         if refresh_launch:
             add_launch_cell(nb, ch.name, repo)
             atomic_write_text(path, nbformat.writes(nb))
-        png = headline_png(nb)
-        if headline is None and png is not None and ch.built and ch.in_toc:
+        found = headline_png(nb)
+        if headline is None and found is not None and ch.built and ch.in_toc:
             tmp = out_dir / f".{HEADLINE_FILE}.tmp"
-            tmp.write_bytes(png)
+            tmp.write_bytes(found[0])
             os.replace(tmp, out_dir / HEADLINE_FILE)
-            headline = (ch, f"chapters/{HEADLINE_FILE}")
+            headline = (ch, f"chapters/{HEADLINE_FILE}", found[1])
     if headline is None:
         (out_dir / HEADLINE_FILE).unlink(missing_ok=True)
     atomic_write_text(out_dir / SUMMARY_FILE, summary_markdown(chapters, headline))
