@@ -61,6 +61,9 @@ def test_loss_comparison_shares_one_sft_and_caches_each_run(tmp_path, monkeypatc
     whole = res.means().query("step == 0 and loss == 'dpo'")["logp_chosen"].iloc[0]
     split = (tokens["contrastive_chosen"] + tokens["shared_chosen"]).mean()
     assert abs(split - whole) < 1e-4  # the two token groups add up to the response
+    mask = res.runs["masked_dpo"].extra["mask"]
+    contrastive = set(mask[mask["contrastive"]]["token"].str.strip())
+    assert contrastive == {"Positive", "Negative"}
     agreement = experiments.direction_agreement(res.runs["dpo"])
     assert list(agreement["from_step"]) == [0, 1] and agreement["agree"].notna().all()
     again = experiments.loss_comparison(losses={"dpo": {}}, **kwargs)
@@ -75,3 +78,23 @@ def test_loss_comparison_rejects_bad_objectives(tmp_path, monkeypatch):
         experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpoo": {}})
     with pytest.raises(ValueError, match="'beta' must be > 0"):
         experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpo": {"beta": -1}})
+
+
+def test_realized_cases_label_every_interval():
+    from ge_utils.training import RunResult
+
+    pairs = pd.DataFrame(
+        {
+            "step": [0, 2, 4] * 2,
+            "split": "eval",
+            "pair": [0, 0, 0, 1, 1, 1],
+            "logp_chosen": [-5.0, -4.0, -6.0, -3.0, -2.0, -2.5],
+            "logp_rejected": [-5.0, -7.0, -6.0, -3.0, -1.0, -0.5],
+        }
+    )
+    cases = experiments.realized_cases(RunResult(pd.DataFrame(), pairs))
+    assert cases.to_dict("list") == {
+        "step": [0, 2, 0, 2],
+        "pair": [0, 0, 1, 1],
+        "case": [1, 4, 3, 4],
+    }

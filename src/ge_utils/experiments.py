@@ -332,14 +332,45 @@ class ComparisonResult:
             [r.steps.assign(loss=label) for label, r in self.runs.items()], ignore_index=True
         )
 
+    def summary(self) -> pd.DataFrame:
+        """Per loss: change from the first to the last logged step of the mean held-out
+        ``logp_chosen``, ``logp_rejected``, ``margin`` (summed, nats) and of the length-averaged
+        log-probs (``avg_chosen``, ``avg_rejected``, nats per token)."""
+        rows = []
+        for label, run in self.runs.items():
+            held = run.pairs[run.pairs["split"] == "eval"].copy()
+            held["avg_chosen"] = held["logp_chosen"] / held["len_chosen"]
+            held["avg_rejected"] = held["logp_rejected"] / held["len_rejected"]
+            means = held.groupby("step")[
+                ["logp_chosen", "logp_rejected", "margin", "avg_chosen", "avg_rejected"]
+            ].mean()
+            change = means.iloc[-1] - means.iloc[0]
+            rows.append({"loss": label, **{f"delta_{k}": v for k, v in change.items()}})
+        return pd.DataFrame(rows).set_index("loss")
+
+    def train_means(self) -> pd.DataFrame:
+        """Per (loss, step) means over the training pairs of ``d_ratio = d_w / d_l``, the
+        squared norms and the inner product (losses with training statistics only)."""
+        train = self.pairs("train")
+        train = train.assign(d_ratio=train["d_w"] / train["d_l"])
+        cols = ["d_ratio", "grad_norm2_chosen", "grad_norm2_rejected", "grad_inner", "cosine"]
+        return train.groupby(["loss", "step"])[cols].mean().reset_index()
+
+
+def _pair_batches(tok, pairs, template: str):
+    """Chosen and rejected batches of ``pairs`` (row i of each is pair i)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = [prompt_ids(tok, p.prompt, template) for p in pairs]
+    both = list(zip(prompts, pairs, strict=True))
+    c = build_batch([(q, response_ids(tok, p.chosen)) for q, p in both], pad)
+    r = build_batch([(q, response_ids(tok, p.rejected)) for q, p in both], pad)
+    return c, r
+
 
 def _token_split(model, tok, held, template: str) -> pd.DataFrame:
     """Held-out summed log-probs of the contrastive and the shared response tokens."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    seqs = [(prompt_ids(tok, p.prompt, template), p) for p in held]
-    c = build_batch([(ids, response_ids(tok, p.chosen)) for ids, p in seqs], pad).to(device)
-    r = build_batch([(ids, response_ids(tok, p.rejected)) for ids, p in seqs], pad).to(device)
+    c, r = (b.to(device) for b in _pair_batches(tok, held, template))
     with torch.no_grad():
         lp_w, lp_l = token_logprobs(model, c).double(), token_logprobs(model, r).double()
     m_w, m_l = (m.to(lp_w) for m in contrastive_mask(c, r))
@@ -352,6 +383,14 @@ def _token_split(model, tok, held, template: str) -> pd.DataFrame:
             "shared_rejected": (lp_l * (1 - m_l) * r.response_mask).sum(1).cpu().numpy(),
         }
     )
+
+
+def contrastive_token_ids(tok, pairs, template: str = "none") -> set[int]:
+    """Vocabulary ids found at a contrastive position (where chosen and rejected differ, see
+    :func:`ge_utils.mitigations.contrastive_mask`) of some pair."""
+    c, r = _pair_batches(tok, pairs, template)
+    m_w, m_l = contrastive_mask(c, r)
+    return set(c.input_ids[m_w > 0].tolist()) | set(r.input_ids[m_l > 0].tolist())
 
 
 def greedy_answers(model, tok, pairs, template: str = "none") -> pd.DataFrame:
@@ -461,8 +500,12 @@ def loss_comparison(
                     ans_rows.append(greedy_answers(m, tok, held, cfg.template).assign(step=step))
 
             result = preference_optimization(net, tok, train, held, cfg, on_log=measure)
+            frames = result.frames()
+            if "mask" in frames:
+                ids = contrastive_token_ids(tok, train, cfg.template)
+                frames["mask"]["contrastive"] = frames["mask"]["token_id"].isin(ids)
             return {
-                **result.frames(),
+                **frames,
                 "tokens": pd.concat(tok_rows, ignore_index=True),
                 "answers": pd.concat(ans_rows, ignore_index=True),
             }
@@ -507,3 +550,17 @@ def direction_agreement(run: RunResult) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def realized_cases(run: RunResult) -> pd.DataFrame:
+    """The realized case of every held-out pair over every interval between logged steps:
+    1 chosen up and rejected down, 2 both down, 3 both up, 4 chosen down and rejected up (a
+    change of exactly 0 counts as down). Columns ``step`` (interval start), ``pair``, ``case``."""
+    held = run.pairs[run.pairs["split"] == "eval"].sort_values(["pair", "step"])
+    d_w = held.groupby("pair")["logp_chosen"].diff()
+    d_l = held.groupby("pair")["logp_rejected"].diff()
+    start = held.groupby("pair")["step"].shift()
+    up_w, up_l = d_w > 0, d_l > 0
+    case = up_w.map({True: 1, False: 2}).where(~up_l, up_w.map({True: 3, False: 4}))
+    out = pd.DataFrame({"step": start, "pair": held["pair"], "case": case})
+    return out.dropna().astype({"step": int, "case": int}).reset_index(drop=True)

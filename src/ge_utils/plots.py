@@ -142,3 +142,25 @@ def coefficient_curves(train_means: pd.DataFrame, title: str = "") -> plt.Figure
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def token_groups(tokens: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Mean held-out log-probs of the contrastive tokens and of the shared ones, per ``loss``
+    over steps (columns ``contrastive_chosen``, ``shared_chosen``, ``contrastive_rejected``,
+    ``shared_rejected``; nats, summed over each group's tokens)."""
+    means = tokens.groupby(["loss", "step"]).mean(numeric_only=True).reset_index()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharex=True)
+    panels = [
+        ("contrastive_chosen", "chosen: contrastive token(s)"),
+        ("shared_chosen", "chosen: shared tokens"),
+        ("contrastive_rejected", "rejected: contrastive token(s)"),
+        ("shared_rejected", "rejected: shared tokens"),
+    ]
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        sns.lineplot(data=means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
+        ax.set(xlabel="training step", ylabel="log-prob (nats)", title=label)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
