@@ -70,7 +70,7 @@ def test_landing_page_is_generated_from_this_build(smoke_book):
 
 def test_reproducibility_page_lists_every_chapter(smoke_book):
     assert smoke_book.ok, smoke_book.log_tail()
-    page = (smoke_book.html / "book" / "reproducibility.html").read_text(encoding="utf-8")
+    page = plain_text((smoke_book.html / "book" / "reproducibility.html").read_text("utf-8"))
     for entry in chapter_entries(ROOT / "_toc.yml"):
         name = Path(entry).name
         assert f"python -m ge_utils run {name} --profile default" in page

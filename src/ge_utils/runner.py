@@ -628,11 +628,6 @@ def write_pages(
     return chapters
 
 
-def write_summary(out_dir: Path, results_dir: Path, names: list[str]) -> None:
-    """Backward-compatible name: write the generated pages from ``names``' results."""
-    write_pages(out_dir, results_dir, names)
-
-
 def refresh_source(spec: NotebookSpec) -> None:
     """Re-execute a source notebook at its own (smoke) defaults and keep only checked outputs.
 
