@@ -79,7 +79,7 @@ def require_browser() -> None:
     if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
         problems.append(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     if problems:
-        message = "browser test needs " + "; ".join(problems)
+        message = "browser test cannot run: " + "; ".join(problems)
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
