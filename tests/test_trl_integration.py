@@ -59,7 +59,7 @@ def _trainer(tmp_path, lora=False, ref=True, **overrides) -> DPOTrainer:
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
-    )
+    )  # TRL's defaults otherwise, gradient checkpointing included
     cfg.update(overrides)
     return DPOTrainer(
         model=lm.model,
@@ -78,9 +78,9 @@ def _params(trainer) -> dict[str, torch.Tensor]:
     "setting",
     [
         {"lora": False, "ref": True, "gradient_accumulation_steps": 2},
-        {"lora": True, "ref": False},
+        {"lora": True, "ref": False, "gradient_checkpointing": False},
     ],
-    ids=["full+ref+accumulation", "lora-no-ref"],
+    ids=["full+ref+accumulation+checkpointing", "lora-no-ref"],
 )
 def test_training_unchanged_and_metrics_logged(tmp_path, setting):
     """Bit-identical parameters and TRL metrics with the integration on and off: it never
@@ -160,10 +160,11 @@ def test_statistics_match_trl_and_brute_force(tmp_path):
 def test_precomputed_reference_logps(tmp_path):
     """``precompute_ref_log_probs`` without a reference model: the batch's columns are used."""
     trainer = _trainer(tmp_path, ref=False, precompute_ref_log_probs=True, max_steps=2)
-    callback = attach_entanglement_metrics(trainer, every=1)
+    callback = attach_entanglement_metrics(trainer, every=1, max_pairs=3)
     trainer.train()
     first = callback.pairs_frame().query("step == 1")
-    assert np.allclose(first["d_w"], 0.05, rtol=1e-4)
+    assert len(first) == 3 and np.allclose(first["d_w"], 0.05, rtol=1e-4)
+    assert [h["ge/n_pairs"] for h in trainer.state.log_history if "ge/n_pairs" in h] == [3]
 
 
 def test_directional_derivative_forward_and_reverse_mode(monkeypatch):

@@ -113,9 +113,12 @@ class ProbeBatch:
         return ProbeBatch(self.chosen.select(index), self.rejected.select(index))
 
 
-def split_trl_batch(inputs: Mapping[str, Tensor]) -> tuple[SequenceBatch, SequenceBatch]:
+def split_trl_batch(
+    inputs: Mapping[str, Tensor], check_empty: bool = True
+) -> tuple[SequenceBatch, SequenceBatch]:
     """TRL's collated preference batch (``input_ids``, ``attention_mask``, ``completion_mask``;
-    chosen rows first, then rejected) as (chosen, rejected) :class:`SequenceBatch`."""
+    chosen rows first, then rejected) as (chosen, rejected) :class:`SequenceBatch`. A row
+    without response tokens is an error unless ``check_empty`` is False."""
     missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in inputs]
     if missing:
         raise ValueError(
@@ -127,7 +130,7 @@ def split_trl_batch(inputs: Mapping[str, Tensor]) -> tuple[SequenceBatch, Sequen
         raise ValueError(f"a preference batch has an even number of rows, got {ids.shape[0]}")
     resp = inputs["completion_mask"].bool()
     empty = (resp.sum(1) == 0).nonzero().flatten().tolist()
-    if empty:
+    if empty and check_empty:
         raise ValueError(f"rows {empty} of the batch have no response token (truncated?)")
     joint = SequenceBatch(ids, inputs["attention_mask"].long(), resp)
     b = ids.shape[0] // 2
@@ -284,7 +287,7 @@ class EntanglementCallback(TrainerCallback):
     DataFrame, or a :class:`ProbeBatch`) followed across each computed step; None: no probe
     metrics. ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
     sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
-    process's batch (None: all).
+    micro-batch of each process (None: all).
 
     Per-pair results are kept: :meth:`pairs_frame` (one row per batch pair and computed step)
     and :meth:`probe_frame` (one row per probe pair and computed step), identical on every
@@ -427,11 +430,15 @@ class EntanglementCallback(TrainerCallback):
     # -- batch statistics ------------------------------------------------------------------
 
     def _batch_records(self, inputs: Mapping[str, Tensor], step: int) -> list[dict]:
-        chosen, rejected = split_trl_batch(inputs)
-        if self.max_pairs is not None and len(chosen) > self.max_pairs:
-            keep = range(self.max_pairs)
+        chosen, rejected = split_trl_batch(inputs, check_empty=False)
+        # pairs whose responses were truncated away carry no gradient: left out
+        nonempty = (chosen.response_lengths > 0) & (rejected.response_lengths > 0)
+        keep = nonempty.nonzero().flatten()[: self.max_pairs].tolist()
+        if not keep:
+            return []
+        if len(keep) < len(chosen):
             chosen, rejected = chosen.select(keep), rejected.select(keep)
-            inputs = {k: v[: self.max_pairs] for k, v in inputs.items() if k.startswith("ref_")}
+            inputs = {k: v[keep] for k, v in inputs.items() if k.startswith("ref_")}
         policy = self._policy()
         stats = fast_gradient_stats(policy, chosen, rejected)
         ref_w, ref_l = self._reference(inputs, chosen, rejected)
