@@ -22,6 +22,7 @@ otherwise.
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import os
@@ -30,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlsplit
@@ -66,6 +68,10 @@ IMAGES = """async () => {
     return imgs.map(i => ({src: i.currentSrc || i.src, w: i.naturalWidth, h: i.naturalHeight}));
 }"""
 LINKS = "() => [...document.querySelectorAll('a[href]')].map(a => a.href)"
+PNG_1x1 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+    "hKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 def require_browser() -> None:
@@ -100,12 +106,9 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 def served_book(chromium_available, smoke_book) -> Iterator[str]:
     if not smoke_book.ok:
         pytest.skip("the smoke book did not build; tests/test_book.py reports why")
-    handler = functools.partial(_Quiet, directory=str(smoke_book.html))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, base = serve(smoke_book.html)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield base
     finally:
         server.shutdown()
         server.server_close()
@@ -165,28 +168,32 @@ def check_links(base: str, links: dict[str, set[str]]) -> list[str]:
     return problems
 
 
-def test_every_page_renders_in_chromium(served_book, smoke_book):
+@dataclass
+class SiteReport:
+    problems: list[str] = field(default_factory=list)
+    hrefs: dict[str, list[str]] = field(default_factory=dict)  # page -> every href on it
+    n_images: int = 0
+    n_links: int = 0
+
+
+def inspect_site(
+    base: str, pages: list[str], screenshots: dict[str, Path] | None = None
+) -> SiteReport:
+    """Open each page of the site served at ``base`` in Chromium and report what is wrong.
+
+    Requests to any other host are aborted and reported, never sent.
+    """
     from playwright.sync_api import sync_playwright
 
-    start = time.perf_counter()
-    base = served_book
     host = urlsplit(base).netloc
-    pages = html_pages(smoke_book.html)
-    assert "book/intro.html" in pages and "book/reproducibility.html" in pages
-    chapters = [r for r in pages if r.startswith("book/chapters/")]
-    assert chapters, "no chapter pages"
-    shot = "book/chapters/pitfall.html" if "book/chapters/pitfall.html" in pages else chapters[0]
-    repo = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]
-    problems: list[str] = []
+    report = SiteReport()
     links: dict[str, set[str]] = {}
-    n_images = 0
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.route(lambda url: urlsplit(url).netloc != host, lambda route: route.abort())
             for rel in pages:
-                url = f"{base}/{rel}"
                 events: list[str] = []
                 page = context.new_page()
                 page.on(
@@ -210,7 +217,7 @@ def test_every_page_renders_in_chromium(served_book, smoke_book):
                         and ev.append(f"external request: {r.url}")
                     ),
                 )
-                response = page.goto(url, wait_until="load")
+                response = page.goto(f"{base}/{rel}", wait_until="load")
                 if response is None or response.status != 200:
                     events.append(f"HTTP {response.status if response else '?'} for the page")
                 page.wait_for_load_state("networkidle")  # index.html redirects to the intro
@@ -219,48 +226,109 @@ def test_every_page_renders_in_chromium(served_book, smoke_book):
                 errors = page.locator(ERROR_SELECTORS)
                 if errors.count():
                     events.append(f"rendered error: {errors.first.inner_text()[:200]!r}")
-                body = page.inner_text("body")
-                if "Traceback (most recent call last)" in body:
+                if "Traceback (most recent call last)" in page.inner_text("body"):
                     events.append("a traceback is shown")
                 for img in page.evaluate(IMAGES):
-                    n_images += 1
+                    report.n_images += 1
                     if not (img["w"] > 0 and img["h"] > 0):
                         events.append(f"image not loaded: {img['src']}")
                 hrefs = page.evaluate(LINKS)
+                report.hrefs[rel] = hrefs
                 for href in hrefs:
                     if urlsplit(href).netloc == host:
                         links.setdefault(href, set()).add(rel)
-                if rel in chapters:
-                    name = Path(rel).stem
-                    colab = (
-                        "https://colab.research.google.com/github/"
-                        f"{repo['url'].removeprefix('https://github.com/')}/blob/"
-                        f"{repo['branch']}/notebooks/{name}.ipynb"
-                    )
-                    if colab not in hrefs:
-                        events.append(f"no Colab link {colab}")
-                    if not any(h.startswith("https://mybinder.org/v2/gh/") for h in hrefs):
-                        events.append("no Binder link")
-                if rel == "book/intro.html":
-                    headline = page.locator("#headline-figure img")
-                    if headline.count() != 1:
-                        events.append("no headline figure")
-                    page.screenshot(path=str(SCREENSHOTS / "landing.png"), full_page=True)
-                elif rel == "book/reproducibility.html":
-                    page.screenshot(path=str(SCREENSHOTS / "reproducibility.png"), full_page=True)
-                elif rel == shot:
-                    path = SCREENSHOTS / f"chapter-{Path(rel).stem}.png"
-                    page.screenshot(path=str(path), full_page=True)
-                problems += [f"{rel}: {e}" for e in events]
+                if screenshots and rel in screenshots:
+                    page.screenshot(path=str(screenshots[rel]), full_page=True)
+                report.problems += [f"{rel}: {e}" for e in events]
                 page.close()
         finally:
             browser.close()
-    problems += check_links(base, links)
+    report.problems += check_links(base, links)
+    report.n_links = len(links)
+    return report
+
+
+def serve(folder: Path):
+    """A quiet HTTP server for ``folder`` on a free localhost port, in a daemon thread."""
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_every_page_renders_in_chromium(served_book, smoke_book):
+    start = time.perf_counter()
+    pages = html_pages(smoke_book.html)
+    assert "book/intro.html" in pages and "book/reproducibility.html" in pages
+    chapters = [r for r in pages if r.startswith("book/chapters/")]
+    assert chapters, "no chapter pages"
+    shot = "book/chapters/pitfall.html" if "book/chapters/pitfall.html" in pages else chapters[0]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    screenshots = {
+        "book/intro.html": SCREENSHOTS / "landing.png",
+        "book/reproducibility.html": SCREENSHOTS / "reproducibility.png",
+        shot: SCREENSHOTS / f"chapter-{Path(shot).stem}.png",
+    }
+    for path in screenshots.values():
+        path.unlink(missing_ok=True)
+    report = inspect_site(served_book, pages, screenshots)
+    problems = report.problems
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]
+    owner_name = repo["url"].removeprefix("https://github.com/").strip("/")
+    for rel in chapters:
+        name = Path(rel).stem
+        hrefs = report.hrefs[rel]
+        colab = (
+            f"https://colab.research.google.com/github/{owner_name}/blob/{repo['branch']}"
+            f"/notebooks/{name}.ipynb"
+        )
+        binder = f"https://mybinder.org/v2/gh/{owner_name}/{repo['branch']}?labpath=notebooks"
+        if colab not in hrefs:
+            problems.append(f"{rel}: no Colab link {colab}")
+        if not any(h.startswith(binder) and h.endswith(f"{name}.ipynb") for h in hrefs):
+            problems.append(f"{rel}: no Binder link")
     elapsed = time.perf_counter() - start
     print(
-        f"browser check: {len(pages)} pages, {n_images} images, {len(links)} local links "
-        f"in {elapsed:.1f} s"
+        f"browser check: {len(pages)} pages, {report.n_images} images, {report.n_links} local "
+        f"links in {elapsed:.1f} s"
     )
     assert not problems, "\n".join(problems)
-    assert n_images > 0
-    assert (SCREENSHOTS / "landing.png").stat().st_size > 0
+    assert report.n_images > 0
+    for path in screenshots.values():
+        assert path.stat().st_size > 0, f"no screenshot {path}"
+
+
+def test_the_check_finds_broken_pages(chromium_available, tmp_path):
+    """The checker itself: a page with every kind of fault is reported for each of them."""
+    (tmp_path / "ok.png").write_bytes(base64.b64decode(PNG_1x1))
+    (tmp_path / "good.html").write_text(
+        '<html><body><p id="here">fine</p><img src="ok.png"><a href="good.html#here">x</a>'
+        "</body></html>"
+    )
+    (tmp_path / "bad.html").write_text(
+        "<html><head><script>console.error('boom')</script>"
+        '<script src="https://cdn.example.org/x.js"></script></head><body>'
+        '<div class="output error">Traceback (most recent call last)</div>'
+        '<img src="missing.png"><a href="nowhere.html">x</a><a href="good.html#gone">y</a>'
+        "<script>undefinedFunction()</script></body></html>"
+    )
+    server, base = serve(tmp_path)
+    try:
+        good = inspect_site(base, ["good.html"])
+        bad = inspect_site(base, ["bad.html"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert good.problems == [] and good.n_images == 1
+    text = "\n".join(bad.problems)
+    for expected in (
+        "console: boom",
+        "page error: ",
+        "external request: https://cdn.example.org/x.js",
+        "rendered error: ",
+        "a traceback is shown",
+        "image not loaded: ",
+        "nowhere.html -> HTTP 404",
+        "no anchor #gone",
+    ):
+        assert expected in text, f"{expected!r} not reported:\n{text}"
