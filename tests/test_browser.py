@@ -16,7 +16,10 @@ Chapter pages must also carry the Colab / Binder launch links of their source no
 configured in ``_config.yml``. Screenshots of the landing page, the reproducibility page and
 one chapter are saved under ``artifacts/screenshots/``.
 
-Without Chromium or the playwright package the test fails when ``CI`` is set and is skipped
+``test_the_check_finds_broken_pages`` runs the same checker on a two-page site with every kind
+of fault, so a check that silently stopped working would fail there.
+
+Without Chromium or the playwright package the tests fail when ``CI`` is set and are skipped
 otherwise.
 """
 
