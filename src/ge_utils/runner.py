@@ -9,6 +9,13 @@ checked against the parameters cell before anything runs. Each executed notebook
 atomically to ``--out-dir`` (where the book reads it) with a provenance block at its top, and a
 results file (provenance + claim verdicts) to ``--results-dir``. A run that fails or is
 interrupted leaves the previous complete outputs in place.
+
+After every run, and alone with ``--pages-only``, the runner writes the generated parts of the
+book into ``--out-dir``: ``summary.md`` (headline figure and one row per takeaway, for the landing
+page), ``headline.png`` (the image of the cell tagged ``headline``), ``reproducibility.md``
+(how each chapter was produced and how to rerun it), and each chapter's launch box (Colab,
+Binder and download links to ``notebooks/<name>.ipynb`` of the repository named in
+``_config.yml``). Chapters without results show as "not built".
 """
 
 from __future__ import annotations
@@ -324,10 +331,6 @@ def toc_chapters(book_dir: Path, out_dir: Path) -> list[str]:
 def _cell(text: Any) -> str:
     """Table-cell text: no pipes, no line breaks."""
     return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _code(text: str) -> str:
-    return f"`{text}`" if "`" not in text else text
 
 
 def _command(name: str, profile: str) -> str:
