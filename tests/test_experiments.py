@@ -98,3 +98,9 @@ def test_realized_cases_label_every_interval():
         "pair": [0, 0, 1, 1],
         "case": [1, 4, 3, 4],
     }
+
+
+def test_step_costs_time_every_objective_side_by_side():
+    costs = experiments.step_costs("tiny-llama", {"dpo": {}, "normalized_dpo": {}}, repeats=1)
+    assert list(costs.index) == ["dpo", "normalized_dpo"]
+    assert costs.loc["dpo", "ratio"] == 1.0 and (costs["seconds"] > 0).all()

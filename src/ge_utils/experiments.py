@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,13 +35,14 @@ from ge_utils.logprobs import (
     tokenize,
 )
 from ge_utils.losses import get_loss
-from ge_utils.mitigations import contrastive_mask, get_objective
+from ge_utils.mitigations import MaskedDPO, contrastive_mask, get_objective
 from ge_utils.models import cache_dir, load_model
 from ge_utils.training import (
     RunResult,
     TrainConfig,
     cached_run,
     config_dict,
+    preference_microstep,
     preference_optimization,
     sft,
 )
@@ -564,3 +566,43 @@ def realized_cases(run: RunResult) -> pd.DataFrame:
     case = up_w.map({True: 1, False: 2}).where(~up_l, up_w.map({True: 3, False: 4}))
     out = pd.DataFrame({"step": start, "pair": held["pair"], "case": case})
     return out.dropna().astype({"step": int, "case": int}).reset_index(drop=True)
+
+
+def step_costs(
+    model: str,
+    objectives: dict[str, dict[str, float]],
+    batch_size: int = 4,
+    repeats: int = 5,
+    config: str = "long",
+    template: str = "none",
+    device: str = "auto",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Wall time of one training micro-step (forward and backward, no optimizer update) per
+    objective, measured side by side: the objectives take turns on the same model and batch,
+    ``repeats`` rounds after one warm-up round. Returns per objective the median ``seconds``
+    and ``ratio`` to the first objective. Never cached: it measures this machine now."""
+    train, _ = experiment_data("synthetic", config, None, batch_size, 0, seed)
+    loaded = load_model(model, device=device, seed=seed)
+    net, tok = loaded.model.train(), loaded.tokenizer
+    dev = next(net.parameters()).device
+    c, r = (b.to(dev) for b in _pair_batches(tok, train, template))
+    with torch.no_grad():
+        ref = (sequence_logprobs(net, c), sequence_logprobs(net, r))
+        ref_tokens = (token_logprobs(net, c), token_logprobs(net, r))
+    built = {name: get_objective(name, **hp) for name, hp in objectives.items()}
+    vocab = net.get_output_embeddings().weight.shape[0]
+    for objective in built.values():
+        if isinstance(objective, MaskedDPO):
+            objective.ensure_parameters(vocab, dev)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for round_ in range(repeats + 1):
+        for name, objective in built.items():
+            net.zero_grad(set_to_none=True)
+            started = time.perf_counter()
+            preference_microstep(net, objective, c, r, ref, len(c), ref_tokens=ref_tokens)
+            if round_ > 0:
+                times[name].append(time.perf_counter() - started)
+    net.zero_grad(set_to_none=True)
+    median = pd.Series({name: float(pd.Series(t).median()) for name, t in times.items()})
+    return pd.DataFrame({"seconds": median, "ratio": median / median.iloc[0]})

@@ -583,6 +583,19 @@ def table2() -> pd.DataFrame:
     )
 
 
+def table2_markdown(columns: tuple[str, ...] = ("m", "h_w", "h_l", "Lambda", "d_w", "d_l")) -> str:
+    """Table 2 as a Markdown table (LaTeX cells render in the book), one row per loss."""
+    table = table2()
+    head = ["loss", *columns]
+    labels = {"loss": "loss", "Lambda": r"$\Lambda$", "separable": "separable"}
+    shown = [labels.get(c, f"${c}$") if c not in ("defaults", "name") else c for c in head]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [str(row[c]).replace("|", r"\|") for c in head]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def random_pair_logps(n: int, seed: int = 0) -> PairLogps:
     """``n`` random float64 pairs over a broad range: summed log-probs in [-40, -1], rewards in
     [-5, 5] nats, response lengths 1-20 tokens."""
