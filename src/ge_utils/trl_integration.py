@@ -34,7 +34,11 @@ training forward runs through a fused LM head that computes log-probs in chunks 
 weight directly, which the layer hooks of the fast method cannot see, and its backward carries
 DDP's reducer hooks and gradient accumulation: recording inside it would mean replacing TRL's
 forward. The separate pass costs about one extra training step at each logging step and
-leaves training bit-identical with the integration on or off.
+leaves training bit-identical with the integration on or off. It runs in eval mode: with
+TRL's default ``disable_dropout=True`` that is the training computation; with dropout on, the
+statistics are those of the model without dropout. The probe's prediction needs a copy of the
+trainable parameters before the step and their update (two copies at the measured steps:
+small for LoRA, large for a full fine-tune).
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
@@ -321,7 +325,6 @@ class EntanglementCallback(TrainerCallback):
         self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
         self.max_pairs = max_pairs
         self.probe: ProbeBatch | None = None
-        self._probe_input = probe
         if probe is not None:
             self.probe = tokenize_probe(trainer, probe)
         self._captured: list[Mapping[str, Tensor]] = []
