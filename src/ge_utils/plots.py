@@ -13,7 +13,7 @@ CASE_NAMES = {
     1: "1: chosen up, rejected down",
     2: "2: both down",
     3: "3: both up",
-    4: "4: impossible",
+    4: "4: chosen down, rejected up (never to first order)",
 }
 
 
@@ -78,11 +78,12 @@ def case_fractions(pairs: pd.DataFrame, by: str = "step", title: str = "") -> pl
     """Stacked share of pairs in each first-order case, per value of ``by``."""
     counts = pd.crosstab(pairs[by], pairs["case"], normalize="index")
     counts = counts.reindex(columns=[c for c in CASE_NAMES if c in counts.columns])
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     counts.rename(columns=CASE_NAMES).plot.bar(
         stacked=True, ax=ax, color=[CASE_COLORS[c] for c in counts.columns], width=0.8
     )
     ax.set(ylabel="share of pairs", xlabel=by, title=title, ylim=(0, 1))
+    ax.tick_params(axis="x", rotation=30)
     ax.legend(title="case", fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     return fig
@@ -135,7 +136,7 @@ def coefficient_curves(train_means: pd.DataFrame, title: str = "") -> plt.Figure
         sns.lineplot(data=train_means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
         ax.set(xlabel="training step", ylabel=label)
     axes[0].axhline(1, color="black", lw=0.8)
-    axes[0].set_yscale("log")
+    axes[0].set_yscale("symlog", linthresh=1.0)  # SPPO's d_l, so the ratio, can turn negative
     axes[-1].axhline(0, color="black", lw=0.8)
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     if title:
