@@ -53,13 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ge_utils.fast_gradients import GhostRecorder
+from ge_utils.gradients import pair_logps
 from ge_utils.logprobs import SequenceBatch, concat_batches, token_logprobs
 from ge_utils.losses import (
     NON_NEGATIVE,
     OPEN_UNIT,
     POSITIVE,
     MarginLoss,
-    PairLogps,
     bind_hyperparameters,
     get_loss,
 )
@@ -113,17 +113,6 @@ def is_mitigation(name: object) -> bool:
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
-
-
-def _pair_logps(u_w: Tensor, u_l: Tensor, chosen, rejected, ref) -> PairLogps:
-    return PairLogps(
-        chosen=u_w,
-        rejected=u_l,
-        ref_chosen=ref[0].to(u_w),
-        ref_rejected=ref[1].to(u_w),
-        len_chosen=chosen.response_lengths.to(u_w),
-        len_rejected=rejected.response_lengths.to(u_w),
-    )
 
 
 def _checked(loss: Tensor) -> Tensor:
@@ -189,7 +178,7 @@ class NormalizedDPO(Mitigation):
         with GhostRecorder(model, batch=joint) as rec:
             u = token_logprobs(model, joint).sum(dim=1)
             u_w, u_l = u[:b], u[b:]
-            p = _pair_logps(u_w, u_l, chosen, rejected, ref)
+            p = pair_logps(u_w, u_l, chosen, rejected, ref)
             loss = _checked(self.base.loss(p).sum() / n_total)
             rec.backward(u.sum(), retain_graph=True)
             stats = rec.results()

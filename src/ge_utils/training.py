@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ge_utils.fast_gradients import GhostRecorder
-from ge_utils.gradients import StatsMethod, condition_table, stats_method
+from ge_utils.gradients import StatsMethod, condition_table, pair_logps, stats_method
 from ge_utils.io import atomic_write_json, atomic_write_text
 from ge_utils.logprobs import (
     SequenceBatch,
@@ -382,14 +382,7 @@ def preference_microstep(
             recorder.n_seq, recorder.row_seq = len(joint), target_positions(joint)[0]
         u = sequence_logprobs(model, joint)
         u_w, u_l = u[: len(chosen)], u[len(chosen) :]
-        p = PairLogps(
-            chosen=u_w,
-            rejected=u_l,
-            ref_chosen=ref[0].to(u_w),
-            ref_rejected=ref[1].to(u_w),
-            len_chosen=chosen.response_lengths.to(u_w),
-            len_rejected=rejected.response_lengths.to(u_w),
-        )
+        p = pair_logps(u_w, u_l, chosen, rejected, ref)
         loss = loss_fn.loss(p).sum() / n_total
         if not torch.isfinite(loss):
             raise FloatingPointError(float(loss.detach()))
