@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 
 import torch
 
-from benchmarks.common import benchmark_pairs, load
+from benchmarks.common import benchmark_pairs, load, trl_step_times
 from ge_utils.training import TrainConfig, preference_optimization
 
 
@@ -39,46 +37,7 @@ def ours(model_name: str, pairs, steps: int, record_stats: bool) -> float:
 
 
 def trl(model_name: str, pairs, steps: int, precompute: bool) -> float:
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    model, tok = load(model_name)
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            times.append(time.perf_counter() - self.t)
-
-    data = Dataset.from_list(
-        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs] * steps
-    )
-    with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=len(pairs),
-            max_steps=steps,
-            learning_rate=5e-6,
-            beta=0.1,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10**6,
-            lr_scheduler_type="constant",
-            precompute_ref_log_probs=precompute,
-            dataloader_num_workers=0,
-        )
-        trainer = DPOTrainer(
-            model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Clock()]
-        )
-        trainer.train()
-    return statistics.median(times[1:])
+    return statistics.median(trl_step_times(model_name, pairs, steps, precompute)[1:])
 
 
 def main() -> None:

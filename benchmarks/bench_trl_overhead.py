@@ -18,63 +18,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 import warnings
 
 import torch
 
-from benchmarks.common import benchmark_pairs, load
+from benchmarks.common import benchmark_pairs, trl_step_times
 
 
 def run(model_name: str, pairs, probe, steps: int, every: int | None) -> list[float]:
     """Seconds of each optimizer step (step 1 first); ``every=None``: without the integration."""
-    import transformers
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
     from ge_utils.trl_integration import attach_entanglement_metrics
 
-    transformers.logging.set_verbosity_error()
-    model, tok = load(model_name)
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            times.append(time.perf_counter() - self.t)
-
-    data = Dataset.from_list(
-        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs] * steps
-    )
-    with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=len(pairs),
-            max_steps=steps,
-            learning_rate=5e-6,
-            beta=0.1,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=every or 10**6,
-            lr_scheduler_type="constant",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = DPOTrainer(
-            model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Clock()]
-        )
+    def attach(trainer) -> None:
         if every is not None:
             attach_entanglement_metrics(trainer, probe=probe, every=every)
-        trainer.train()
-    return times
+
+    return trl_step_times(model_name, pairs, steps, logging_steps=every, setup=attach)
 
 
 def bench(model_name: str, n_pairs: int, n_probe: int, steps: int, every: int) -> None:

@@ -57,3 +57,63 @@ def run_isolated(module: str, *args: str) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def trl_step_times(
+    model_name: str,
+    pairs,
+    steps: int,
+    precompute: bool = False,
+    logging_steps: int | None = None,
+    setup: Callable[[object], object] | None = None,
+) -> list[float]:
+    """Seconds of each optimizer step of TRL's DPOTrainer at its best CPU settings (fp32, no
+    gradient checkpointing, AdamW lr 5e-6, beta 0.1, constant schedule), the batch being
+    ``pairs``. ``setup(trainer)`` runs before training (e.g. to attach a callback)."""
+    import tempfile
+
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    model, tok = load(model_name)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.t)
+
+    data = Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs] * steps
+    )
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=len(pairs),
+            max_steps=steps,
+            learning_rate=5e-6,
+            beta=0.1,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=logging_steps or 10**6,
+            lr_scheduler_type="constant",
+            precompute_ref_log_probs=precompute,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = DPOTrainer(
+            model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Clock()]
+        )
+        if setup is not None:
+            setup(trainer)
+        trainer.train()
+    return times

@@ -78,6 +78,12 @@ def test_loss_comparison_rejects_bad_objectives(tmp_path, monkeypatch):
         experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpoo": {}})
     with pytest.raises(ValueError, match="'beta' must be > 0"):
         experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpo": {"beta": -1}})
+    with pytest.raises(ValueError, match="no objectives given"):
+        experiments.loss_comparison("tiny-llama", cfg, cfg, {})
+    with pytest.raises(ValueError, match="no objectives given"):
+        experiments.step_costs("tiny-llama", {})
+    with pytest.raises(ValueError, match="unknown loss 'masked'"):
+        experiments.step_costs("tiny-llama", {"masked": {}})
 
 
 def test_realized_cases_label_every_interval():

@@ -450,6 +450,8 @@ def loss_comparison(
     the held-out log-probs and greedy answers at the first and last logged steps. Each run is
     cached by its own parameters; SFT runs once, only if some run is not cached.
     """
+    if not losses:
+        raise ValueError("no objectives given: pass at least one {name: hyperparameters}")
     for name, hparams in losses.items():
         get_objective(name, **hparams)  # clear errors before any training
     state: dict[str, Any] = {}
@@ -582,6 +584,11 @@ def step_costs(
     objective, measured side by side: the objectives take turns on the same model and batch,
     ``repeats`` rounds after one warm-up round. Returns per objective the median ``seconds``
     and ``ratio`` to the first objective. Never cached: it measures this machine now."""
+    if not objectives:
+        raise ValueError("no objectives given: pass at least one {name: hyperparameters}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    built = {name: get_objective(name, **hp) for name, hp in objectives.items()}
     train, _ = experiment_data("synthetic", config, None, batch_size, 0, seed)
     loaded = load_model(model, device=device, seed=seed)
     net, tok = loaded.model.train(), loaded.tokenizer
@@ -590,7 +597,6 @@ def step_costs(
     with torch.no_grad():
         ref = (sequence_logprobs(net, c), sequence_logprobs(net, r))
         ref_tokens = (token_logprobs(net, c), token_logprobs(net, r))
-    built = {name: get_objective(name, **hp) for name, hp in objectives.items()}
     vocab = net.get_output_embeddings().weight.shape[0]
     for objective in built.values():
         if isinstance(objective, MaskedDPO):
