@@ -65,9 +65,11 @@ def _indep(name: str, p: PairLogps, h: dict) -> torch.Tensor:
         "slic": lambda: (
             torch.clamp(h["delta"] - p.chosen + p.rejected, min=0) - h["lam"] * p.chosen
         ),
-        "cpo": lambda: nls(h["beta"] * (p.chosen - p.rejected)) - h["lam"] * p.chosen,
+        "cpo": lambda: nls(h["beta"] * (p.chosen - p.rejected)) - h["lam"] * a_w,
+        "cpo_sum": lambda: nls(h["beta"] * (p.chosen - p.rejected)) - h["lam"] * p.chosen,
         "dpop": lambda: nls(h["beta"] * (r_w - r_l - h["lam"] * torch.clamp(-r_w, min=0))),
-        "rrhf": lambda: torch.clamp(a_l - a_w, min=0) - h["lam"] * p.chosen,
+        "rrhf": lambda: torch.clamp(a_l - a_w, min=0) - h["lam"] * a_w,
+        "rrhf_sum": lambda: torch.clamp(a_l - a_w, min=0) - h["lam"] * p.chosen,
         "orpo": lambda: h["lam"] * nls(odds(a_w) - odds(a_l)) - a_w,
         "sppo": lambda: (r_w - 1 / (2 * h["beta"])) ** 2 + (r_l + 1 / (2 * h["beta"])) ** 2,
         "kto_pair": lambda: (
@@ -108,7 +110,8 @@ def test_dpo_coefficients_match_independent_formula():
     ("name", "chosen", "rejected", "ref_chosen", "expected"),
     [
         ("slic", -3.0, -4.0, 0.0, (0.1, 0.0)),  # D = delta exactly: hinge off
-        ("rrhf", -4.0, -4.0, 0.0, (1.0, 0.0)),  # D = 0 exactly (equal lengths): hinge off
+        ("rrhf", -4.0, -4.0, 0.0, (0.5, 0.0)),  # D = 0 exactly (equal lengths): hinge off
+        ("rrhf_sum", -4.0, -4.0, 0.0, (1.0, 0.0)),
         ("dpop", -4.0, -4.0, -4.0, (0.05, 0.05)),  # r_w = 0 exactly: no penalty
     ],
 )
@@ -205,3 +208,25 @@ def test_coefficient_check_covers_every_loss_and_agrees():
     table = coefficient_check(n=64)
     assert list(table["name"]) == list(LOSSES)
     assert (table["max_rel_err"] < 1e-10).all()
+
+
+@pytest.mark.parametrize("name", ["cpo", "rrhf"])
+def test_nll_term_is_a_token_mean_and_the_summed_form_an_option(name):
+    """TRL's CPO and the authors' RRHF average the chosen NLL over tokens: with the hinge off,
+    d_w is lam/|y_w| (token mean) against lam (summed); d_l is the same in both forms."""
+
+    def t(*x):
+        return torch.tensor(x, dtype=torch.float64)
+
+    # u_w far above u_l: CPO's sigmoid term and RRHF's hinge vanish (up to exp(-50)).
+    p = PairLogps(
+        t(-1.0, -2.0), t(-501.0, -502.0), t(0.0, 0.0), t(0.0, 0.0), t(4.0, 8.0), t(1.0, 1.0)
+    )
+    lam = 0.5
+    mean_w, mean_l = get_loss(name, lam=lam).coefficients(p)
+    sum_w, sum_l = get_loss(f"{name}_sum", lam=lam).coefficients(p)
+    torch.testing.assert_close(mean_w, lam / p.len_chosen, rtol=1e-12, atol=1e-20)
+    torch.testing.assert_close(sum_w, t(lam, lam), rtol=1e-12, atol=1e-20)
+    torch.testing.assert_close(mean_l, sum_l)
+    assert "token-mean" in table2().set_index("name").loc[name, "Lambda"]
+    assert "summed" in table2().set_index("name").loc[f"{name}_sum", "Lambda"]

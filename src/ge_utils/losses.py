@@ -14,6 +14,11 @@ Hinges ``max(0, x)`` use the subgradient 0 at the kink (``1[x > 0]``), the same 
 ``torch.relu``'s backward, so closed form and autograd agree even at the kink.
 
 Hyperparameter names follow the losses' papers; ``lam`` stands for lambda (a Python keyword).
+
+CPO and RRHF add the chosen response's NLL as a *token mean*, ``Lambda = lam u_w / |y_w|`` (as
+TRL's CPO trainer and the gradient-entanglement authors' code do); ``cpo_sum`` and ``rrhf_sum``
+are the same losses with the summed NLL ``lam u_w``, whose ``d_w`` is larger by ``lam`` against
+``lam / |y_w|``.
 """
 
 from __future__ import annotations
@@ -208,10 +213,19 @@ def _cpo_z(p: PairLogps, h: dict) -> Tensor:
 
 
 def _cpo_loss(p: PairLogps, h: dict) -> Tensor:
-    return -F.logsigmoid(_cpo_z(p, h)) - h["lam"] * p.chosen
+    return -F.logsigmoid(_cpo_z(p, h)) - h["lam"] * p.chosen / p.len_chosen
 
 
 def _cpo_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
+    s = h["beta"] * torch.sigmoid(-_cpo_z(p, h))
+    return s + h["lam"] / p.len_chosen, s
+
+
+def _cpo_sum_loss(p: PairLogps, h: dict) -> Tensor:
+    return -F.logsigmoid(_cpo_z(p, h)) - h["lam"] * p.chosen
+
+
+def _cpo_sum_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
     s = h["beta"] * torch.sigmoid(-_cpo_z(p, h))
     return s + h["lam"], s
 
@@ -221,10 +235,19 @@ def _rrhf_gap(p: PairLogps) -> Tensor:
 
 
 def _rrhf_loss(p: PairLogps, h: dict) -> Tensor:
-    return torch.relu(_rrhf_gap(p)) - h["lam"] * p.chosen
+    return torch.relu(_rrhf_gap(p)) - h["lam"] * p.chosen / p.len_chosen
 
 
 def _rrhf_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
+    on = _hinge_on(_rrhf_gap(p))
+    return (on + h["lam"]) / p.len_chosen, on / p.len_rejected
+
+
+def _rrhf_sum_loss(p: PairLogps, h: dict) -> Tensor:
+    return torch.relu(_rrhf_gap(p)) - h["lam"] * p.chosen
+
+
+def _rrhf_sum_coef(p: PairLogps, h: dict) -> tuple[Tensor, Tensor]:
     on = _hinge_on(_rrhf_gap(p))
     return on / p.len_chosen + h["lam"], on / p.len_rejected
 
@@ -382,19 +405,35 @@ LOSSES: dict[str, LossSpec] = {
             name="cpo",
             title="CPO",
             description=(
-                "Xu et al. (2024): reference-free DPO plus lam times the summed chosen "
-                "log-prob (an NLL term; CPO's code averages it over tokens)."
+                "Xu et al. (2024): reference-free DPO plus lam times the token-mean chosen "
+                "log-prob (the NLL term as TRL's CPO trainer and the authors' code average it)."
             ),
             m=_LOG_SIG,
             h_w=r"$u_w$",
             h_l=r"$u_l$",
-            Lambda=r"$\lambda u_w$ (NLL)",
-            d_w=rf"$\beta{_S} + \lambda$",
+            Lambda=r"$\lambda u_w/|y_w|$ (token-mean NLL)",
+            d_w=rf"$\beta{_S} + \lambda/|y_w|$",
             d_l=rf"$\beta{_S}$",
             separable=False,
             defaults={"beta": 0.1, "lam": 1.0},
             loss_fn=_cpo_loss,
             coef_fn=_cpo_coef,
+            constraints={"beta": POSITIVE, "lam": NON_NEGATIVE},
+        ),
+        LossSpec(
+            name="cpo_sum",
+            title="CPO (summed NLL)",
+            description="CPO with the NLL term summed over the chosen tokens: lam u_w.",
+            m=_LOG_SIG,
+            h_w=r"$u_w$",
+            h_l=r"$u_l$",
+            Lambda=r"$\lambda u_w$ (summed NLL)",
+            d_w=rf"$\beta{_S} + \lambda$",
+            d_l=rf"$\beta{_S}$",
+            separable=False,
+            defaults={"beta": 0.1, "lam": 1.0},
+            loss_fn=_cpo_sum_loss,
+            coef_fn=_cpo_sum_coef,
             constraints={"beta": POSITIVE, "lam": NON_NEGATIVE},
         ),
         LossSpec(
@@ -421,18 +460,34 @@ LOSSES: dict[str, LossSpec] = {
             title="RRHF",
             description=(
                 "Yuan et al. (2023): ranking hinge on length-averaged log-probs plus lam times "
-                "the summed chosen log-prob (the authors' code uses a token-averaged NLL)."
+                "the token-mean chosen log-prob (the NLL term as the authors' code averages it)."
             ),
             m=r"$-\max(0, -D)$",
             h_w=r"$u_w/|y_w|$",
             h_l=r"$u_l/|y_l|$",
-            Lambda=r"$\lambda u_w$ (NLL)",
-            d_w=r"$1[D < 0]/|y_w| + \lambda$",
+            Lambda=r"$\lambda u_w/|y_w|$ (token-mean NLL)",
+            d_w=r"$(1[D < 0] + \lambda)/|y_w|$",
             d_l=r"$1[D < 0]/|y_l|$",
             separable=False,
             defaults={"lam": 1.0},
             loss_fn=_rrhf_loss,
             coef_fn=_rrhf_coef,
+            constraints={"lam": NON_NEGATIVE},
+        ),
+        LossSpec(
+            name="rrhf_sum",
+            title="RRHF (summed NLL)",
+            description="RRHF with the NLL term summed over the chosen tokens: lam u_w.",
+            m=r"$-\max(0, -D)$",
+            h_w=r"$u_w/|y_w|$",
+            h_l=r"$u_l/|y_l|$",
+            Lambda=r"$\lambda u_w$ (summed NLL)",
+            d_w=r"$1[D < 0]/|y_w| + \lambda$",
+            d_l=r"$1[D < 0]/|y_l|$",
+            separable=False,
+            defaults={"lam": 1.0},
+            loss_fn=_rrhf_sum_loss,
+            coef_fn=_rrhf_sum_coef,
             constraints={"lam": NON_NEGATIVE},
         ),
         LossSpec(
