@@ -1,20 +1,105 @@
-import pytest
+import math
 
-from ge_utils.claims import ClaimReport, parse_verdicts
+import numpy as np
+import pytest
+from scipy import stats
+
+from ge_utils.claims import (
+    ClaimReport,
+    Estimate,
+    bootstrap_interval,
+    mean_interval,
+    paired_difference,
+    parse_verdicts,
+    proportion_interval,
+    verdict_of,
+)
+
+
+def test_mean_interval_is_scipys_t_interval():
+    x = np.array([-1.2, -0.4, -2.3, 0.1, -0.9, -1.7])
+    est = mean_interval(x)
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    assert est.effect == pytest.approx(x.mean())
+    assert (est.low, est.high) == pytest.approx((x.mean() - half, x.mean() + half))
+    assert est.n == 6
+
+
+def test_proportion_interval_is_clopper_pearson():
+    est = proportion_interval(7, 20)
+    # Clopper-Pearson from the beta quantiles
+    low = stats.beta.ppf(0.025, 7, 20 - 7 + 1)
+    high = stats.beta.ppf(0.975, 7 + 1, 20 - 7)
+    assert (est.low, est.high) == pytest.approx((low, high))
+    assert proportion_interval(0, 5).low == 0.0 and proportion_interval(5, 5).high == 1.0
+    with pytest.raises(ValueError):
+        proportion_interval(3, 2)
+
+
+def test_paired_difference_and_bootstrap():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 1.0, 2.0, 3.5])
+    assert paired_difference(a, b) == mean_interval(a - b)
+    with pytest.raises(ValueError, match="against"):
+        paired_difference(a, b[:3])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = x + rng.normal(scale=0.5, size=200)
+    est = bootstrap_interval((x, y), lambda u, v: stats.spearmanr(u, v).statistic, n_resamples=300)
+    assert est.low <= est.effect <= est.high and 0.7 < est.low
+
+
+def test_single_value_and_bad_values():
+    assert verdict_of(mean_interval([3.0]), ">") == "inconclusive"
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])
+    with pytest.raises(ValueError, match="ordered"):
+        Estimate(0.0, 1.0, -1.0, 2)
+
+
+def test_three_valued_verdicts_on_synthetic_claims():
+    rng = np.random.default_rng(1)
+    zero = rng.normal(0.0, 1.0, size=40)
+    strong = rng.normal(-3.0, 1.0, size=40)
+    report = ClaimReport()
+    assert report.takeaway("no effect", zero - zero.mean(), "<", over="40 pairs") == "inconclusive"
+    assert report.takeaway("chosen falls", strong, "<", over="40 pairs") == "holds"
+    assert report.takeaway("chosen rises", strong, ">", over="40 pairs") == "does not hold"
+    assert report.takeaway_proportion("most pairs", 30, 40, over="40 pairs") == "holds"
+    assert [c.verdict for c in report.claims] == [
+        "inconclusive", "holds", "does not hold", "holds"
+    ]
 
 
 def test_report_round_trips_through_text():
     report = ClaimReport()
-    report.guaranteed("margin grows to first order", True, "500/500 pairs")
-    report.empirical("chosen falls with a long suffix", False, "mean change +0.31 nats")
+    report.takeaway("chosen falls", [-1.5, -2.0, -0.5], "<", over="3 pairs x 1 seed", unit="nats")
+    report.guarantee("case 1 after one step", True, conditions="head, SGD", evidence="12/12")
+    report.consistency("margin grows to first order", False, evidence="79/80 pair-steps")
+    report.takeaway("one seed", [2.0], ">", over="1 seed")
     parsed = parse_verdicts("noise\n" + str(report) + "\nmore noise")
-    assert parsed == report.to_records()
-    assert report.all_guaranteed_hold
+    records = report.to_records()
+    assert len(parsed) == 4
+    for p, r in zip(parsed, records, strict=True):
+        assert {k: p[k] for k in ("kind", "verdict", "claim", "over", "evidence", "unit")} == {
+            k: r[k] for k in ("kind", "verdict", "claim", "over", "evidence", "unit")
+        }
+        if r["effect"] is None:
+            assert p["effect"] is None and p["interval"] is None
+        else:
+            assert p["effect"] == pytest.approx(r["effect"], rel=1e-3)
+            assert p["interval"] == pytest.approx(r["interval"], rel=1e-3)
+    assert parsed[3]["interval"] == [-math.inf, math.inf]
 
 
-def test_report_rejects_bad_kind_and_parenthesized_evidence():
+def test_report_rejects_bad_input():
     report = ClaimReport()
-    with pytest.raises(ValueError, match="kind"):
-        report.check("maybe", "x", True, "1")
-    with pytest.raises(ValueError, match="parentheses"):
-        report.guaranteed("x", True, "3 (of 4)")
+    with pytest.raises(ValueError, match="over"):
+        report.takeaway("x", [1.0, 2.0], ">")
+    with pytest.raises(ValueError, match="expect"):
+        report.takeaway("x", [1.0, 2.0], "=", over="2 pairs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="conditions"):
+        report.guarantee("x", True, conditions="", evidence="1")
+    with pytest.raises(ValueError, match="'\\|'"):
+        report.consistency("x", True, evidence="a | b")

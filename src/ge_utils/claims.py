@@ -1,38 +1,199 @@
-"""Claim verdicts: each notebook ends by checking the paper's claims on this run's numbers.
+"""Claims and their evidence: each notebook ends by checking the paper's claims on this run.
 
-Two kinds are kept apart. *Guaranteed* claims are identities of the math and must hold at every
-profile; *empirical* ones depend on the model, optimizer and scale and are reported with their
-numbers. A verdict line reads::
+Three kinds of lines are kept apart:
 
-    [guaranteed] HOLDS: <claim> (<evidence>)
-    [empirical] DOES NOT HOLD: <claim> (<evidence>)
+- ``takeaway``: an empirical claim of the paper, as the paper states it, measured in this run.
+  It carries an *effect* (e.g. the mean change of the held-out chosen log-prob, in nats), a 95%
+  interval and what the interval is over (``"16 held-out pairs x 3 seeds"``).
+- ``guarantee``: a theorem, stated with its conditions, checked against a realized change.
+- ``consistency``: an identity of our own statistics (a squared norm is >= 0, Cauchy-Schwarz,
+  a coefficient that holds by construction). It checks the code, never the paper, and is not
+  counted as a takeaway.
 
-The runner collects these lines from the cell tagged ``claims`` into the run's results file.
+A takeaway's verdict is three-valued, read off its interval against the null value ``null`` on
+the side the claim expects (``expect``, ``">"`` or ``"<"``)::
+
+    holds           the whole interval lies on the expected side of the null
+    does not hold   the whole interval lies on the other side
+    inconclusive    the interval covers the null
+
+Guarantees and consistency checks hold or do not hold. The interval math is scipy's: the
+Student-t interval of a mean (:func:`mean_interval`, also for paired differences), the exact
+Clopper-Pearson interval of a proportion (:func:`proportion_interval`) and the bootstrap
+(:func:`bootstrap_interval`, BCa by default).
+
+A printed line reads (the runner parses it back into ``results/<chapter>.json``)::
+
+    [takeaway] HOLDS: <claim> | effect -7.96 nats, 95% CI [-9.1, -6.8], over 16 pairs x 3 seeds | <ev>
+    [guarantee] DOES NOT HOLD: <claim> | over 12 pairs | <evidence>
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Kind = Literal["guaranteed", "empirical"]
+import numpy as np
+from scipy import stats
+
+Kind = Literal["takeaway", "guarantee", "consistency"]
+Verdict = Literal["holds", "does not hold", "inconclusive"]
+Expect = Literal[">", "<"]
+KINDS: tuple[str, ...] = ("takeaway", "guarantee", "consistency")
+VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
+CONFIDENCE = 0.95
+
+_NUM = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
 VERDICT_LINE = re.compile(
-    r"^\[(?P<kind>guaranteed|empirical)\] (?P<verdict>HOLDS|DOES NOT HOLD): "
-    r"(?P<claim>.*) \((?P<evidence>[^()]*)\)$"
+    r"^\[(?P<kind>takeaway|guarantee|consistency)\] "
+    r"(?P<verdict>HOLDS|DOES NOT HOLD|INCONCLUSIVE): (?P<claim>[^|]+?) \| "
+    r"(?:effect (?P<effect>" + _NUM + r")(?: (?P<unit>[^,|]+))?, 95% CI \[(?P<low>" + _NUM
+    + r"), (?P<high>" + _NUM + r")\], )?over (?P<over>[^|]*?) \| (?P<evidence>[^|]*)$"
 )
 
 
-@dataclass
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its 95% interval, from ``n`` observations."""
+
+    effect: float
+    low: float
+    high: float
+    n: int
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"interval [{self.low}, {self.high}] is not ordered")
+
+
+def _finite(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=float).ravel()
+    if arr.size == 0:
+        raise ValueError(f"{what}: no values")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what}: {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+def mean_interval(values: Sequence[float] | np.ndarray) -> Estimate:
+    """Mean of ``values`` and its Student-t 95% interval (``scipy.stats.ttest_1samp``).
+
+    A single value has no interval (``[-inf, inf]``: any claim on it is inconclusive); values
+    that are all equal have a zero-width one.
+    """
+    arr = _finite(values, "mean_interval")
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return Estimate(mean, -math.inf, math.inf, 1)
+    if float(arr.std()) == 0.0:
+        return Estimate(mean, mean, mean, int(arr.size))
+    ci = stats.ttest_1samp(arr, 0.0).confidence_interval(CONFIDENCE)
+    return Estimate(mean, float(ci.low), float(ci.high), int(arr.size))
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+) -> Estimate:
+    """Mean of ``a - b`` over paired observations (same pairs, same seeds), t-interval."""
+    x, y = _finite(a, "paired_difference a"), _finite(b, "paired_difference b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference: {x.size} values against {y.size}")
+    return mean_interval(x - y)
+
+
+def proportion_interval(k: int, n: int) -> Estimate:
+    """Share ``k / n`` with its exact (Clopper-Pearson) 95% interval (``scipy.stats.binomtest``)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"proportion_interval needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(CONFIDENCE, method="exact")
+    return Estimate(k / n, float(ci.low), float(ci.high), int(n))
+
+
+def bootstrap_interval(
+    data: tuple[Sequence[float] | np.ndarray, ...],
+    statistic: Callable[..., float],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    paired: bool = True,
+    method: str = "BCa",
+) -> Estimate:
+    """``statistic(*data)`` and its bootstrap 95% interval (``scipy.stats.bootstrap``).
+
+    ``paired`` resamples the same indices from every array (e.g. a score and its outcome).
+    A degenerate resample distribution (all resamples equal) gives a zero-width interval.
+    """
+    arrays = tuple(_finite(d, "bootstrap_interval") for d in data)
+    effect = float(statistic(*arrays))
+    if arrays[0].size < 2:
+        return Estimate(effect, -math.inf, math.inf, int(arrays[0].size))
+    res = stats.bootstrap(
+        arrays,
+        statistic,
+        n_resamples=n_resamples,
+        paired=paired,
+        vectorized=False,
+        confidence_level=CONFIDENCE,
+        method=method,
+        rng=np.random.default_rng(seed),
+    )
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if math.isnan(low) or math.isnan(high):  # BCa is undefined when every resample is equal
+        low = high = effect
+    return Estimate(effect, min(low, effect), max(high, effect), int(arrays[0].size))
+
+
+def verdict_of(est: Estimate, expect: Expect, null: float = 0.0) -> Verdict:
+    """Three-valued verdict of a claim that the effect is ``expect`` (``>`` or ``<``) ``null``.
+
+    A zero-width interval on the null is inconclusive: it does not lie on either side.
+    """
+    if expect not in (">", "<"):
+        raise ValueError(f"expect must be '>' or '<', got {expect!r}")
+    above, below = est.low > null, est.high < null
+    if (above and expect == ">") or (below and expect == "<"):
+        return "holds"
+    if above or below:
+        return "does not hold"
+    return "inconclusive"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+@dataclass(frozen=True)
 class Claim:
+    """One verdict line; ``interval`` is ``(low, high)`` or ``None``."""
+
     kind: Kind
     claim: str
-    holds: bool
+    verdict: Verdict
+    over: str
     evidence: str
+    effect: float | None = None
+    interval: tuple[float, float] | None = None
+    unit: str = ""
 
     def line(self) -> str:
-        verdict = "HOLDS" if self.holds else "DOES NOT HOLD"
-        return f"[{self.kind}] {verdict}: {self.claim} ({self.evidence})"
+        stat = ""
+        if self.effect is not None and self.interval is not None:
+            unit = f" {self.unit}" if self.unit else ""
+            lo, hi = self.interval
+            stat = f"effect {_fmt(self.effect)}{unit}, 95% CI [{_fmt(lo)}, {_fmt(hi)}], "
+        return (
+            f"[{self.kind}] {self.verdict.upper()}: {self.claim} | {stat}over {self.over} | "
+            f"{self.evidence}"
+        )
+
+
+def _clean(text: str, what: str) -> str:
+    text = " ".join(str(text).split())
+    if "|" in text:
+        raise ValueError(f"{what} may not contain '|': {text!r}")
+    return text
 
 
 @dataclass
@@ -41,44 +202,130 @@ class ClaimReport:
 
     claims: list[Claim] = field(default_factory=list)
 
-    def check(self, kind: Kind, claim: str, holds: bool, evidence: str) -> bool:
-        """Record a claim; ``evidence`` (the numbers) may not contain parentheses."""
-        if kind not in ("guaranteed", "empirical"):
-            raise ValueError(f"kind must be 'guaranteed' or 'empirical', got {kind!r}")
-        if "(" in evidence or ")" in evidence:
-            raise ValueError(f"evidence may not contain parentheses: {evidence!r}")
-        self.claims.append(Claim(kind, claim, bool(holds), evidence))
-        return bool(holds)
+    def _add(self, claim: Claim) -> Claim:
+        self.claims.append(claim)
+        return claim
 
-    def guaranteed(self, claim: str, holds: bool, evidence: str) -> bool:
-        return self.check("guaranteed", claim, holds, evidence)
+    def takeaway_estimate(
+        self,
+        claim: str,
+        est: Estimate,
+        expect: Expect,
+        null: float = 0.0,
+        over: str = "",
+        unit: str = "",
+        evidence: str = "",
+    ) -> Verdict:
+        """An empirical claim of the paper whose effect and interval are ``est``."""
+        if not over:
+            raise ValueError(f"a takeaway says what its interval is over: {claim!r}")
+        verdict = verdict_of(est, expect, null)
+        side = f"{expect} {_fmt(null)}"
+        ev = f"claimed {side}" + (f"; {evidence}" if evidence else "")
+        self._add(
+            Claim(
+                "takeaway",
+                _clean(claim, "claim"),
+                verdict,
+                _clean(over, "over"),
+                _clean(ev, "evidence"),
+                est.effect,
+                (est.low, est.high),
+                _clean(unit, "unit"),
+            )
+        )
+        return verdict
 
-    def empirical(self, claim: str, holds: bool, evidence: str) -> bool:
-        return self.check("empirical", claim, holds, evidence)
+    def takeaway(
+        self,
+        claim: str,
+        values: Sequence[float] | np.ndarray,
+        expect: Expect,
+        null: float = 0.0,
+        over: str = "",
+        unit: str = "",
+        evidence: str = "",
+    ) -> Verdict:
+        """An empirical claim about the mean of ``values`` (t-interval)."""
+        return self.takeaway_estimate(
+            claim, mean_interval(values), expect, null, over, unit, evidence
+        )
 
-    @property
-    def all_guaranteed_hold(self) -> bool:
-        return all(c.holds for c in self.claims if c.kind == "guaranteed")
+    def takeaway_proportion(
+        self,
+        claim: str,
+        k: int,
+        n: int,
+        expect: Expect = ">",
+        null: float = 0.5,
+        over: str = "",
+        evidence: str = "",
+    ) -> Verdict:
+        """An empirical claim about a share ``k / n`` (Clopper-Pearson interval)."""
+        ev = f"{k}/{n}" + (f"; {evidence}" if evidence else "")
+        return self.takeaway_estimate(
+            claim, proportion_interval(k, n), expect, null, over, "", ev
+        )
+
+    def guarantee(
+        self, claim: str, holds: bool, conditions: str, evidence: str, over: str = "this run"
+    ) -> Verdict:
+        """A theorem under ``conditions``, checked against a realized change."""
+        if not conditions:
+            raise ValueError(f"a guarantee states its conditions: {claim!r}")
+        verdict: Verdict = "holds" if bool(holds) else "does not hold"
+        ev = f"conditions: {conditions}; {evidence}"
+        self._add(
+            Claim("guarantee", _clean(claim, "claim"), verdict, _clean(over, "over"),
+                  _clean(ev, "evidence"))
+        )
+        return verdict
+
+    def consistency(
+        self, claim: str, holds: bool, evidence: str, over: str = "this run"
+    ) -> Verdict:
+        """An identity of the measured statistics: a check of the code, not of the paper."""
+        verdict: Verdict = "holds" if bool(holds) else "does not hold"
+        self._add(
+            Claim("consistency", _clean(claim, "claim"), verdict, _clean(over, "over"),
+                  _clean(evidence, "evidence"))
+        )
+        return verdict
 
     def __str__(self) -> str:
         return "\n".join(c.line() for c in self.claims)
 
     def to_records(self) -> list[dict]:
-        return [asdict(c) for c in self.claims]
+        return [_record(asdict(c)) for c in self.claims]
+
+
+def _record(d: dict) -> dict:
+    d["interval"] = list(d["interval"]) if d["interval"] is not None else None
+    return d
 
 
 def parse_verdicts(text: str) -> list[dict]:
-    """Claims (as dicts) from verdict lines in ``text``; other lines are ignored."""
+    """Claims (as results-file records) from verdict lines in ``text``; other lines are ignored.
+
+    A record has ``kind``, ``verdict``, ``claim``, ``effect`` (number or None), ``interval``
+    (``[low, high]`` or None), ``unit``, ``over`` and ``evidence``.
+    """
     out = []
     for line in text.splitlines():
         m = VERDICT_LINE.match(line.strip())
-        if m:
-            out.append(
-                {
-                    "kind": m["kind"],
-                    "claim": m["claim"],
-                    "holds": m["verdict"] == "HOLDS",
-                    "evidence": m["evidence"],
-                }
-            )
+        if not m:
+            continue
+        has_effect = m["effect"] is not None
+        out.append(
+            {
+                "kind": m["kind"],
+                "verdict": m["verdict"].lower(),
+                "claim": m["claim"],
+                "effect": float(m["effect"]) if has_effect else None,
+                "interval": [float(m["low"]), float(m["high"])] if has_effect else None,
+                "unit": (m["unit"] or "").strip(),
+                "over": m["over"],
+                "evidence": m["evidence"],
+            }
+        )
     return out
