@@ -24,7 +24,7 @@ Clopper-Pearson interval of a proportion (:func:`proportion_interval`) and the b
 
 A printed line reads (the runner parses it back into ``results/<chapter>.json``)::
 
-    [takeaway] HOLDS: <claim> | effect -7.96 nats, 95% CI [-9.1, -6.8], over 16 pairs x 3 seeds | <ev>
+    [takeaway] HOLDS: <claim> | effect -7.96 nats, 95% CI [-9.1, -6.8], over 16 pairs x 3 seeds | ..
     [guarantee] DOES NOT HOLD: <claim> | over 12 pairs | <evidence>
 """
 
