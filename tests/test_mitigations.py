@@ -243,3 +243,49 @@ def test_mitigations_train_in_the_loop(tokenizer, name):
     again = once()
     pd_equal = res.steps.drop(columns="seconds").equals(again.steps.drop(columns="seconds"))
     assert pd_equal and res.pairs.equals(again.pairs)
+
+
+def test_normalized_step_check_against_brute_force(tiny_model):
+    """Per pair: cosine and first-order prediction from brute-force gradients, realized changes
+    within 2% of them (a small step), the guaranteed signs, parameters restored exactly."""
+    from ge_utils.mitigations import normalized_step_check
+
+    c, r = batches("right")
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    table = normalized_step_check(tiny_model, c, r, REF, beta=0.5, step_size=1e-4)
+    for p, p0 in zip(tiny_model.parameters(), before, strict=True):
+        assert torch.equal(p, p0)
+    assert list(table["pair"]) == [0, 1, 2] and table["holds"].all()
+    with torch.no_grad():
+        u = sequence_logprobs(tiny_model, concat_batches(c, r))
+    weight = 0.5 * torch.sigmoid(-0.5 * ((u[:3] - REF[0]) - (u[3:] - REF[1])))
+    eta = float(table["eta"].iloc[0])
+    for i in range(3):
+        g_w = brute_grad(tiny_model, PROMPTS[i], CHOSEN[i])
+        g_l = brute_grad(tiny_model, PROMPTS[i], REJECTED[i])
+        cos = float(g_w @ g_l / (g_w.norm() * g_l.norm()))
+        row = table.iloc[i]
+        assert row["cosine"] == pytest.approx(cos, rel=1e-8)
+        assert row["weight"] == pytest.approx(float(weight[i]), rel=1e-8)
+        pred_w = eta * float(weight[i] * g_w.norm()) * (1 - cos)
+        pred_l = -eta * float(weight[i] * g_l.norm()) * (1 - cos)
+        assert row["pred_delta_chosen"] == pytest.approx(pred_w, rel=1e-8)
+        assert row["pred_delta_rejected"] == pytest.approx(pred_l, rel=1e-8)
+        assert row["realized_delta_chosen"] == pytest.approx(pred_w, rel=0.02)
+        assert row["realized_delta_rejected"] == pytest.approx(pred_l, rel=0.02)
+    # The median predicted chosen change is the requested step size.
+    assert float(table["pred_delta_chosen"].median()) == pytest.approx(1e-4, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"step_size": 0.0}, "step_size must be"), ({"step_size": float("nan")}, "step_size")],
+)
+def test_normalized_step_check_rejects_bad_input(tiny_model, kwargs, message):
+    from ge_utils.mitigations import normalized_step_check
+
+    c, r = batches("right")
+    with pytest.raises(ValueError, match=message):
+        normalized_step_check(tiny_model, c, r, **kwargs)
+    with pytest.raises(ValueError, match="as many chosen as rejected"):
+        normalized_step_check(tiny_model, c, r.select([0, 1]))

@@ -48,13 +48,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ge_utils.fast_gradients import GhostRecorder
-from ge_utils.gradients import pair_logps
-from ge_utils.logprobs import SequenceBatch, concat_batches, token_logprobs
+from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats
+from ge_utils.gradients import pair_logps, parameter_set
+from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs, token_logprobs
 from ge_utils.losses import (
     NON_NEGATIVE,
     OPEN_UNIT,
@@ -323,6 +324,101 @@ def first_order_normalized(stats: dict[str, Tensor], c: Tensor, eta: float) -> d
         "pred_delta_chosen": eta * c * nw * (1 - cos),
         "pred_delta_rejected": -eta * c * nl * (1 - cos),
     }
+
+
+def normalized_step_check(
+    model: nn.Module,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    ref: tuple[Tensor, Tensor] | None = None,
+    beta: float = 0.1,
+    step_size: float = 1e-2,
+) -> pd.DataFrame:
+    """The normalized step's guarantee, checked against a realized step, one pair at a time.
+
+    The guarantee's conditions: one plain gradient step, on one pair alone, small enough for
+    first order. For each pair i, over every trainable parameter: ``g_w, g_l`` by autograd, the
+    DPO weight ``c = beta sigmoid(-beta (r_w - r_l))`` (``ref`` None: rewards 0, ``c = beta/2``),
+    then the plain SGD step ``theta += eta c (g_w/|g_w| - g_l/|g_l|)`` (a descent step on the
+    normalized objective), the realized ``Delta u_w, Delta u_l`` and the first-order prediction
+    ``eta c |g_w| (1 - cos)``, ``-eta c |g_l| (1 - cos)`` from the same gradients (float64); the
+    parameters are restored bit-exactly after each pair. One ``eta`` for all pairs: the median
+    predicted ``Delta u_w`` is ``step_size`` nats (from :func:`fast_gradient_stats`).
+
+    Returns one row per pair: ``pair, cosine, weight, eta, pred_delta_chosen,
+    pred_delta_rejected, realized_delta_chosen, realized_delta_rejected`` (nats) and ``holds``
+    (realized chosen up and rejected down). Eval mode throughout.
+    """
+    if len(chosen) != len(rejected) or len(chosen) == 0:
+        raise ValueError(
+            f"need as many chosen as rejected sequences (>= 1), got "
+            f"{len(chosen)} and {len(rejected)}"
+        )
+    if not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
+    base = get_loss("dpo", beta=beta)
+    stats = fast_gradient_stats(model, chosen, rejected)
+    weight = (
+        base.coefficients(
+            pair_logps(stats["logp_chosen"], stats["logp_rejected"], chosen, rejected, ref)
+        )[0]
+        .double()
+        .cpu()
+    )
+    unit = first_order_normalized(stats, weight, 1.0)["pred_delta_chosen"].median()
+    if not float(unit) > 0:
+        raise ValueError("every pair has cos(g_w, g_l) = 1 or a zero gradient: no step to check")
+    eta = step_size / float(unit)
+    plist = [q for _, q in parameter_set(model)]
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for i in range(len(chosen)):
+            c, r = chosen.select([i]), rejected.select([i])
+            u_w, u_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
+            g_w = torch.autograd.grad(u_w.sum(), plist, allow_unused=True)
+            g_l = torch.autograd.grad(u_l.sum(), plist, allow_unused=True)
+            pairs = [
+                (a.double(), b.double())
+                for a, b in zip(g_w, g_l, strict=True)
+                if a is not None and b is not None
+            ]
+            nw = math.sqrt(math.fsum(float((a * a).sum()) for a, _ in pairs))
+            nl = math.sqrt(math.fsum(float((b * b).sum()) for _, b in pairs))
+            cos = math.fsum(float((a * b).sum()) for a, b in pairs) / (nw * nl)
+            w = float(weight[i])
+            saved = [q.detach().clone() for q in plist]
+            with torch.no_grad():
+                try:
+                    for q, a, b in zip(plist, g_w, g_l, strict=True):
+                        step = torch.zeros_like(q)
+                        if a is not None:
+                            step += a / nw
+                        if b is not None:
+                            step -= b / nl
+                        q.add_(eta * w * step)
+                    new_w, new_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
+                finally:
+                    for q, old in zip(plist, saved, strict=True):
+                        q.copy_(old)
+            d_w, d_l = float(new_w - u_w.detach()), float(new_l - u_l.detach())
+            rows.append(
+                {
+                    "pair": i,
+                    "cosine": cos,
+                    "weight": w,
+                    "eta": eta,
+                    "pred_delta_chosen": eta * w * nw * (1 - cos),
+                    "pred_delta_rejected": -eta * w * nl * (1 - cos),
+                    "realized_delta_chosen": d_w,
+                    "realized_delta_rejected": d_l,
+                    "holds": d_w > 0 and d_l < 0,
+                }
+            )
+    finally:
+        model.train(was_training)
+    return pd.DataFrame(rows)
 
 
 def scatter_response_tokens(batch: SequenceBatch, values: list[Tensor]) -> Tensor:
