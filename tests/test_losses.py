@@ -230,3 +230,31 @@ def test_nll_term_is_a_token_mean_and_the_summed_form_an_option(name):
     torch.testing.assert_close(mean_l, sum_l)
     assert "token-mean" in table2().set_index("name").loc[name, "Lambda"]
     assert "summed" in table2().set_index("name").loc[f"{name}_sum", "Lambda"]
+
+
+def test_mixed_length_pairs_make_rdpo_differ_from_dpo():
+    """On ``mixed_length`` pairs every chosen/rejected length differs (both signs, balanced per
+    label), so R-DPO's length term is active; on ``long`` pairs R-DPO equals DPO exactly."""
+    from ge_utils.data import sentiment_pairs
+    from ge_utils.models import word_tokenizer
+
+    train, held = sentiment_pairs(24, 12, "mixed_length")
+    pairs = train + held
+    tok = word_tokenizer([p.chosen for p in pairs] + [p.rejected for p in pairs])
+
+    def lengths(texts):
+        return torch.tensor([len(tok(t, add_special_tokens=False).input_ids) for t in texts])
+
+    for group, differ in ((pairs, True), (sentiment_pairs(24, 12, "long")[0], False)):
+        lw = lengths([p.chosen for p in group]).double()
+        ll = lengths([p.rejected for p in group]).double()
+        assert bool((lw != ll).all()) is differ
+        u = torch.linspace(-9, -1, len(group), dtype=torch.float64)
+        p = PairLogps(u, u - 2, u + 0.5, u - 1, lw, ll)
+        same = torch.allclose(get_loss("rdpo").loss(p), get_loss("dpo").loss(p))
+        assert same is not differ
+    sign = (lengths([p.chosen for p in pairs]) > lengths([p.rejected for p in pairs])).double()
+    assert sign.mean() == 0.5
+    assert {p.label for p in pairs if p.chosen.startswith("Positive sentiment based")} == {
+        "Positive"
+    }

@@ -8,8 +8,11 @@ its true sentiment and ``y_l`` the false one, in one of the response configurati
 - ``short``: ``Positive sentiment.`` / ``Negative sentiment.``,
 - ``long``: ``Positive sentiment based on my judgement.`` / ``Negative ...``,
 
-or any suffix (``suffix=" sentiment based on my careful judgement"``) for a sweep over suffix
-length (:func:`suffix_of_length`, :func:`suffix_family`). Prompts are raw text
+or ``mixed_length``: the chosen and the rejected response of a pair in two different of the
+formats ``single``, ``short``, ``long`` (all six ordered combinations in turn, for each label),
+so that |y_w| != |y_l| (R-DPO's length term is active, and length-averaged margins differ from
+summed ones); or any suffix (``suffix=" sentiment based on my careful judgement"``) for a sweep
+over suffix length (:func:`suffix_of_length`, :func:`suffix_family`). Prompts are raw text
 (:data:`PROMPT_TEMPLATE`); ``ge_utils.logprobs.tokenize(template="chat")`` puts the same text in
 a user message of the model's chat template instead.
 
@@ -40,6 +43,8 @@ CONFIG_SUFFIXES = {
     "short": " sentiment.",
     "long": " sentiment based on my judgement.",
 }
+MIXED_LENGTH = "mixed_length"
+MIXED_FORMATS = list(itertools.permutations(("single", "short", "long"), 2))
 SWEEP_WORDS = ["sentiment", "based", "on", "my", "own", "careful", "judgement", "of", "it"]
 
 SUBJECTS = [
@@ -183,19 +188,25 @@ def sentiment_pairs(
     pool = statements(seed)
     if n_train < 0 or n_test < 0 or n_train + n_test > len(pool):
         raise ValueError(f"need 0 <= n_train + n_test <= {len(pool)}, got {n_train} + {n_test}")
-    pos_resp, neg_resp = sentiment_responses(config, suffix)
+    mixed = config == MIXED_LENGTH and suffix is None
+    pos_resp, neg_resp = sentiment_responses("long" if mixed else config, suffix)
     by_label = {lab: [s for s in pool if s[1] == lab] for lab in LABELS}
     # Alternate labels so any prefix of the list is balanced.
     interleaved = [
         x for pair in zip(by_label["Positive"], by_label["Negative"], strict=True) for x in pair
     ]
 
-    def pair(statement: str, label: str) -> PreferencePair:
+    def pair(k: int, statement: str, label: str) -> PreferencePair:
         good, bad = (pos_resp, neg_resp) if label == "Positive" else (neg_resp, pos_resp)
+        if mixed:  # k // 2: labels alternate, so each label meets every format combination
+            fmt_w, fmt_l = MIXED_FORMATS[(k // 2) % len(MIXED_FORMATS)]
+            side = LABELS.index(label)
+            good, bad = sentiment_responses(fmt_w)[side], sentiment_responses(fmt_l)[1 - side]
         return PreferencePair(template.format(statement=statement), good, bad, label, statement)
 
-    train = [pair(*x) for x in interleaved[:n_train]]
-    test = [pair(*x) for x in interleaved[n_train : n_train + n_test]]
+    chosen = interleaved[: n_train + n_test]
+    train = [pair(k, *x) for k, x in enumerate(chosen[:n_train])]
+    test = [pair(n_train + k, *x) for k, x in enumerate(chosen[n_train:])]
     return train, test
 
 
