@@ -1,8 +1,10 @@
 import json
+import os
+import stat
 
 import pytest
 
-from ge_utils.io import atomic_open, atomic_write_json
+from ge_utils.io import atomic_open, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -18,3 +20,22 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
 def test_atomic_open_refuses_read_mode(tmp_path):
     with pytest.raises(ValueError, match="writing"), atomic_open(tmp_path / "x", "r"):
         pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_file_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "out.csv", "a,b\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out.csv").stat().st_mode) == 0o666 & ~umask
+
+
+def test_existing_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
