@@ -8,14 +8,17 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import ge_utils.fast_gradients as fg
-from ge_utils.fast_gradients import (
+import ge_utils.stats.factors as factors
+import ge_utils.stats.layers as layers
+from ge_utils.stats import (
+    PAIR_KEYS,
+    TINY_COEFFICIENT,
     GhostRecorder,
+    exact_gradient_stats,
     fast_gradient_stats,
     tokenwise_inner,
     training_step_stats,
 )
-from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
 from ge_utils.models import tiny_causal_lm
 
@@ -61,7 +64,7 @@ def assert_fast_equals_exact(model, params=None, side="right", rtol=1e-8):
 @pytest.mark.parametrize("materialize", [True, False])
 def test_fast_equals_exact_float64(tiny_model, side, materialize, monkeypatch):
     if not materialize:  # force the Gram-product path for every layer
-        monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
+        monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)
     assert_fast_equals_exact(tiny_model, side=side)
 
 
@@ -98,7 +101,7 @@ def test_fast_equals_exact_with_lora(arch, targets, monkeypatch):
     model.eval()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)
     assert_fast_equals_exact(model, side="left")
 
 
@@ -150,7 +153,7 @@ def test_gradient_checkpointing_in_a_training_step(reentrant):
     (enable or model.gradient_checkpointing_enable)({"use_reentrant": reentrant})
     model.train()  # checkpointing is active in training mode only
     _, stats = training_step_stats(model, c, r, lambda u_w, u_l: (u_l - u_w).sum())
-    assert_stats_close(stats, exact, 1e-8, keys=fg.PAIR_KEYS)
+    assert_stats_close(stats, exact, 1e-8, keys=PAIR_KEYS)
 
 
 def test_linear_head_with_bias():
@@ -183,7 +186,7 @@ def test_small_modules_of_unknown_kind_by_per_sequence_autograd(vmap, monkeypatc
         def no_vmap(*args):
             raise RuntimeError("vmap unavailable")
 
-        monkeypatch.setattr(GhostRecorder, "_small_grads_vmap", staticmethod(no_vmap))
+        monkeypatch.setattr(layers, "_small_grads_vmap", no_vmap)
     model = tiny_causal_lm("llama", 30).double()
     model.model.norm = SoftGate(model.config.hidden_size).double()
     model.model.norm.register_forward_hook(lambda m, a, out: 1.5 * out + 0.1)  # after the module
@@ -209,8 +212,8 @@ def test_rmsnorm_formula_is_checked_before_its_closed_form_is_used():
     model = tiny_causal_lm("llama", 30).double()
     model.model.norm = SquaredRMSNorm(model.config.hidden_size).double()
     assert_fast_equals_exact(model)
-    assert fg._SLOPE_IS_NORMALIZED[SquaredRMSNorm] is False
-    assert fg._SLOPE_IS_NORMALIZED[type(model.model.layers[0].input_layernorm)] is True
+    assert layers._SLOPE_IS_NORMALIZED[SquaredRMSNorm] is False
+    assert layers._SLOPE_IS_NORMALIZED[type(model.model.layers[0].input_layernorm)] is True
 
 
 def test_hooks_that_change_module_outputs_are_part_of_the_model(tiny_model):
@@ -224,7 +227,7 @@ def test_hooks_that_change_module_outputs_are_part_of_the_model(tiny_model):
 
 
 def test_layers_sharing_an_input_reuse_its_gram_matrix(monkeypatch):
-    monkeypatch.setattr(fg, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)
     model = tiny_causal_lm("llama", 30)
     joint = concat_batches(*batches())
     with GhostRecorder(model, batch=joint) as rec:
@@ -266,12 +269,12 @@ def test_parameters_used_outside_their_module_raise():
     # Unused parameters of the set contribute zero, as in brute force.
     assert_fast_equals_exact(model, ["model.gain.a", "model.norm.weight"])
     unused = fast_gradient_stats(model, c, r, ["model.gain.a"])
-    assert all((unused[k] == 0).all() for k in fg.PAIR_KEYS)
+    assert all((unused[k] == 0).all() for k in PAIR_KEYS)
 
 
 def test_unsupported_and_frozen_parameters_raise(tiny_model, monkeypatch):
     c, r = batches()
-    monkeypatch.setattr(fg, "SMALL_MODULE_NUMEL", 8)
+    monkeypatch.setattr(layers, "SMALL_MODULE_NUMEL", 8)
     tiny_model.base_model.gate = SoftGate(4)  # 12 parameters of no supported kind
     with pytest.raises(TypeError, match=r"cannot handle parameter\(s\): \S*gate\.a, "):
         fast_gradient_stats(tiny_model, c, r)
@@ -361,7 +364,7 @@ def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
         (coef * u).sum().backward()
         stats = rec.pair_stats(coef[:3], coef[3:])
     exact = exact_gradient_stats(tiny_model, c, r)
-    assert_stats_close(stats, exact, SCALED_RTOL, keys=fg.PAIR_KEYS)
+    assert_stats_close(stats, exact, SCALED_RTOL, keys=PAIR_KEYS)
     assert all(p.grad is not None for p in tiny_model.parameters())  # training grads intact
 
 
@@ -396,14 +399,14 @@ def test_training_step_stats_equal_exact_and_leave_the_training_gradient(tiny_mo
 def test_pairs_without_gradient_in_the_training_backward_are_nan(tiny_model):
     c, r = batches()
     weights = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
-    weights[0] = fg.TINY_COEFFICIENT / 10  # not exactly 0: NaN by the threshold, not by 0 / 0
+    weights[0] = TINY_COEFFICIENT / 10  # not exactly 0: NaN by the threshold, not by 0 / 0
 
     def weighted_margin(u_w, u_l):
         return (weights * (u_l - u_w)).sum()
 
     _, stats = training_step_stats(tiny_model, c, r, weighted_margin)
     exact = exact_gradient_stats(tiny_model, c, r)
-    for k in fg.PAIR_KEYS:
+    for k in PAIR_KEYS:
         assert torch.isnan(stats[k][0]), k
         torch.testing.assert_close(stats[k][1:], exact[k][1:], rtol=SCALED_RTOL, atol=0)
 

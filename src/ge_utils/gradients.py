@@ -1,9 +1,10 @@
-"""Exact gradient-entanglement statistics (the reference implementation) and the one-step check.
+"""What gradient statistics predict for one step, the one-step check, and the diagnosis of pairs.
 
 For pair i, ``g_w = grad u_w`` and ``g_l = grad u_l`` are the gradients of the summed response
-log-probs of its chosen and rejected sequence over a parameter set. This module computes them
-the slow, obvious way (one backward pass per sequence, float64 dot products) so that faster
-methods (:mod:`ge_utils.fast_gradients`) can be tested against it.
+log-probs of its chosen and rejected sequence over a parameter set; :mod:`ge_utils.stats`
+computes ``|g_w|^2, |g_l|^2, <g_w, g_l>`` (exactly, by per-sequence backward passes, or fast,
+from one forward and backward), and this module re-exports its exact reference
+(:func:`exact_gradient_stats`) and :func:`parameter_set`.
 
 The first-order change of a gradient step of size ``eta`` on a loss with coefficients
 ``d_w, d_l`` (``grad loss = -d_w g_w + d_l g_l``) is
@@ -22,7 +23,7 @@ target margin). With ``d_w = d_l = C`` the margin grows to first order,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -32,89 +33,23 @@ from tqdm.auto import tqdm
 
 from ge_utils.logprobs import SequenceBatch, sequence_logprobs, tokenize
 from ge_utils.losses import MarginLoss, PairLogps
+from ge_utils.stats.exact import exact_gradient_stats
+from ge_utils.stats.params import ParamSpec, parameter_set
+from ge_utils.stats.record import STAT_KEYS, PairStats
+from ge_utils.stats.strategies import get_strategy
 
-ParamSpec = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
-STAT_KEYS = ("logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner")
-
-
-def parameter_set(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
-    """Resolve a parameter set to ``(name, parameter)`` pairs, each parameter once.
-
-    ``None``: every parameter with ``requires_grad`` (tied weights appear once, under their first
-    name). An iterable of names: exactly those; a tied weight may be named by any of its names
-    (an unknown name is an error). A predicate ``f(name, param) -> bool``: the parameters it
-    accepts. An empty set is an error.
-    """
-    named = list(model.named_parameters())  # de-duplicated: tied weights once
-    if params is None:
-        resolved = [(n, p) for n, p in named if p.requires_grad]
-    elif callable(params):
-        resolved = [(n, p) for n, p in named if params(n, p)]
-    elif isinstance(params, str):
-        raise TypeError(f"params must be an iterable of names, not the string {params!r}")
-    else:
-        wanted = list(params)
-        by_name = dict(model.named_parameters(remove_duplicate=False))
-        unknown = [n for n in wanted if n not in by_name]
-        if unknown:
-            raise ValueError(f"unknown parameter name(s): {', '.join(map(repr, unknown))}")
-        unique: dict[int, tuple[str, nn.Parameter]] = {}
-        for n in wanted:  # first occurrence wins: order kept, tied aliases once
-            unique.setdefault(id(by_name[n]), (n, by_name[n]))
-        resolved = list(unique.values())
-    if not resolved:
-        raise ValueError("the parameter set is empty (no parameter requires grad or matched)")
-    return resolved
-
-
-def _grads(value: torch.Tensor, params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
-    """Gradient of a scalar with respect to each parameter (None where it does not depend)."""
-    return [
-        None if g is None else g.detach()
-        for g in torch.autograd.grad(value, params, allow_unused=True)
-    ]
-
-
-def _dot64(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
-    """``<a, b>`` over lists of per-parameter gradients, each cast to float64 before its product
-    (one parameter at a time: no flattened copy of the whole gradient)."""
-    return math.fsum(
-        float(torch.dot(x.double().flatten(), y.double().flatten()))
-        for x, y in zip(a, b, strict=True)
-        if x is not None and y is not None
-    )
-
-
-def exact_gradient_stats(
-    model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
-) -> dict[str, torch.Tensor]:
-    """Per-pair ``logp_chosen``, ``logp_rejected`` (nats), ``norm2_chosen`` (``|g_w|^2``),
-    ``norm2_rejected`` (``|g_l|^2``) and ``inner`` (``<g_w, g_l>``): float64 (B,) on the CPU.
-
-    Row i of ``chosen`` pairs with row i of ``rejected``. One backward pass per sequence, in eval
-    mode (dropout off; the previous mode is restored); per-parameter products in float64.
-    ``params`` selects the parameter set (:func:`parameter_set`).
-    """
-    if len(chosen) != len(rejected):
-        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
-    plist = [p for _, p in parameter_set(model, params)]
-    was_training = model.training
-    model.eval()
-    out: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
-    try:
-        for i in range(len(chosen)):
-            u_w = sequence_logprobs(model, chosen.select([i]))[0]
-            g_w = _grads(u_w, plist)
-            u_l = sequence_logprobs(model, rejected.select([i]))[0]
-            g_l = _grads(u_l, plist)
-            out["logp_chosen"].append(float(u_w.detach()))
-            out["logp_rejected"].append(float(u_l.detach()))
-            out["norm2_chosen"].append(_dot64(g_w, g_w))
-            out["norm2_rejected"].append(_dot64(g_l, g_l))
-            out["inner"].append(_dot64(g_w, g_l))
-    finally:
-        model.train(was_training)
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+__all__ = [
+    "STAT_KEYS",
+    "ParamSpec",
+    "classify_cases",
+    "condition_table",
+    "diagnose_pairs",
+    "exact_gradient_stats",
+    "one_step_change",
+    "pair_logps",
+    "parameter_set",
+    "stats_method",
+]
 
 
 def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor:
@@ -128,7 +63,7 @@ def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor
 
 
 def condition_table(
-    stats: dict[str, torch.Tensor], d_w: torch.Tensor, d_l: torch.Tensor, eta: float = 1.0
+    stats: Mapping[str, torch.Tensor], d_w: torch.Tensor, d_l: torch.Tensor, eta: float = 1.0
 ) -> pd.DataFrame:
     """One row per pair: the statistics, the loss coefficients, the first-order predicted
     changes for a plain gradient step of size ``eta`` and the case.
@@ -241,18 +176,14 @@ def one_step_change(
     return out
 
 
-StatsMethod = Callable[..., dict[str, torch.Tensor]]
+StatsMethod = Callable[..., PairStats]
 
 
 def stats_method(method: str) -> StatsMethod:
-    """``exact`` (this module) or ``fast`` (:mod:`ge_utils.fast_gradients`)."""
-    if method == "exact":
-        return exact_gradient_stats
-    if method == "fast":
-        from ge_utils.fast_gradients import fast_gradient_stats
-
-        return fast_gradient_stats
-    raise ValueError(f"unknown statistics method {method!r}; expected 'fast' or 'exact'")
+    """The registered statistics strategy ``method`` (``exact`` or ``fast``; see
+    :func:`ge_utils.stats.strategies.get_strategy`), called as ``f(model, chosen, rejected,
+    params)``."""
+    return get_strategy(method)
 
 
 def _reference_logps(
@@ -292,7 +223,7 @@ def diagnose_pairs(
 
     Tokenizes ``batch_size`` pairs at a time (``template`` as in
     :func:`ge_utils.logprobs.tokenize`), computes the statistics with ``method`` (``"exact"``:
-    :func:`exact_gradient_stats`; ``"fast"``: :func:`ge_utils.fast_gradients.fast_gradient_stats`)
+    :func:`exact_gradient_stats`; ``"fast"``: :func:`ge_utils.stats.fast_gradient_stats`)
     over ``params``, and the loss coefficients. Reference log-probs come from ``ref_model`` (in
     eval mode, restored afterwards), or from ``model`` itself when it is None: then every reward
     is 0 and, e.g. for DPO, ``d_w = d_l = beta / 2``. ``progress`` shows a bar over batches.

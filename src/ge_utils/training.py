@@ -6,7 +6,7 @@ and the loss coefficients ``d_w, d_l``; and on a fixed probe set each pair's gra
 ``|g_w|^2, |g_l|^2, <g_w, g_l>``, cosine and first-order case. Reference log-probs are those of
 the model at the start of preference optimization, computed once (no second model is kept).
 With ``train_stats`` the same per-pair gradient statistics are recovered for every training pair
-of every step from the training backward itself (:class:`ge_utils.fast_gradients.GhostRecorder`),
+of every step from the training backward itself (:class:`ge_utils.stats.GhostRecorder`),
 logged under split ``train`` at the step whose parameters they were computed on.
 
 Results come back as a :class:`RunResult` with two tidy DataFrames: ``steps`` (one row per
@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ge_utils.fast_gradients import GhostRecorder
 from ge_utils.gradients import StatsMethod, condition_table, pair_logps, stats_method
 from ge_utils.io import atomic_write_json, atomic_write_text
 from ge_utils.logprobs import (
@@ -39,7 +38,6 @@ from ge_utils.logprobs import (
     prompt_ids,
     response_ids,
     sequence_logprobs,
-    target_positions,
     token_logprobs,
     unwrap_model,
 )
@@ -51,6 +49,7 @@ from ge_utils.mitigations import (
     response_token_values,
     scatter_response_tokens,
 )
+from ge_utils.stats import PAIR_KEYS, GhostRecorder
 
 Optimizer = Literal["adamw", "sgd"]
 
@@ -375,11 +374,9 @@ def preference_microstep(
         return loss_fn.microstep(
             model, chosen, rejected, ref, n_total, record_stats, ref_tokens=ref_tokens
         )
-    recorder = GhostRecorder(model, keep_outputs=False) if record_stats else None
+    joint = concat_batches(chosen, rejected)
+    recorder = GhostRecorder(model, keep_outputs=False, batch=joint) if record_stats else None
     try:
-        joint = concat_batches(chosen, rejected)
-        if recorder is not None:
-            recorder.n_seq, recorder.row_seq = len(joint), target_positions(joint)[0]
         u = sequence_logprobs(model, joint)
         u_w, u_l = u[: len(chosen)], u[len(chosen) :]
         p = pair_logps(u_w, u_l, chosen, rejected, ref)
@@ -389,16 +386,15 @@ def preference_microstep(
         stats = None
         if recorder is not None:
             d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
-            recorder.scale = torch.cat([-d_w, d_l]) / n_total  # dLoss/du of each sequence
-            recorder.expect_pairs(len(chosen))
         loss.backward()
-        if recorder is not None:
+        if recorder is not None:  # the backward carried dLoss/du = -d_w / n, +d_l / n
+            pair = recorder.pair_stats(-d_w / n_total, d_l / n_total)
             stats = {
                 "logp_chosen": u_w.detach(),
                 "logp_rejected": u_l.detach(),
                 "d_w": d_w,
                 "d_l": d_l,
-                **recorder.results(),
+                **{k: pair[k] for k in PAIR_KEYS},
             }
     finally:
         if recorder is not None:

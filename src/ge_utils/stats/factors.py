@@ -1,0 +1,122 @@
+"""Per-sequence gradient factors of one use of a parameter, and their inner products.
+
+A layer's per-sequence gradient is kept in one of three forms (:class:`Factor`):
+
+- ``outer``: ``grad_i = sum_t left[i, t] (x) right[i, t]`` (outer products of rows, flattened),
+  e.g. a linear layer ``y = W a``: ``left = g`` (output gradient rows), ``right = a`` (inputs).
+  Then ``<grad_i, grad_j> = sum_{t, s} (left_i[t] . left_j[s]) (right_i[t] . right_j[s])``:
+  the sum of the elementwise product of two Gram matrices, cost ``T_i T_j (P + Q)`` per pair
+  instead of ``P Q`` memory per sequence ("ghost" products);
+- ``onehot``: ``left[i, t]`` is the one-hot row of token ``ids[i, t]`` (embeddings), so
+  ``left_i[t] . left_j[s] = [ids_i[t] == ids_j[s]]``;
+- ``dense``: the materialized per-sequence gradient ``vec[i]`` (N, numel).
+
+Two uses of one parameter (tied weights, modules called twice) must orient their factors alike
+(``left`` along the same axis of the weight), so that their cross terms
+``<grad of use u on i, grad of use v on j>`` are inner products of the same flattened vectors.
+Products are formed in the factors' precision (at least float32) and summed in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MATERIALIZE_BYTES = 256 * 2**20  # largest per-layer block of materialized per-sequence gradients
+
+Index = slice | Tensor  # rows of the per-sequence factors: a range, or (K,) long indices
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One use of a parameter as per-sequence factors (see the module docstring); build it with
+    :meth:`outer`, :meth:`onehot` or :meth:`dense`."""
+
+    left: Tensor | None = None
+    ids: Tensor | None = None
+    right: Tensor | None = None
+    vec: Tensor | None = None
+
+    @classmethod
+    def outer(cls, left: Tensor, right: Tensor) -> Factor:
+        """``grad_i = sum_t left[i, t] (x) right[i, t]``; ``left`` (N, T, P), ``right``
+        (N, T, Q)."""
+        return cls(left=left, right=right)
+
+    @classmethod
+    def onehot(cls, ids: Tensor, right: Tensor) -> Factor:
+        """``grad_i = sum_t e_{ids[i, t]} (x) right[i, t]``; ``ids`` (N, T) long."""
+        return cls(ids=ids, right=right)
+
+    @classmethod
+    def dense(cls, vec: Tensor) -> Factor:
+        """``grad_i = vec[i]``; ``vec`` (N, numel)."""
+        return cls(vec=vec)
+
+    @property
+    def is_outer(self) -> bool:
+        return self.left is not None
+
+
+def gram(x: Tensor, y: Tensor) -> Tensor:
+    """(B, T, D) x (B, S, D) -> (B, T, S) row products ``x[b] y[b]^T``."""
+    return torch.bmm(x, y.transpose(1, 2))
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """float64 for sums, float32 on MPS (which has no float64)."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def as_index(idx: Tensor) -> Index:
+    """A contiguous ascending range as a slice (a view, no copy), anything else as is."""
+    if len(idx) > 0 and torch.equal(idx, torch.arange(int(idx[0]), int(idx[0]) + len(idx))):
+        return slice(int(idx[0]), int(idx[0]) + len(idx))
+    return idx
+
+
+def take(t: Tensor, idx: Index) -> Tensor:
+    """Rows ``idx`` of ``t``."""
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx.to(t.device))
+
+
+def _left_gram(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
+    """(K, T, S) products of the left rows of ``u`` on sequences ``ii`` and ``v`` on ``jj``."""
+    if u.ids is not None and v.ids is not None:
+        return (take(u.ids, ii)[:, :, None] == take(v.ids, jj)[:, None, :]).to(u.right.dtype)
+    if u.ids is None and v.ids is None:
+        return gram(take(u.left, ii), take(v.left, jj))
+    if u.ids is not None:  # one-hot x dense: read the dense rows at the token ids
+        return _left_gram(v, u, jj, ii).transpose(1, 2)
+    idx = take(v.ids, jj)[:, None, :].expand(-1, u.left.shape[1], -1)
+    return torch.gather(take(u.left, ii), 2, idx)
+
+
+def factor_inner(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
+    """(K,) inner products ``<grad of use u on sequence ii[k], grad of use v on sequence jj[k]>``
+    (accumulated in float64)."""
+    if u.vec is not None or v.vec is not None:
+        if u.vec is None or v.vec is None:
+            raise TypeError("cannot mix materialized and factored uses of one parameter")
+        prod = take(u.vec, ii) * take(v.vec, jj)
+        return prod.sum(1, dtype=acc_dtype(prod))
+    prod = _left_gram(u, v, ii, jj) * gram(take(u.right, ii), take(v.right, jj))
+    return prod.sum((1, 2), dtype=acc_dtype(prod))
+
+
+def materialize(u: Factor) -> Factor:
+    """``u`` as per-sequence gradients when that is cheaper and fits in memory, else ``u``.
+
+    For N = 2B sequences of T rows and 3 products per pair, materializing costs about
+    ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when
+    ``2 P Q < 3 T (P + Q)`` and the (N, P Q) block stays under ``MATERIALIZE_BYTES``.
+    """
+    if not u.is_outer:
+        return u
+    n, t, p = u.left.shape
+    q = u.right.shape[2]
+    if n * p * q * u.left.element_size() <= MATERIALIZE_BYTES and 2 * p * q < 3 * t * (p + q):
+        return Factor.dense(torch.einsum("ntp,ntq->npq", u.left, u.right).reshape(n, p * q))
+    return u

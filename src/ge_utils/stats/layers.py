@@ -1,0 +1,273 @@
+"""Per-layer gradient factors: one pure function per module type, found through a registry.
+
+For a module ``m`` applied to the rows of N sequences, with inputs ``x`` (N, T, d_in) and
+output gradients ``g`` (N, T, d_out) of ``f_i`` (the scalar of sequence i), a factor function
+returns, for each wanted parameter of ``m`` (by attribute name), a
+:class:`~ge_utils.stats.factors.Factor` whose per-sequence gradients are ``grad_p f_i``:
+
+- ``nn.Linear``, ``y = W a + b``: ``grad_W f_i = sum_t g_t a_t^T`` (outer factor, ``left = g``,
+  ``right = a``), ``grad_b f_i = sum_t g_t`` (dense);
+- transformers' ``Conv1D`` (GPT-2), ``y = a W + b`` with W (d_in, d_out): ``grad_W f_i =
+  sum_t a_t g_t^T`` (``left = a``, ``right = g``);
+- ``nn.Embedding``, ``y_t = E[id_t]``: ``grad_E f_i = sum_t e_{id_t} g_t^T`` (one-hot factor; the
+  ``padding_idx`` row gets no gradient);
+- ``nn.LayerNorm`` / ``nn.RMSNorm`` and any ``*RMSNorm`` class whose output is ``s(w) * x_hat``
+  with ``ds/dw = 1`` (checked once per class with a forward-mode derivative):
+  ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t`` (dense, d values each);
+- LoRA adapters (peft) are pairs of ``nn.Linear`` layers (``lora_A``, ``lora_B``) and are
+  covered by the linear rule, with GPT-2's ``fan_in_fan_out`` included;
+- any other module with at most ``SMALL_MODULE_NUMEL`` parameters in the set (the fallback):
+  per-sequence vector-Jacobian products through that module alone,
+  ``grad_p f_i = (d m(x_i) / d p)^T g_i`` (vectorized with vmap, a loop where vmap cannot run).
+
+How to add a layer type. Write a pure function ``factors(module, x, g, wanted) -> dict[str,
+Factor]`` (``x``: input rows (N, T, d_in), token ids as (N, T, 1); ``g``: output-gradient
+rows (N, T, d_out); both zero on padding rows, in the model's dtype: promote with
+:func:`promote`; ``wanted``: the names of the module's own parameters in the set) and register
+it for the module class::
+
+    from ge_utils.stats.factors import Factor
+    from ge_utils.stats.layers import promote, register_layer
+
+    @register_layer(ScaledLinear, single_use=True)
+    def scaled_linear_factors(module, x, g, wanted):
+        # y = s * W x:  grad_W f_i = sum_t (s g_t) x_t^T
+        return {"weight": Factor.outer(module.s * promote(g), promote(x))}
+
+A class matches its own rule when its ``forward`` is the registered class's ``forward`` (a
+subclass that overrides ``forward`` computes something else and needs its own rule); pass a
+predicate ``match(module) -> bool`` instead of a class for anything else. Rules registered
+later take precedence. ``single_use=True`` states that each call of the module uses each of its
+parameters exactly once in the autograd graph and may receive its input as the keyword
+``input``; the recorder then counts uses to catch the same parameter used outside its module.
+Otherwise the module must be called with one positional tensor and no keyword arguments. Add a
+test of the new function against per-sequence autograd (``tests/test_fast_gradients.py``,
+``test_layer_factors_equal_per_sequence_autograd``) and of a model using it against
+:func:`ge_utils.stats.exact.exact_gradient_stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ge_utils.stats.factors import Factor
+
+SMALL_MODULE_NUMEL = 2**20  # most parameters (in the set) of a module handled by the fallback
+
+FactorFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Factor]]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A registered factor function: ``name`` (for messages), ``match(module)``, ``factors`` and
+    ``single_use`` (see the module docstring)."""
+
+    name: str
+    match: Callable[[nn.Module], bool]
+    factors: FactorFn
+    single_use: bool
+
+
+_RULES: list[LayerRule] = []
+
+
+def _same_forward(cls: type) -> Callable[[nn.Module], bool]:
+    def match(module: nn.Module) -> bool:
+        return isinstance(module, cls) and type(module).forward is cls.forward
+
+    return match
+
+
+def register_layer(
+    kind: type | Callable[[nn.Module], bool], *, single_use: bool = False, name: str | None = None
+) -> Callable[[FactorFn], FactorFn]:
+    """Decorator: register ``factors`` for modules of class ``kind`` (matched when their
+    ``forward`` is ``kind.forward``) or for the modules a predicate ``kind(module)`` accepts."""
+    match = _same_forward(kind) if isinstance(kind, type) else kind
+    label = name or getattr(kind, "__name__", repr(kind))
+
+    def decorate(factors: FactorFn) -> FactorFn:
+        _RULES.append(LayerRule(label, match, factors, single_use))
+        return factors
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The most recently registered rule that matches ``module``; None: use the fallback."""
+    return next((r for r in reversed(_RULES) if r.match(module)), None)
+
+
+def promote(t: Tensor) -> Tensor:
+    """Floating rows in at least float32 (half precisions promoted); others unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
+
+
+def _bias(module: nn.Module, g: Tensor, wanted: frozenset[str]) -> dict[str, Factor]:
+    if "bias" in wanted and getattr(module, "bias", None) is not None:
+        return {"bias": Factor.dense(promote(g).sum(1))}
+    return {}
+
+
+@register_layer(nn.Linear, single_use=True)
+def linear_factors(
+    module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
+) -> dict[str, Factor]:
+    """``y = W a + b``: ``grad_W f_i = sum_t g_t a_t^T``, ``grad_b f_i = sum_t g_t``."""
+    out = {"weight": Factor.outer(promote(g), promote(x))} if "weight" in wanted else {}
+    return out | _bias(module, g, wanted)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@register_layer(_is_conv1d, single_use=True, name="Conv1D")
+def conv1d_factors(
+    module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
+) -> dict[str, Factor]:
+    """transformers' ``Conv1D``, ``y = a W + b`` with W (d_in, d_out):
+    ``grad_W f_i = sum_t a_t g_t^T``, ``grad_b f_i = sum_t g_t``."""
+    out = {"weight": Factor.outer(promote(x), promote(g))} if "weight" in wanted else {}
+    return out | _bias(module, g, wanted)
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    return _same_forward(nn.Embedding)(module) and not module.scale_grad_by_freq
+
+
+@register_layer(_is_plain_embedding, single_use=True, name="Embedding")
+def embedding_factors(
+    module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
+) -> dict[str, Factor]:
+    """``y_t = E[id_t]``: ``grad_E f_i = sum_t e_{id_t} g_t^T``; the ``padding_idx`` row's
+    gradient is zero by definition. (``scale_grad_by_freq`` embeddings use the fallback.)"""
+    ids = x[..., 0].long()
+    g = promote(g)
+    if module.padding_idx is not None:
+        g = g * (ids != module.padding_idx)[..., None].to(g.dtype)
+    return {"weight": Factor.onehot(ids, g)} if "weight" in wanted else {}
+
+
+class _Bare(nn.Module):
+    """Runs ``inner.forward`` directly: the module's own computation without its hooks (whose
+    output changes, if any, lie downstream of the output gradient that the recorder sees)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner.forward(x)
+
+
+_SLOPE_IS_NORMALIZED: dict[type, bool] = {}  # per RMSNorm class: checked once per process
+
+
+def _normalized(module: nn.Module, x: Tensor) -> Tensor | None:
+    """``x`` normalized as a norm module does before its elementwise affine map, so that the
+    weight's gradient is ``sum_t g_t * x_hat_t`` (and a bias's ``sum_t g_t``). None when a class
+    named ``*RMSNorm`` turns out not to be ``s(w) * x_hat`` with ``ds/dw = 1`` (checked once per
+    class with a forward-mode derivative)."""
+    forward = type(module).forward
+    if forward is nn.LayerNorm.forward:
+        return nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if forward is nn.RMSNorm.forward:
+        return nn.functional.rms_norm(x, module.normalized_shape, eps=module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    x32 = x.float()
+    x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    known = _SLOPE_IS_NORMALIZED.get(type(module))
+    if known is None:
+        weight = module.weight.detach()
+        direction = torch.linspace(0.5, 1.5, weight.numel(), dtype=weight.dtype)
+        direction = direction.to(weight.device).reshape(weight.shape)
+
+        def forward_of(w: Tensor) -> Tensor:
+            return torch.func.functional_call(_Bare(module), {"inner.weight": w}, (x,))
+
+        try:
+            _, slope = torch.func.jvp(forward_of, (weight,), (direction,))
+        except RuntimeError:  # forward-mode AD cannot run it: treat as unknown
+            known = False
+        else:
+            expected = (direction * x_hat).float()
+            tol = 1e-3 * float(expected.abs().max())
+            known = bool(torch.allclose(slope.float(), expected, rtol=1e-3, atol=tol))
+        _SLOPE_IS_NORMALIZED[type(module)] = known
+    return x_hat if known else None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    forward = type(module).forward
+    if forward is nn.LayerNorm.forward or forward is nn.RMSNorm.forward:
+        return True
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    return type(module).__name__.endswith("RMSNorm") and names == ["weight"]
+
+
+@register_layer(_is_norm, name="LayerNorm/RMSNorm")
+def norm_factors(
+    module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
+) -> dict[str, Factor]:
+    """``y = s(w) * x_hat + b`` (LayerNorm: ``x_hat = (x - mean) / std``; RMSNorm: ``x / rms``):
+    ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t``. An ``*RMSNorm`` class that
+    fails the slope check goes to :func:`small_module_factors`."""
+    x_hat = _normalized(module, x)
+    if x_hat is None:
+        return small_module_factors(module, x, g, wanted)
+    g = promote(g)
+    out = {}
+    if "weight" in wanted and getattr(module, "weight", None) is not None:
+        out["weight"] = Factor.dense((g * promote(x_hat)).sum(1))
+    return out | _bias(module, g, wanted)
+
+
+def small_module_factors(
+    module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
+) -> dict[str, Factor]:
+    """The fallback for any module: per-sequence gradients ``(d m(x_i) / d p)^T g_i`` of the
+    wanted parameters (N, numel each), by vmap over sequences (a loop where vmap cannot run the
+    module). Exact for any module that treats sequences independently."""
+    names: dict[str, Tensor] = dict(module.named_parameters(recurse=False))
+    ordered = [n for n in names if n in wanted]
+    with torch.enable_grad():
+        try:
+            per_seq = _small_grads_vmap(module, names, ordered, x, g)
+        except RuntimeError:
+            per_seq = _small_grads_loop(module, [names[n] for n in ordered], x, g)
+    flat = (promote(t.reshape(len(x), -1)) for t in per_seq)
+    return {n: Factor.dense(v) for n, v in zip(ordered, flat, strict=True)}
+
+
+def _small_grads_vmap(
+    module: nn.Module, names: dict[str, Tensor], wanted: list[str], x: Tensor, g: Tensor
+) -> list[Tensor]:
+    """Vectorized over sequences, in at least float32 (parameters and rows promoted)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    bare = _Bare(module)
+    fixed = {f"inner.{n}": p.detach().to(dtype) for n, p in names.items() if n not in wanted}
+
+    def contribution(free: dict[str, Tensor], xi: Tensor, gi: Tensor) -> Tensor:
+        out = torch.func.functional_call(bare, {**fixed, **free}, (xi[None],))
+        return (out * gi[None].to(out.dtype)).sum()
+
+    free = {f"inner.{n}": names[n].detach().to(dtype) for n in wanted}
+    per_seq = torch.func.vmap(torch.func.grad(contribution), in_dims=(None, 0, 0))
+    grads = per_seq(free, x.to(dtype), g.to(dtype))
+    return [grads[f"inner.{n}"] for n in wanted]
+
+
+def _small_grads_loop(
+    module: nn.Module, params: list[Tensor], x: Tensor, g: Tensor
+) -> list[Tensor]:
+    """One vector-Jacobian product per sequence, in the module's own precision."""
+    rows = []
+    for i in range(len(x)):
+        out = module.forward(x[i : i + 1])  # without hooks, like _Bare
+        rows.append(torch.autograd.grad(out, params, g[i : i + 1].to(out.dtype)))
+    return [torch.stack(col) for col in zip(*rows, strict=True)]

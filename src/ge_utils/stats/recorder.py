@@ -1,0 +1,365 @@
+"""The recorder: hooks on the modules that own the parameter set, and the accumulation of the
+inner products of their per-sequence gradient factors (:mod:`ge_utils.stats.layers` says what
+each layer's factors are; :mod:`ge_utils.stats.factors` how two factors multiply).
+
+For parameters used once, each layer's contribution is reduced in its backward hook, so memory
+stays bounded by one layer's factors. A parameter used several times in one forward (tied
+input/output embeddings, a module called twice) keeps its factors until :meth:`results`, which
+adds every cross term ``<grad of use u, grad of use v>``: the per-sequence gradient is the sum
+over its uses. Layers fed the same input (q, k, v; gate, up) share its Gram matrix.
+
+Forward hooks of the user's that change a module's output, and gradient checkpointing
+(reentrant or not), are handled: the recorder's hook runs first and sees the module's own
+output, and a second backward through a recomputed or retained graph records nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+import ge_utils.stats.layers as layers
+from ge_utils.logprobs import SequenceBatch, target_positions
+from ge_utils.stats.factors import Factor, Index, acc_dtype, as_index, factor_inner, gram, take
+from ge_utils.stats.factors import materialize as _materialize
+from ge_utils.stats.params import ParamSpec, parameter_set
+from ge_utils.stats.record import PAIR_KEYS, PairStats
+
+TINY_COEFFICIENT = 1e-12  # |dLoss/du_i| below this: sequence i's unit statistics are NaN
+Node = torch.autograd.graph.Node
+
+
+class GhostRecorder:
+    """Records per-sequence factors of every use of the parameter set during one forward and
+    backward, then returns inner products of per-sequence gradients.
+
+    Usage: construct with ``batch`` (the N sequences of the forward; hooks are registered; with
+    an even N, chosen rows first, the pair products are expected), run the forward,
+    back-propagate (:meth:`backward`, or the caller's own ``loss.backward()`` with
+    ``keep_outputs=False``), read :meth:`results` or :meth:`pair_stats`. Other products can be
+    named with :meth:`expect` before the backward.
+
+    The backward may be of any ``sum_i c_i f_i`` (e.g. a training loss, ``c_i = dLoss/du_i``):
+    since every statistic is bilinear in the output gradients, :meth:`pair_stats` divides by
+    ``c_i c_j`` to recover those of the unit gradients ``grad f_i``. A sequence with
+    ``|c_i| < TINY_COEFFICIENT`` carries no usable gradient in that backward: its statistics are
+    NaN. With ``keep_outputs=False`` parameter gradients accumulate as usual; call
+    :meth:`check_uses` on the loss before its backward to catch parameters used outside their
+    modules.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = None,
+        keep_outputs: bool = True,
+        batch: SequenceBatch | None = None,
+    ):
+        self.named = parameter_set(model, params)
+        frozen = [n for n, p in self.named if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"parameter(s) in the set do not require grad: {', '.join(frozen)}")
+        self.names = {id(p): n for n, p in self.named}
+        self.uses: dict[int, list[Factor]] = defaultdict(list)  # kept for pairwise cross terms
+        self.targets: dict[str, tuple[Tensor, Tensor]] = {}
+        self._index: dict[str, tuple[Index, Index]] = {}
+        self.totals: dict[str, Tensor] = {}
+        self._gram_cache: dict[tuple[str | None, str], tuple[Tensor, Tensor]] = {}
+        self._fused: list[str] = []
+        self.gram_reuses = 0  # Gram matrices shared by layers with one input (q, k, v; gate, up)
+        self.outputs: list[Tensor] = []  # for backward(); off when the caller back-propagates
+        self.keep_outputs = keep_outputs
+        self.handles: list = []
+        self.row_seq: Tensor | None = None
+        self.n_seq: int | None = None
+        self.calls: dict[int, int] = defaultdict(int)  # module id -> calls under grad
+        self.param_calls: dict[int, int] = defaultdict(int)  # param id -> owning-module calls
+        self.single_use: set[int] = set()  # params of modules whose rule counts their uses
+        self._recorded = False
+        self._busy = False  # inside a factor function that may run a module again
+        owners: dict[int, int] = defaultdict(int)
+        too_big = []
+        for module in model.modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.names}
+            if not own:
+                continue
+            rule = layers.rule_for(module)
+            if rule is None and sum(p.numel() for p in own.values()) > layers.SMALL_MODULE_NUMEL:
+                too_big += [self.names[id(p)] for p in own.values()]
+                continue
+            factors = rule.factors if rule is not None else layers.small_module_factors
+            single_use = rule is not None and rule.single_use
+            if single_use:
+                self.single_use |= {id(p) for p in own.values()}
+            self.handles.append(
+                module.register_forward_hook(  # first: it sees the module's own output
+                    self._hook_for(own, factors, single_use), with_kwargs=True, prepend=True
+                )
+            )
+            for p in own.values():
+                owners[id(p)] += 1
+        if too_big:
+            self.close()
+            raise TypeError(
+                f"fast statistics cannot handle parameter(s): {', '.join(too_big)} (owned by "
+                "modules without a registered layer rule (ge_utils.stats.layers) that hold over "
+                f"{layers.SMALL_MODULE_NUMEL} parameters)"
+            )
+        self.shared = {pid for pid, n in owners.items() if n > 1}  # e.g. tied embeddings
+        if batch is not None:
+            self.n_seq = len(batch)
+            self.row_seq = target_positions(batch)[0]
+            if len(batch) % 2 == 0:
+                self.expect_pairs(len(batch) // 2)
+
+    def _hook_for(
+        self, own: dict[str, nn.Parameter], factors: layers.FactorFn, single_use: bool
+    ) -> Callable:
+        label = ", ".join(self.names[id(p)] for p in own.values())
+
+        def forward_hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self._busy or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"fast statistics need a tensor output from {type(mod).__name__}, which owns "
+                    + label
+                )
+            if not output.requires_grad:
+                return
+            x = args[0] if args else kwargs.get("input")
+            one_input = len(args) == 1 and not kwargs
+            if not isinstance(x, Tensor) or (not single_use and not one_input):
+                raise TypeError(
+                    f"fast statistics need {type(mod).__name__} (owner of {label}) to be called "
+                    "with one positional tensor"
+                    + ("" if single_use else " and no keyword arguments")
+                )
+            self.calls[id(mod)] += 1
+            for p in own.values():
+                self.param_calls[id(p)] += 1
+            saved = [x.detach()]  # released once used, like autograd's saved tensors
+
+            def grad_hook(grad: Tensor) -> None:
+                if saved:  # a second backward through a retained graph records nothing
+                    self._record(mod, own, factors, saved.pop(), grad.detach())
+
+            output.register_hook(grad_hook)
+            if self.keep_outputs:
+                self.outputs.append(output)
+
+        return forward_hook
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """(N, T, D) per-sequence rows of a layer input or output gradient. 2-D rows (the output
+        head applied to selected positions) are grouped by :attr:`row_seq` and zero-padded."""
+        if t.dim() == 3:
+            return t
+        if self.row_seq is None or self.n_seq is None:
+            raise RuntimeError("a layer saw 2-D inputs but the recorder has no batch")
+        seq = self.row_seq.to(t.device)
+        counts = torch.bincount(seq, minlength=self.n_seq)
+        slot = torch.arange(len(seq), device=t.device) - (counts.cumsum(0) - counts)[seq]
+        out = t.new_zeros((self.n_seq, int(counts.max()), *t.shape[1:]))
+        out[seq, slot] = t
+        return out
+
+    def _record(
+        self,
+        mod: nn.Module,
+        own: dict[str, nn.Parameter],
+        factors: layers.FactorFn,
+        x: Tensor,
+        grad: Tensor,
+    ) -> None:
+        self._recorded = True
+        repeated = self.calls[id(mod)] > 1
+        if x.dim() == grad.dim() - 1:  # token ids: one feature per row
+            x = x[..., None]
+        self._busy = True  # a factor function may run the module again (fallback, norm check)
+        try:
+            found = factors(mod, self._rows(x), self._rows(grad), frozenset(own))
+        finally:
+            self._busy = False
+        for name, factor in found.items():
+            pid = id(own[name])
+            keep = repeated or pid in self.shared
+            self._add(pid, factor if keep else _materialize(factor), keep=repeated)
+
+    def expect(self, **targets: tuple[Tensor, Tensor]) -> None:
+        """Name the inner products to compute, before the backward: ``name=(ii, jj)`` asks for
+        ``<grad f_ii[k], grad f_jj[k]>`` for every k."""
+        if self._recorded:
+            raise RuntimeError("expect(...) must be called before the backward")
+        self.targets = {k: (ii.long(), jj.long()) for k, (ii, jj) in targets.items()}
+        self._index = {k: (as_index(ii), as_index(jj)) for k, (ii, jj) in self.targets.items()}
+        self.totals = {}
+        # Several self-products (|grad f_i|^2, e.g. chosen and rejected norms) share one Gram
+        # over all sequences, read at their rows: fewer, larger products.
+        fused = [k for k, (ii, jj) in self.targets.items() if torch.equal(ii, jj)]
+        self._fused = fused if len(fused) > 1 else []
+
+    def expect_pairs(self, n_pairs: int) -> None:
+        """Ask for ``norm2_chosen``, ``norm2_rejected`` and ``inner`` of sequences laid out as
+        ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]``."""
+        w = torch.arange(n_pairs)
+        self.expect(
+            norm2_chosen=(w, w), norm2_rejected=(w + n_pairs, w + n_pairs), inner=(w, w + n_pairs)
+        )
+
+    def _add(self, pid: int, use: Factor, keep: bool = False) -> None:
+        """Reduce ``use`` into the totals now, or keep it when the parameter has other uses in
+        this forward (tied weights, repeated calls) whose cross terms are needed."""
+        if not self.targets:
+            raise RuntimeError("GhostRecorder.expect(...) must be called before the backward")
+        if keep or pid in self.shared:
+            self.uses[pid].append(use)
+            return
+        if not use.is_outer:
+            for key, (ii, jj) in self._index.items():
+                self._accumulate(key, factor_inner(use, use, ii, jj))
+            return
+        if self._fused:
+            per_seq = self._outer_inner(use, None)  # (N,) every |grad f_i|^2 of this layer
+            for key in self._fused:
+                self._accumulate(key, take(per_seq, self._index[key][0]))
+        for key in self._index.keys() - set(self._fused):
+            self._accumulate(key, self._outer_inner(use, key))
+
+    def _outer_inner(self, use: Factor, key: str | None) -> Tensor:
+        """(K,) inner products of an outer factor for the rows of ``key`` (None: every sequence
+        with itself). Layers that share an input (q, k, v; gate, up) reuse its Gram matrix."""
+        prod = self._gram_of(use.left, key, "left") * self._gram_of(use.right, key, "right")
+        return prod.sum((1, 2), dtype=acc_dtype(prod))
+
+    def _accumulate(self, key: str, value: Tensor) -> None:
+        if key in self.totals:
+            self.totals[key] += value.to(self.totals[key])
+        else:
+            self.totals[key] = value.clone()
+
+    def _gram_of(self, t: Tensor, key: str | None, side: str) -> Tensor:
+        """``gram(t[ii], t[jj])`` for the rows of ``key`` (None: all with themselves), reused
+        when the previous call for ``(key, side)`` saw the same rows (same storage and shape).
+        The cache holds that tensor, so its storage cannot be freed and handed to a different
+        tensor while the entry lives."""
+        held = self._gram_cache.get((key, side))
+        if held is not None and held[0].data_ptr() == t.data_ptr() and held[0].shape == t.shape:
+            self.gram_reuses += 1
+            return held[1]
+        ii, jj = self._index[key] if key is not None else (slice(None), slice(None))
+        product = gram(take(t, ii), take(t, jj))
+        self._gram_cache[(key, side)] = (t, product)
+        return product
+
+    def results(self, scale: Tensor | None = None) -> dict[str, Tensor]:
+        """The requested inner products (float64 (K,) each, on the CPU), summed over the
+        parameter set; with ``scale`` (N,), the coefficients ``c`` of the backward
+        ``sum_i c_i f_i``, divided by ``c[ii] * c[jj]`` (NaN where ``|c| < TINY_COEFFICIENT``)."""
+        self._gram_cache.clear()
+        out = {k: torch.zeros(len(ii), dtype=torch.float64) for k, (ii, _) in self.targets.items()}
+        for key, total in self.totals.items():
+            out[key] += total.double().cpu()
+        for uses in self.uses.values():  # every pair of uses of one parameter
+            for u in uses:
+                for v in uses:
+                    for key, (ii, jj) in self._index.items():
+                        out[key] += factor_inner(u, v, ii, jj).double().cpu()
+        if scale is not None:
+            c = scale.detach().double().cpu()
+            c = torch.where(c.abs() < TINY_COEFFICIENT, torch.nan, c)
+            out = {k: v / (c[self.targets[k][0]] * c[self.targets[k][1]]) for k, v in out.items()}
+        return out
+
+    def pair_stats(
+        self, coef_chosen: Tensor | None = None, coef_rejected: Tensor | None = None
+    ) -> PairStats:
+        """``norm2_chosen``, ``norm2_rejected``, ``inner`` of the unit gradients ``grad u``
+        (the pairs laid out by ``batch=`` or :meth:`expect_pairs`). Without coefficients the
+        backward was of ``sum_i u_i``; with them, of ``sum_i coef_chosen[i] u_w[i] +
+        coef_rejected[i] u_l[i]`` (e.g. ``coef = dLoss/du``: ``-d_w / n`` and ``+d_l / n`` for a
+        margin loss averaged over n pairs), which are divided out and kept in the result. NaN
+        for a pair with a coefficient below ``TINY_COEFFICIENT`` in size."""
+        if set(self.targets) != set(PAIR_KEYS):
+            raise RuntimeError("pair_stats needs expect_pairs(...) (or batch=) before the backward")
+        if (coef_chosen is None) != (coef_rejected is None):
+            raise ValueError("pass both coef_chosen and coef_rejected, or neither")
+        if coef_chosen is None:
+            return PairStats(**self.results())
+        c_w = coef_chosen.detach().flatten().double().cpu()
+        c_l = coef_rejected.detach().flatten().double().cpu()
+        stats = self.results(torch.cat([c_w, c_l]))
+        return PairStats(**stats, coef_chosen=c_w, coef_rejected=c_l)
+
+    def check_uses(self, value: Tensor) -> None:
+        """Raise if a parameter of the set is used in the graph of ``value`` outside its own
+        module (e.g. ``F.linear`` on an embedding weight, a ``ParameterDict`` read directly),
+        whose gradient the hooks would miss: a parameter of a ``single_use`` rule that enters
+        the graph more often than its modules ran, any other parameter whose module never ran.
+        Call after the forward, before the backward."""
+        edges: dict[int, int] = defaultdict(int)
+        for node in _graph_nodes(value.grad_fn):
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in self.names:
+                edges[id(variable)] += 1
+        calls = self.param_calls
+        extra = [
+            self.names[p]
+            for p, n in edges.items()
+            if (n > calls[p] if p in self.single_use else calls[p] == 0)
+        ]
+        if extra:
+            raise RuntimeError(
+                "parameter(s) used outside their own module (fast statistics cannot record "
+                f"them): {', '.join(extra)}"
+            )
+
+    def backward(self, value: Tensor, retain_graph: bool = False) -> None:
+        """Back-propagate ``value`` to the recorded layer outputs only: the hooks see every
+        output gradient, and no parameter gradient is computed or stored. With
+        ``retain_graph`` the forward's graph survives for a later ``loss.backward()`` (which
+        then accumulates parameter gradients and records nothing)."""
+        self.check_uses(value)
+        outputs, self.outputs = self.outputs, []
+        if outputs:  # else no parameter of the set took part: every statistic is 0
+            torch.autograd.grad(value, outputs, allow_unused=True, retain_graph=retain_graph)
+
+    def clear(self) -> None:
+        """Forget everything recorded (hooks stay): ready for another forward and backward."""
+        self.uses.clear()
+        self.outputs.clear()
+        self.calls.clear()
+        self.param_calls.clear()
+        self.targets, self._index, self.totals, self._gram_cache = {}, {}, {}, {}
+        self._fused = []
+        self._recorded, self.gram_reuses = False, 0
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> GhostRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _graph_nodes(root: Node | None) -> Iterator[Node]:
+    """Every edge target reachable from ``root`` (a node reached by k edges is yielded k
+    times; each node's own edges are followed once)."""
+    seen: set[Node] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            yield child
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
