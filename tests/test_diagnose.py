@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from ge_utils.__main__ import main as cli
 from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import tokenize
 from ge_utils.models import tiny_causal_lm
+from ge_utils.predict import ches_scores
 
 ROWS = [
     {
@@ -44,7 +47,9 @@ COLUMNS = [
     "pred_delta_rejected",
     "pred_delta_margin",
     "case",
+    "pred_delta_chosen_over_norm2",
 ]
+ALL_COLUMNS = [*COLUMNS, "ches", "ln_ches", "last_hidden_inner", "edit_distance"]
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +185,74 @@ def test_malformed_loss_param_is_a_usage_error(capsys, value):
         cli([*argv, "--loss-param", value])
     assert exit_info.value.code == 2
     assert "--loss-param" in capsys.readouterr().err
+
+
+def test_scores_all_writes_every_column(tmp_path, model_dir, tokenizer, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    out = tmp_path / "scores.csv"
+    args = ["--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    code, err = run(capsys, *args, "--scores", "all", "--dtype", "float64")
+    assert code == 0, err
+    table = pd.read_csv(out)
+    assert list(table.columns) == ALL_COLUMNS
+    assert table.notna().all().all()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    prompts = [r["prompt"] for r in ROWS]
+    c = tokenize(tokenizer, prompts, [r["chosen"] for r in ROWS])
+    r = tokenize(tokenizer, prompts, [r["rejected"] for r in ROWS])
+    expected = ches_scores(model, c, r)
+    for key in ("ches", "ln_ches", "last_hidden_inner"):
+        torch.testing.assert_close(
+            torch.tensor(table[key].values), expected[key], rtol=1e-9, atol=0
+        )
+    assert table["edit_distance"].tolist() == [1, 1, 1]
+    code, err = run(capsys, *args, "--scores", "baselines")
+    assert code == 0, err
+    assert list(pd.read_csv(out).columns) == ["pair", "last_hidden_inner", "edit_distance"]
+
+
+@pytest.mark.parametrize("value", ["CHES", "grad", "", "all,ches"])
+def test_bad_scores_value_is_one_clear_error(tmp_path, model_dir, capsys, value):
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    out = tmp_path / "scores.csv"
+    code, err = run(
+        capsys, "--model", str(model_dir), "--data", str(data), "--out", str(out),
+        "--scores", value,
+    )  # fmt: skip
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: unknown scores {value!r}; expected one of gradient, ches, baselines, all"
+    ]
+    assert not out.exists()
+
+
+def test_identical_and_unknown_responses_are_flagged(tmp_path, model_dir, capsys):
+    """The word-level tokenizer maps unknown words to one id: " Yes yes." and " No no." both
+    become [<unk>, <unk>, .], so the pair's gradients are equal and its predictions exactly 0."""
+    rows = [
+        ROWS[0],
+        {"prompt": "The film was a delight.", "chosen": " Yes yes.", "rejected": " No no."},
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "stats.csv"
+    code, err = run(capsys, "--model", str(model_dir), "--data", str(data), "--out", str(out))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, err
+    assert "1 pair(s) (1): chosen and rejected tokenize to the same ids" in warnings[0]
+    assert "1 pair(s) (1): a response is mostly the tokenizer's unknown token" in warnings[1]
+    table = pd.read_csv(out)
+    assert table.loc[1, "pred_delta_chosen"] == 0 and table.loc[1, "pred_delta_rejected"] == 0
+    assert pd.isna(table.loc[1, "case"]) and table.loc[0, "case"] in (1, 2, 3)
+
+
+def test_csv_follows_the_umask(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS[:1])
+    out = tmp_path / "stats.csv"
+    previous = os.umask(0o022)
+    try:
+        code, err = run(capsys, "--model", str(model_dir), "--data", str(data), "--out", str(out))
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
