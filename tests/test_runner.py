@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ge_utils.runner import compatible
+from ge_book.parameters import compatible
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
@@ -54,7 +54,8 @@ def project(tmp_path):
     make_notebook(
         nbdir / "toy.ipynb",
         "from ge_utils.claims import ClaimReport\nr = ClaimReport()\n"
-        "r.guaranteed('n is positive', n > 0, f'n={n}, rate={rate}')\nprint(r)",
+        "r.guarantee('n is positive', n > 0, 'n from the parameters', f'n={n}, rate={rate}')\n"
+        "print(r)",
     )
     (nbdir / "profiles.yml").write_text("toy:\n  default: {n: 7}\n  paper: {rate: 2}\n")
     return tmp_path
@@ -75,10 +76,14 @@ def test_profile_and_overrides_resolve_in_order(project):
     assert res["provenance"]["parameters"] == {"profile": "default", "n": 7, "rate": 0.25}
     assert res["claims"] == [
         {
-            "kind": "guaranteed",
+            "kind": "guarantee",
+            "verdict": "holds",
             "claim": "n is positive",
-            "holds": True,
-            "evidence": "n=7, rate=0.25",
+            "effect": None,
+            "interval": None,
+            "unit": "",
+            "over": "this run",
+            "evidence": "conditions: n from the parameters; n=7, rate=0.25",
         }
     ]
     nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
@@ -152,7 +157,7 @@ def test_type_compatibility_rules():
 
 def test_repository_notebooks_declare_valid_profiles():
     """Every profile in notebooks/profiles.yml names real parameters with the right types."""
-    from ge_utils.runner import PROFILES, discover, load_profiles, load_spec, resolve_parameters
+    from ge_book.parameters import PROFILES, discover, load_profiles, load_spec, resolve_parameters
 
     nbdir = ROOT / "notebooks"
     profiles = load_profiles(nbdir)
@@ -184,7 +189,7 @@ def executed_chapter(path: Path, with_headline: bool) -> None:
 
 
 def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
-    from ge_utils.runner import write_pages
+    from ge_book.pages import write_pages
 
     out, res = tmp_path / "book" / "chapters", tmp_path / "results"
     out.mkdir(parents=True)
@@ -262,3 +267,21 @@ def test_run_writes_pages_and_pages_only_refreshes_links(project):
     nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
     launch = next(c for c in nb.cells if "launch" in c.metadata.get("tags", []))
     assert "github.com/me/mine/blob/main/notebooks/toy.ipynb" in launch.source
+
+
+def test_ge_book_cli_is_the_same_runner(project):
+    """``python -m ge_book run`` and ``python -m ge_utils run`` write the same results."""
+    args = RUN[4:]
+    ours = subprocess.run(
+        [sys.executable, "-m", "ge_book", "run", *args, "toy", "--results-dir", "res2"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JUPYTER_PREFER_ENV_PATH": "1"},
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert run(project, "toy").returncode == 0
+    first, second = (json.loads((project / d / "toy.json").read_text()) for d in ("res", "res2"))
+    assert first["claims"] == second["claims"]
+    assert first["provenance"]["parameters"] == second["provenance"]["parameters"]

@@ -12,20 +12,20 @@ import torch
 import transformers
 
 import ge_utils
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``'auto'`` -> ``'cuda'`` when a GPU is visible, else ``'cpu'``; other values unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+from ge_utils.models import resolve_device
 
 
 def device_description(device: str = "auto") -> str:
-    """Human-readable device, e.g. ``'cpu (2 threads)'`` or ``'cuda (NVIDIA H100 80GB HBM3)'``."""
-    resolved = resolve_device(device)
-    if resolved.startswith("cuda") and torch.cuda.is_available():
-        return f"{resolved} ({torch.cuda.get_device_name(torch.device(resolved))})"
+    """Human-readable device, e.g. ``'cpu (2 threads)'`` or ``'cuda (NVIDIA H100 80GB HBM3)'``.
+
+    A device this machine does not have is described as such (the run then fails on it).
+    """
+    try:
+        resolved = resolve_device(device)
+    except (RuntimeError, ValueError):
+        return f"{device} (not available here)"
+    if resolved.type == "cuda":
+        return f"{resolved} ({torch.cuda.get_device_name(resolved)})"
     return f"{resolved} ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
