@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 import ge_utils.experiments as experiments
+from ge_utils.spec import ExperimentSpec
 from ge_utils.training import TrainConfig
 
 
@@ -13,16 +14,10 @@ def test_tiny_experiment_runs_and_is_cached(tmp_path, monkeypatch):
     po_cfg = TrainConfig(
         steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False, train_stats=True
     )
-    kwargs = dict(
-        model="tiny-llama",
-        sft_cfg=sft_cfg,
-        po_cfg=po_cfg,
-        n_train=8,
-        n_eval=4,
-        n_probe=2,
-        device="cpu",
+    spec = ExperimentSpec(
+        model="tiny-llama", sft=sft_cfg, po=po_cfg, n_train=8, n_eval=4, n_probe=2, device="cpu"
     )
-    first = experiments.sft_then_preference(**kwargs)
+    first = experiments.sft_then_preference(spec)
     assert len(first.sft) == 2 and len(first.run.steps) == 3
     assert set(first.run.pairs["split"]) == {"eval", "probe", "train"}
 
@@ -30,7 +25,7 @@ def test_tiny_experiment_runs_and_is_cached(tmp_path, monkeypatch):
         raise AssertionError("retrained despite the cache")
 
     monkeypatch.setattr(experiments, "preference_optimization", boom)
-    again = experiments.sft_then_preference(**kwargs)
+    again = experiments.sft_then_preference(spec)
     pd.testing.assert_frame_equal(
         first.run.pairs.reset_index(drop=True), again.run.pairs, check_dtype=False
     )
@@ -50,9 +45,9 @@ def test_loss_comparison_shares_one_sft_and_caches_each_run(tmp_path, monkeypatc
     po_cfg = TrainConfig(
         steps=2, batch_size=4, lr=1e-3, eval_every=1, progress=False, train_stats=True
     )
-    kwargs = dict(model="tiny-llama", sft_cfg=sft_cfg, po_cfg=po_cfg, n_train=8, n_eval=4)
+    spec = ExperimentSpec(model="tiny-llama", sft=sft_cfg, po=po_cfg, n_train=8, n_eval=4)
     losses = {"dpo": {}, "masked_dpo": {"lam": 0.2}}
-    res = experiments.loss_comparison(losses=losses, **kwargs)
+    res = experiments.loss_comparison(spec, losses)
     assert len(sft_calls) == 1
     assert set(res.means()["loss"]) == {"dpo", "masked_dpo"}
     assert set(res.pairs("train")["loss"]) == {"dpo"}  # no unmasked statistics for a mask
@@ -66,20 +61,20 @@ def test_loss_comparison_shares_one_sft_and_caches_each_run(tmp_path, monkeypatc
     assert contrastive == {"Positive", "Negative"}
     agreement = experiments.direction_agreement(res.runs["dpo"])
     assert list(agreement["from_step"]) == [0, 1] and agreement["agree"].notna().all()
-    again = experiments.loss_comparison(losses={"dpo": {}}, **kwargs)
+    again = experiments.loss_comparison(spec, {"dpo": {}})
     assert len(sft_calls) == 1  # cached: no second SFT
     pd.testing.assert_frame_equal(again.runs["dpo"].steps, res.runs["dpo"].steps)
 
 
 def test_loss_comparison_rejects_bad_objectives(tmp_path, monkeypatch):
     monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
-    cfg = TrainConfig(steps=1, progress=False)
+    spec = ExperimentSpec(po=TrainConfig(steps=1, progress=False))
     with pytest.raises(ValueError, match="unknown loss 'dpoo'"):
-        experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpoo": {}})
+        experiments.loss_comparison(spec, {"dpoo": {}})
     with pytest.raises(ValueError, match="'beta' must be > 0"):
-        experiments.loss_comparison("tiny-llama", cfg, cfg, {"dpo": {"beta": -1}})
+        experiments.loss_comparison(spec, {"dpo": {"beta": -1}})
     with pytest.raises(ValueError, match="no objectives given"):
-        experiments.loss_comparison("tiny-llama", cfg, cfg, {})
+        experiments.loss_comparison(spec, {})
     with pytest.raises(ValueError, match="no objectives given"):
         experiments.step_costs("tiny-llama", {})
     with pytest.raises(ValueError, match="unknown loss 'masked'"):

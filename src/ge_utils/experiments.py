@@ -2,8 +2,10 @@
 
 :func:`sft_then_preference` runs the paper's recipe on the synthetic sentiment task or on any
 preference file/dataset, logs what the paper plots (see :mod:`ge_utils.training`) and caches the
-histories by a hash of every parameter, so re-executing a notebook with the same parameters does
-not retrain.
+histories by the key of its :class:`ge_utils.spec.ExperimentSpec` (every field), so
+re-executing a notebook with the same parameters does not retrain and a changed parameter always
+does. :func:`over_seeds` runs a recipe for several seeds; :func:`pair_changes` gives the per-pair,
+per-seed changes a takeaway's interval is computed over.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,144 +40,140 @@ from ge_utils.logprobs import (
 from ge_utils.losses import get_loss
 from ge_utils.mitigations import MaskedDPO, contrastive_mask, get_objective
 from ge_utils.models import cache_dir, load_model
+from ge_utils.spec import ExperimentSpec
 from ge_utils.training import (
     RunResult,
     TrainConfig,
     cached_run,
-    config_dict,
     preference_microstep,
     preference_optimization,
     sft,
 )
 
-CACHE_VERSION = 3  # bump when a change of code changes results, so old cached runs are not reused
-
 
 @dataclass
 class ExperimentResult:
-    """``sft``: SFT loss per step; ``run``: the preference-optimization history."""
+    """``sft``: SFT loss per step; ``run``: the preference-optimization history; ``spec``: what
+    produced them."""
 
     sft: pd.DataFrame
     run: RunResult
-    params: dict[str, Any]
+    spec: ExperimentSpec
 
 
-def experiment_data(
-    dataset: str, config: str, suffix: str | None, n_train: int, n_eval: int, seed: int
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train and held-out pairs: ``dataset='synthetic'`` for the sentiment task, else a file or
-    a Hugging Face dataset name (shuffled by ``seed``, then split)."""
-    if dataset == "synthetic":
-        return sentiment_pairs(n_train, n_eval, config, suffix, seed=seed)
-    pairs = load_pairs(dataset)
-    random.Random(seed).shuffle(pairs)
-    if len(pairs) < n_train + n_eval:
-        raise ValueError(f"{dataset}: {len(pairs)} pairs, fewer than {n_train} + {n_eval}")
-    return pairs[:n_train], pairs[n_train : n_train + n_eval]
+def experiment_data(spec: ExperimentSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Train and held-out pairs of ``spec``: ``dataset='synthetic'`` for the sentiment task,
+    else a file or a Hugging Face dataset name (shuffled by the seed, then split)."""
+    if spec.dataset == "synthetic":
+        return sentiment_pairs(spec.n_train, spec.n_eval, spec.config, spec.suffix, seed=spec.seed)
+    pairs = load_pairs(spec.dataset)
+    random.Random(spec.seed).shuffle(pairs)
+    if len(pairs) < spec.n_train + spec.n_eval:
+        raise ValueError(
+            f"{spec.dataset}: {len(pairs)} pairs, fewer than {spec.n_train} + {spec.n_eval}"
+        )
+    return pairs[: spec.n_train], pairs[spec.n_train : spec.n_train + spec.n_eval]
 
 
-def sft_then_preference(
-    model: str,
-    sft_cfg: TrainConfig | None,
-    po_cfg: TrainConfig,
-    dataset: str = "synthetic",
-    config: str = "long",
-    suffix: str | None = None,
-    n_train: int = 64,
-    n_eval: int = 16,
-    n_probe: int = 4,
-    device: str = "auto",
-    seed: int = 0,
-    cache: bool = True,
-    dtype: str = "float32",
-    lora_rank: int | None = None,
-) -> ExperimentResult:
+def _load(spec: ExperimentSpec):
+    """The spec's model (dtype, device, LoRA or trainable blocks, seed of a tiny model)."""
+    return load_model(
+        spec.model,
+        dtype=spec.dtype,
+        device=spec.device,
+        lora=spec.lora,
+        train_last_k=spec.train_last_k,
+        seed=spec.seed,
+    )
+
+
+def _runs_dir(cache: bool):
+    return cache_dir() / "runs" if cache else None
+
+
+def sft_then_preference(spec: ExperimentSpec, cache: bool = True) -> ExperimentResult:
     """SFT on the chosen responses of the training pairs, then preference optimization.
 
-    The probe set (gradient statistics) is the first ``n_probe`` held-out pairs. With ``cache``
-    the result is stored under ``cache_dir()/runs/<hash>`` and reused.
+    The probe set (gradient statistics) is the first ``spec.n_probe`` held-out pairs. With
+    ``cache`` the result is stored under ``cache_dir()/runs/<hash of spec.key()>`` and reused.
     """
-    params = {
-        "model": model,
-        "dataset": dataset,
-        "config": config,
-        "suffix": suffix,
-        "n_train": n_train,
-        "n_eval": n_eval,
-        "n_probe": n_probe,
-        "seed": seed,
-        "sft": config_dict(sft_cfg),
-        "po": config_dict(po_cfg),
-        "version": CACHE_VERSION,
-    }
 
     def run() -> dict[str, pd.DataFrame]:
-        torch.manual_seed(seed)
-        train, held = experiment_data(dataset, config, suffix, n_train, n_eval, seed)
-        loaded = load_model(model, dtype=dtype, device=device, lora_rank=lora_rank, seed=seed)
+        torch.manual_seed(spec.seed)
+        train, held = experiment_data(spec)
+        loaded = _load(spec)
         sft_hist = pd.DataFrame({"step": [], "sft_loss": []})
-        if sft_cfg is not None:  # None: the model is already fine-tuned (e.g. an Instruct model)
-            sft_hist = sft(loaded.model, loaded.tokenizer, sft_examples(train), sft_cfg)
+        if spec.sft is not None:  # None: the model is already fine-tuned (e.g. an Instruct model)
+            sft_hist = sft(loaded.model, loaded.tokenizer, sft_examples(train), spec.sft)
         result = preference_optimization(
-            loaded.model, loaded.tokenizer, train, held, po_cfg, probe_pairs=held[:n_probe]
+            loaded.model, loaded.tokenizer, train, held, spec.po, probe_pairs=held[: spec.n_probe]
         )
         return {"sft": sft_hist, **result.frames()}
 
-    frames = cached_run(cache_dir() / "runs" if cache else None, params, run)
-    return ExperimentResult(frames["sft"], RunResult(frames["steps"], frames["pairs"]), params)
+    frames = cached_run(_runs_dir(cache), spec.key(kind="sft_then_preference"), run)
+    return ExperimentResult(frames["sft"], RunResult(frames["steps"], frames["pairs"]), spec)
+
+
+def over_seeds(
+    recipe: Callable[..., Any], spec: ExperimentSpec, seeds: Sequence[int], **kwargs: Any
+) -> dict[int, Any]:
+    """``recipe(spec.with_seed(s), **kwargs)`` for every seed in ``seeds``, keyed by seed."""
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {list(seeds)}")
+    return {int(s): recipe(spec.with_seed(int(s)), **kwargs) for s in seeds}
+
+
+def pair_changes(runs: Mapping[int, RunResult], split: str = "eval") -> pd.DataFrame:
+    """Per (seed, pair) of ``split``: the change of ``logp_chosen``, ``logp_rejected`` and
+    ``margin`` from the first to the last logged step (columns ``d_chosen``, ``d_rejected``,
+    ``d_margin``, and the starting ``logp_chosen``/``logp_rejected``)."""
+    rows = []
+    for seed, run in runs.items():
+        sub = run.pairs[run.pairs["split"] == split].sort_values("step")
+        if sub.empty:
+            raise ValueError(f"seed {seed}: the run logged no {split!r} pairs")
+        first = sub[sub["step"] == sub["step"].min()].set_index("pair")
+        last = sub[sub["step"] == sub["step"].max()].set_index("pair")
+        for pair in first.index:
+            rows.append(
+                {
+                    "seed": seed,
+                    "pair": pair,
+                    "start_chosen": first.at[pair, "logp_chosen"],
+                    "start_rejected": first.at[pair, "logp_rejected"],
+                    "d_chosen": last.at[pair, "logp_chosen"] - first.at[pair, "logp_chosen"],
+                    "d_rejected": last.at[pair, "logp_rejected"] - first.at[pair, "logp_rejected"],
+                    "d_margin": last.at[pair, "margin"] - first.at[pair, "margin"],
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def condition_study(
-    model: str,
-    sft_cfg: TrainConfig,
-    po_cfg: TrainConfig,
-    losses: list[str],
-    n_pairs: int = 16,
-    step_size: float = 1e-3,
-    dataset: str = "synthetic",
-    config: str = "long",
-    suffix: str | None = None,
-    n_train: int = 64,
-    device: str = "auto",
-    seed: int = 0,
-    cache: bool = True,
+    spec: ExperimentSpec, losses: list[str], step_size: float = 1e-3, cache: bool = True
 ) -> pd.DataFrame:
     """Predicted against realized one-step changes, at every logged checkpoint of a DPO run.
 
-    After SFT (whose model is the reference), DPO trains with ``po_cfg``; at each logged step,
-    for ``n_pairs`` held-out pairs and each loss in ``losses``: the statistics (fast method),
-    the first-order predictions and case, and the realized changes after one plain SGD step on
-    each pair alone (:func:`ge_utils.gradients.one_step_change`). The step size is set so that
-    the median predicted ``|Delta u_w|`` is ``step_size`` nats. One row per (step, loss, pair).
+    After SFT (whose model is the reference), DPO trains with ``spec.po``; at each logged step,
+    for the ``spec.n_eval`` held-out pairs and each loss in ``losses``: the statistics (fast
+    method), the first-order predictions and case, and the realized changes after one plain SGD
+    step on each pair alone (:func:`ge_utils.gradients.one_step_change`). The step size is set
+    so that the median predicted ``|Delta u_w|`` is ``step_size`` nats. One row per (step, loss,
+    pair).
     """
     for name in losses:
         get_loss(name)
-    params = {
-        "kind": "condition_study",
-        "model": model,
-        "losses": losses,
-        "n_pairs": n_pairs,
-        "step_size": step_size,
-        "dataset": dataset,
-        "config": config,
-        "suffix": suffix,
-        "n_train": n_train,
-        "seed": seed,
-        "sft": config_dict(sft_cfg),
-        "po": config_dict(po_cfg),
-        "version": CACHE_VERSION,
-    }
 
     def run() -> dict[str, pd.DataFrame]:
-        torch.manual_seed(seed)
-        train, held = experiment_data(dataset, config, suffix, n_train, n_pairs, seed)
-        loaded = load_model(model, device=device, seed=seed)
-        net, tok = loaded.model, loaded.tokenizer
-        sft(net, tok, sft_examples(train), sft_cfg)
+        torch.manual_seed(spec.seed)
+        train, held = experiment_data(spec)
+        net, tok = _fine_tuned(spec, train)
         dev = next(net.parameters()).device
         prompts = [p.prompt for p in held]
-        c = tokenize(tok, prompts, [p.chosen for p in held], po_cfg.template).to(dev)
-        r = tokenize(tok, prompts, [p.rejected for p in held], po_cfg.template).to(dev)
+        c = tokenize(tok, prompts, [p.chosen for p in held], spec.po.template).to(dev)
+        r = tokenize(tok, prompts, [p.rejected for p in held], spec.po.template).to(dev)
         with torch.no_grad():
             ref = (sequence_logprobs(net.eval(), c), sequence_logprobs(net, r))
         frames: list[pd.DataFrame] = []
@@ -197,41 +196,38 @@ def condition_study(
                 table.insert(0, "step", step)
                 frames.append(table)
 
-        result = preference_optimization(net, tok, train, held, po_cfg, on_log=measure)
+        result = preference_optimization(net, tok, train, held, spec.po, on_log=measure)
         return {"condition": pd.concat(frames, ignore_index=True), **result.frames()}
 
-    return cached_run(cache_dir() / "runs" if cache else None, params, run)["condition"]
+    key = spec.key(kind="condition_study", losses=list(losses), step_size=step_size)
+    return cached_run(_runs_dir(cache), key, run)["condition"]
 
 
-def _fine_tuned(model: str, sft_cfg: TrainConfig | None, train, device: str, seed: int):
-    loaded = load_model(model, device=device, seed=seed)
-    if sft_cfg is not None:
-        sft(loaded.model, loaded.tokenizer, sft_examples(train), sft_cfg)
+def _fine_tuned(spec: ExperimentSpec, train: list[PreferencePair]):
+    """The spec's model after its SFT phase on ``train``'s chosen responses (eval mode)."""
+    loaded = _load(spec)
+    if spec.sft is not None:
+        sft(loaded.model, loaded.tokenizer, sft_examples(train), spec.sft)
     return loaded.model.eval(), loaded.tokenizer
 
 
-def suffix_sweep(
-    model: str,
-    sft_cfg: TrainConfig | None,
-    lengths: list[int],
-    n_pairs: int = 16,
-    n_train: int = 64,
-    template: str = "none",
-    device: str = "auto",
-    seed: int = 0,
-) -> pd.DataFrame:
+def suffix_sweep(spec: ExperimentSpec, lengths: list[int]) -> pd.DataFrame:
     """Gradient statistics of the same statements with suffixes of growing length.
 
-    The model is fine-tuned once on the long-suffix gold answers; then, for each ``k`` in
-    ``lengths``, the held-out pairs get responses ``Positive``/``Negative`` followed by the first
-    ``k`` words of :data:`ge_utils.data.SWEEP_WORDS` and a period. One row per (k, pair).
+    The model is fine-tuned once (``spec.sft``) on the gold answers of ``spec.config``; then, for
+    each ``k`` in ``lengths``, the ``spec.n_eval`` held-out pairs get responses
+    ``Positive``/``Negative`` followed by the first ``k`` words of
+    :data:`ge_utils.data.SWEEP_WORDS` and a period. One row per (k, pair).
     """
-    train, _ = sentiment_pairs(n_train, 0, "long", seed=seed)
-    net, tok = _fine_tuned(model, sft_cfg, train, device, seed)
+    train, _ = experiment_data(replace(spec, n_eval=0, n_probe=0))
+    net, tok = _fine_tuned(spec, train)
     dev = next(net.parameters()).device
+    template = spec.po.template
     frames = []
     for k in lengths:
-        _, held = sentiment_pairs(n_train, n_pairs, suffix=suffix_of_length(k), seed=seed)
+        _, held = sentiment_pairs(
+            spec.n_train, spec.n_eval, suffix=suffix_of_length(k), seed=spec.seed
+        )
         prompts = [p.prompt for p in held]
         c = tokenize(tok, prompts, [p.chosen for p in held], template).to(dev)
         r = tokenize(tok, prompts, [p.rejected for p in held], template).to(dev)
@@ -244,29 +240,24 @@ def suffix_sweep(
     return pd.concat(frames, ignore_index=True)
 
 
-def tokenwise_study(
-    model: str,
-    sft_cfg: TrainConfig | None,
-    po_cfg: TrainConfig,
-    n_pairs: int = 2,
-    n_train: int = 64,
-    config: str = "long",
-    device: str = "auto",
-    seed: int = 0,
-) -> dict[str, Any]:
+def tokenwise_study(spec: ExperimentSpec) -> dict[str, Any]:
     """Token-wise inner products and cosines (chosen tokens x rejected tokens, all parameters)
-    of ``n_pairs`` held-out pairs, after SFT (step 0) and after DPO with ``po_cfg``.
+    of the ``spec.n_eval`` held-out pairs, after SFT (step 0) and after DPO with ``spec.po``.
 
-    Returns ``{"tokens": (chosen_tokens, rejected_tokens) per pair, "matrices": DataFrame}``
-    with one row per (step, pair, chosen index, rejected index): ``inner``, ``cosine``.
+    Returns ``{"tokens": (chosen_tokens, rejected_tokens) per pair, "matrices": DataFrame,
+    "contrastive": (chosen mask, rejected mask) per pair}``; the frame has one row per (step,
+    pair, chosen index, rejected index): ``inner``, ``cosine``, and ``cell``: ``contrastive``
+    (the same response index, where chosen and rejected differ:
+    :func:`ge_utils.mitigations.contrastive_mask`), ``shared`` (the same response index holding
+    the same token: the diagonal of identical tokens) or ``other`` (off the diagonal).
     """
-    train, held = sentiment_pairs(n_train, n_pairs, config, seed=seed)
-    net, tok = _fine_tuned(model, sft_cfg, train, device, seed)
+    train, held = experiment_data(spec)
+    net, tok = _fine_tuned(spec, train)
     dev = next(net.parameters()).device
     batches = [
         (
-            tokenize(tok, [p.prompt], [p.chosen], po_cfg.template).to(dev),
-            tokenize(tok, [p.prompt], [p.rejected], po_cfg.template).to(dev),
+            tokenize(tok, [p.prompt], [p.chosen], spec.po.template).to(dev),
+            tokenize(tok, [p.prompt], [p.rejected], spec.po.template).to(dev),
         )
         for p in held
     ]
@@ -274,6 +265,7 @@ def tokenwise_study(
 
     def measure(step: int, m: torch.nn.Module) -> None:
         for i, (c, r) in enumerate(batches):
+            differs = contrastive_mask(c, r)[0][0][c.response_mask[0]].bool().tolist()
             inner = tokenwise_inner(m, c, r)
             norm_w = tokenwise_inner(m, c, c).diagonal()
             norm_l = tokenwise_inner(m, r, r).diagonal()
@@ -287,10 +279,11 @@ def tokenwise_study(
                         "rejected_index": t,
                         "inner": float(inner[s, t]),
                         "cosine": float(cosine[s, t]),
+                        "cell": "other" if s != t else "contrastive" if differs[s] else "shared",
                     }
                 )
 
-    po_cfg_logged = replace(po_cfg, eval_every=po_cfg.steps, stats_method="none")
+    po_cfg_logged = replace(spec.po, eval_every=spec.po.steps, stats_method="none")
     preference_optimization(net, tok, train, held, po_cfg_logged, on_log=measure)
     tokens = [
         (
@@ -430,40 +423,31 @@ def greedy_answers(model, tok, pairs, template: str = "none") -> pd.DataFrame:
 
 
 def loss_comparison(
-    model: str,
-    sft_cfg: TrainConfig | None,
-    po_cfg: TrainConfig,
-    losses: dict[str, dict[str, float]],
-    config: str = "long",
-    n_train: int = 64,
-    n_eval: int = 16,
-    device: str = "auto",
-    seed: int = 0,
-    dtype: str = "float32",
-    cache: bool = True,
+    spec: ExperimentSpec, objectives: dict[str, dict[str, float]], cache: bool = True
 ) -> ComparisonResult:
-    """Train one copy of the SFT model per objective (``{name: hyperparameters}``, any loss of
-    :mod:`ge_utils.losses` or mitigation of :mod:`ge_utils.mitigations`) with ``po_cfg``.
+    """Train one copy of the spec's SFT model per objective (``{name: hyperparameters}``, any
+    loss of :mod:`ge_utils.losses` or mitigation of :mod:`ge_utils.mitigations`) with
+    ``spec.po`` (its ``loss`` replaced by each objective).
 
     Every run logs the held-out set (and, where the objective allows, every training pair's
-    gradient statistics) each ``po_cfg.eval_every`` steps, the contrastive/shared token split of
-    the held-out log-probs and greedy answers at the first and last logged steps. Each run is
+    gradient statistics) each ``spec.po.eval_every`` steps, the contrastive/shared token split
+    of the held-out log-probs and greedy answers at the first and last logged steps. Each run is
     cached by its own parameters; SFT runs once, only if some run is not cached.
     """
-    if not losses:
+    if not objectives:
         raise ValueError("no objectives given: pass at least one {name: hyperparameters}")
-    for name, hparams in losses.items():
+    for name, hparams in objectives.items():
         get_objective(name, **hparams)  # clear errors before any training
     state: dict[str, Any] = {}
 
     def fine_tuned():
         if "model" not in state:
-            torch.manual_seed(seed)
-            train, held = experiment_data("synthetic", config, None, n_train, n_eval, seed)
-            loaded = load_model(model, dtype=dtype, device=device, seed=seed)
+            torch.manual_seed(spec.seed)
+            train, held = experiment_data(spec)
+            loaded = _load(spec)
             sft_hist = pd.DataFrame({"step": [], "sft_loss": []})
-            if sft_cfg is not None:
-                sft_hist = sft(loaded.model, loaded.tokenizer, sft_examples(train), sft_cfg)
+            if spec.sft is not None:
+                sft_hist = sft(loaded.model, loaded.tokenizer, sft_examples(train), spec.sft)
             weights = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
             state.update(model=loaded.model, tok=loaded.tokenizer, weights=weights)
             state.update(train=train, held=held, sft=sft_hist)
@@ -473,26 +457,14 @@ def loss_comparison(
 
     runs: dict[str, RunResult] = {}
     tokens, answers = [], []
-    for name, hparams in losses.items():
+    for name, hparams in objectives.items():
         objective = get_objective(name, **hparams)
         cfg = replace(
-            po_cfg,
+            spec.po,
             loss=name,
             loss_params=dict(objective.hyperparameters),  # defaults too: they key the cache
-            train_stats=po_cfg.train_stats and getattr(objective, "train_stats_supported", True),
+            train_stats=spec.po.train_stats and getattr(objective, "train_stats_supported", True),
         )
-        params = {
-            "kind": "loss_comparison",
-            "model": model,
-            "config": config,
-            "n_train": n_train,
-            "n_eval": n_eval,
-            "seed": seed,
-            "dtype": dtype,
-            "sft": config_dict(sft_cfg) if sft_cfg is not None else None,
-            "po": config_dict(cfg),
-            "version": CACHE_VERSION,
-        }
 
         def run(cfg: TrainConfig = cfg) -> dict[str, pd.DataFrame]:
             net, tok, train, held = fine_tuned()
@@ -514,7 +486,8 @@ def loss_comparison(
                 "answers": pd.concat(ans_rows, ignore_index=True),
             }
 
-        frames = cached_run(cache_dir() / "runs" if cache else None, params, run)
+        key = replace(spec, po=cfg).key(kind="loss_comparison")
+        frames = cached_run(_runs_dir(cache), key, run)
         extra = {
             k: v for k, v in frames.items() if k not in ("steps", "pairs", "tokens", "answers")
         }
@@ -589,7 +562,7 @@ def step_costs(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     built = {name: get_objective(name, **hp) for name, hp in objectives.items()}
-    train, _ = experiment_data("synthetic", config, None, batch_size, 0, seed)
+    train, _ = sentiment_pairs(batch_size, 0, config, seed=seed)
     loaded = load_model(model, device=device, seed=seed)
     net, tok = loaded.model.train(), loaded.tokenizer
     dev = next(net.parameters()).device

@@ -1,0 +1,133 @@
+"""The experiment spec: everything that determines a run's numbers, in one frozen record.
+
+A recipe of :mod:`ge_utils.experiments` takes an :class:`ExperimentSpec`; its cache key is the
+spec's fields (:meth:`ExperimentSpec.key`), so a parameter that changes a result cannot be left
+out of the key. A notebook builds its spec from its papermill parameters in one call::
+
+    spec = spec_from_params(globals(), train_stats=True)
+
+and runs it over its ``seeds`` with :meth:`ExperimentSpec.with_seed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ge_utils.models import LoraSettings
+from ge_utils.training import TrainConfig
+
+CACHE_VERSION = 4  # bump when a change of code changes results, so old cached runs are not reused
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Model, data, sizes, seed, device, dtype, LoRA and the two training phases of a run.
+
+    ``dataset``: ``"synthetic"`` (the sentiment task in response configuration ``config``,
+    with ``suffix``, when given, replacing the configuration's text after the label word), or a
+    JSONL file / Hugging Face dataset name. The probe set is the first ``n_probe`` held-out
+    pairs. ``sft`` is ``None`` to start preference optimization from the model as it is.
+    """
+
+    model: str = "tiny-llama"
+    dataset: str = "synthetic"
+    config: str = "long"
+    suffix: str | None = None
+    n_train: int = 64
+    n_eval: int = 16
+    n_probe: int = 4
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    lora: LoraSettings | None = None
+    train_last_k: int | None = None
+    sft: TrainConfig | None = None
+    po: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_eval", "n_probe", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.n_probe > self.n_eval:
+            raise ValueError(f"n_probe ({self.n_probe}) exceeds n_eval ({self.n_eval})")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if self.suffix is not None and not isinstance(self.suffix, str):
+            raise ValueError(f"suffix must be a string or None, got {self.suffix!r}")
+
+    def with_seed(self, seed: int) -> ExperimentSpec:
+        """The same spec with ``seed`` for data, model initialization and both phases."""
+        sft = replace(self.sft, seed=seed) if self.sft is not None else None
+        return replace(self, seed=seed, sft=sft, po=replace(self.po, seed=seed))
+
+    def key(self, **extra: Any) -> dict[str, Any]:
+        """The cache key: every field (training configs without their progress flag), the
+        code version, and ``extra`` (a recipe's own arguments)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["lora"] = asdict(self.lora) if self.lora is not None else None
+        out["sft"] = _config_key(self.sft)
+        out["po"] = _config_key(self.po)
+        return {**out, **extra, "version": CACHE_VERSION}
+
+
+def _config_key(cfg: TrainConfig | None) -> dict[str, Any] | None:
+    if cfg is None:
+        return None
+    out = asdict(cfg)
+    out.pop("progress")  # a progress bar does not change a result
+    return out
+
+
+_SPEC_NAMES = (
+    "model", "dataset", "config", "suffix", "n_train", "n_eval", "n_probe", "seed", "device",
+    "dtype", "train_last_k",
+)
+
+
+def spec_from_params(params: Mapping[str, Any], **overrides: Any) -> ExperimentSpec:
+    """An :class:`ExperimentSpec` from a notebook's parameters (e.g. ``globals()``).
+
+    Reads the names it knows and ignores the rest: the spec fields above; ``lora_rank``,
+    ``lora_alpha``, ``lora_dropout``, ``lora_targets``; the SFT phase from ``sft_steps`` (0: no
+    SFT), ``sft_lr`` and ``sft_batch_size`` (default ``batch_size``); the preference phase from
+    ``steps``, ``batch_size``, ``lr``, ``optimizer``, ``beta`` (DPO's beta), ``loss``,
+    ``eval_every``, ``stats_method``, ``train_stats``; ``template`` for both. ``overrides``
+    win over ``params``.
+    """
+    p = {**params, **overrides}
+    if "suffix" in p and p["suffix"] is not None and not isinstance(p["suffix"], str):
+        raise ValueError(f"suffix must be a string, got {p['suffix']!r}")
+    seed = p.get("seed", 0)
+    template = p.get("template", "none")
+    sft = None
+    if p.get("sft_steps", 0):
+        sft = TrainConfig(
+            steps=p["sft_steps"],
+            batch_size=p.get("sft_batch_size", p.get("batch_size", 8)),
+            lr=p["sft_lr"],
+            seed=seed,
+            template=template,
+            progress=False,
+        )
+    po_names = ("steps", "batch_size", "lr", "optimizer", "loss", "eval_every", "stats_method",
+                "train_stats")
+    po = TrainConfig(
+        **{k: p[k] for k in po_names if k in p},
+        loss_params={"beta": p["beta"]} if "beta" in p else {},
+        seed=seed,
+        template=template,
+        progress=False,
+    )
+    lora = None
+    if p.get("lora_rank") is not None:
+        lora = LoraSettings(
+            r=p["lora_rank"],
+            **{k: p[f"lora_{k}"] for k in ("alpha", "dropout") if p.get(f"lora_{k}") is not None},
+            targets=tuple(p.get("lora_targets") or ()),
+        )
+    return ExperimentSpec(
+        **{k: p[k] for k in _SPEC_NAMES if k in p}, lora=lora, sft=sft, po=po
+    )

@@ -1,0 +1,141 @@
+"""The experiment spec: every field is in the cache key; notebooks build it in one call."""
+
+import dataclasses
+
+import pytest
+
+import ge_utils.experiments as experiments
+from ge_utils.models import LoraSettings
+from ge_utils.spec import ExperimentSpec, spec_from_params
+from ge_utils.training import TrainConfig, params_hash
+
+# A value different from the default for every field (progress is the one field left out of the
+# key, on purpose: a progress bar does not change a result).
+SPEC_CHANGES = {
+    "model": "tiny-gpt2",
+    "dataset": "pairs.jsonl",
+    "config": "single",
+    "suffix": " my own words.",
+    "n_train": 65,
+    "n_eval": 17,
+    "n_probe": 5,
+    "seed": 1,
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "lora": LoraSettings(r=2),
+    "train_last_k": 2,
+    "sft": TrainConfig(steps=3, progress=False),
+}
+CONFIG_CHANGES = {
+    "steps": 21,
+    "batch_size": 9,
+    "grad_accum": 2,
+    "lr": 6e-6,
+    "optimizer": "sgd",
+    "weight_decay": 0.1,
+    "warmup_steps": 1,
+    "max_grad_norm": 1.0,
+    "seed": 3,
+    "template": "chat",
+    "loss": "ipo",
+    "loss_params": {"beta": 0.2},
+    "eval_every": 4,
+    "stats_method": "exact",
+    "train_stats": True,
+}
+
+
+def test_every_spec_field_changes_the_cache_key():
+    base = ExperimentSpec()
+    names = {f.name for f in dataclasses.fields(ExperimentSpec)} - {"po"}
+    assert names == set(SPEC_CHANGES), "a new spec field needs a test value here"
+    for name, value in SPEC_CHANGES.items():
+        changed = dataclasses.replace(base, **{name: value})
+        assert params_hash(changed.key()) != params_hash(base.key()), name
+
+
+def test_every_train_config_field_changes_the_cache_key():
+    base = ExperimentSpec(sft=TrainConfig(progress=False))
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}
+    assert names == set(CONFIG_CHANGES), "a new TrainConfig field needs a test value here"
+    for name, value in CONFIG_CHANGES.items():
+        for phase in ("sft", "po"):
+            cfg = dataclasses.replace(getattr(base, phase), **{name: value})
+            changed = dataclasses.replace(base, **{phase: cfg})
+            assert params_hash(changed.key()) != params_hash(base.key()), (phase, name)
+    quiet = dataclasses.replace(base, po=dataclasses.replace(base.po, progress=False))
+    assert params_hash(quiet.key()) == params_hash(base.key())
+    for field in ("alpha", "targets"):
+        other = {"alpha": 128, "targets": ("q_proj",)}[field]
+        a = dataclasses.replace(base, lora=LoraSettings(r=2))
+        b = dataclasses.replace(base, lora=dataclasses.replace(LoraSettings(r=2), **{field: other}))
+        assert params_hash(a.key()) != params_hash(b.key()), field
+
+
+def test_recipe_arguments_enter_the_key():
+    spec = ExperimentSpec()
+    assert params_hash(spec.key(losses=["dpo"])) != params_hash(spec.key(losses=["ipo"]))
+
+
+def test_spec_from_notebook_parameters():
+    params = {
+        "profile": "smoke", "model": "tiny-llama", "config": "long", "template": "none",
+        "n_train": 32, "n_eval": 16, "n_probe": 4, "sft_steps": 20, "sft_lr": 3e-3, "steps": 20,
+        "batch_size": 4, "lr": 1e-3, "beta": 0.2, "optimizer": "sgd", "eval_every": 5,
+        "seed": 0, "seeds": [0, 1], "device": "cpu", "dtype": "float32", "lora_rank": 4,
+        "lora_alpha": 128, "lora_targets": ["q_proj", "v_proj"], "suffix": " it is.",
+    }
+    spec = spec_from_params(params, train_stats=True)
+    assert spec.sft is not None and (spec.sft.steps, spec.sft.lr, spec.sft.batch_size) == (
+        20, 3e-3, 4
+    )
+    assert spec.po.loss_params == {"beta": 0.2} and spec.po.optimizer == "sgd"
+    assert spec.po.train_stats and not spec.po.progress
+    assert spec.lora is not None and (spec.lora.r, spec.lora.alpha) == (4, 128)
+    assert spec.lora.targets == ("q_proj", "v_proj") and spec.suffix == " it is."
+    seeded = spec.with_seed(7)
+    assert (seeded.seed, seeded.sft.seed, seeded.po.seed) == (7, 7, 7)
+    assert spec_from_params({**params, "sft_steps": 0}).sft is None
+    with pytest.raises(ValueError, match="n_probe"):
+        spec_from_params({**params, "n_probe": 20})
+    with pytest.raises(ValueError, match="suffix"):
+        spec_from_params({**params, "suffix": 3})
+
+
+def test_over_seeds_and_pair_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    spec = ExperimentSpec(
+        sft=TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False),
+        po=TrainConfig(steps=2, batch_size=4, lr=1e-3, eval_every=2, progress=False),
+        n_train=8, n_eval=3, n_probe=1, device="cpu",
+    )
+    runs = experiments.over_seeds(experiments.sft_then_preference, spec, [0, 1])
+    assert {s: r.spec.seed for s, r in runs.items()} == {0: 0, 1: 1}
+    changes = experiments.pair_changes({s: r.run for s, r in runs.items()})
+    assert len(changes) == 6 and set(changes["seed"]) == {0, 1}
+    one = runs[0].run.pairs.query("split == 'eval' and pair == 0").sort_values("step")
+    d = one["logp_chosen"].iloc[-1] - one["logp_chosen"].iloc[0]
+    assert changes.query("seed == 0 and pair == 0")["d_chosen"].iloc[0] == pytest.approx(d)
+    with pytest.raises(ValueError, match="repeat"):
+        experiments.over_seeds(experiments.sft_then_preference, spec, [0, 0])
+
+
+def test_lora_rank_after_a_full_parameter_run_retrains(tmp_path, monkeypatch):
+    """The stale-cache defect: `-p lora_rank 2` after a full run returned the full run."""
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    calls = []
+    real = experiments.preference_optimization
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(experiments, "preference_optimization", counting)
+    params = {"model": "tiny-llama", "n_train": 8, "n_eval": 2, "n_probe": 1, "sft_steps": 1,
+              "sft_lr": 1e-3, "steps": 1, "batch_size": 4, "lr": 1e-3, "eval_every": 1,
+              "device": "cpu"}
+    full = experiments.sft_then_preference(spec_from_params(params))
+    lora = experiments.sft_then_preference(spec_from_params(params, lora_rank=2))
+    experiments.sft_then_preference(spec_from_params(params, lora_rank=2))
+    assert len(calls) == 2  # the LoRA run trained, its rerun came from the cache
+    assert lora.spec.lora is not None and full.spec.lora is None
