@@ -74,7 +74,8 @@ def test_three_valued_verdicts_on_synthetic_claims():
 
 def test_report_round_trips_through_text():
     report = ClaimReport()
-    report.takeaway("chosen falls", [-1.5, -2.0, -0.5], "<", over="3 pairs x 1 seed", unit="nats")
+    report.takeaway("chosen falls", [-1.5, -2.0, -0.5], "<", over="3 pairs x 1 seed", unit="nats",
+                    poster="chosen-falls")
     report.guarantee("case 1 after one step", True, conditions="head, SGD", evidence="12/12")
     report.consistency("margin grows to first order", False, evidence="79/80 pair-steps")
     report.takeaway("one seed", [2.0], ">", over="1 seed")
@@ -82,8 +83,7 @@ def test_report_round_trips_through_text():
     records = report.to_records()
     assert len(parsed) == 4
     for p, r in zip(parsed, records, strict=True):
-        assert {k: p[k] for k in ("kind", "verdict", "claim", "over", "evidence", "unit")} == {
-            k: r[k] for k in ("kind", "verdict", "claim", "over", "evidence", "unit")
+        assert {k: p[k] for k in KEYS} == {k: r[k] for k in KEYS
         }
         if r["effect"] is None:
             assert p["effect"] is None and p["interval"] is None
@@ -91,6 +91,9 @@ def test_report_round_trips_through_text():
             assert p["effect"] == pytest.approx(r["effect"], rel=1e-3)
             assert p["interval"] == pytest.approx(r["interval"], rel=1e-3)
     assert parsed[3]["interval"] == [-math.inf, math.inf]
+
+
+KEYS = ("kind", "verdict", "claim", "over", "evidence", "unit", "poster")
 
 
 def test_report_rejects_bad_input():
@@ -101,5 +104,7 @@ def test_report_rejects_bad_input():
         report.takeaway("x", [1.0, 2.0], "=", over="2 pairs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="conditions"):
         report.guarantee("x", True, conditions="", evidence="1")
+    with pytest.raises(ValueError, match="unknown poster"):
+        report.takeaway("x", [1.0, 2.0], ">", over="2 pairs", poster="chosen")
     with pytest.raises(ValueError, match="'\\|'"):
         report.consistency("x", True, evidence="a | b")

@@ -22,10 +22,12 @@ Student-t interval of a mean (:func:`mean_interval`, also for paired differences
 Clopper-Pearson interval of a proportion (:func:`proportion_interval`) and the bootstrap
 (:func:`bootstrap_interval`, BCa by default).
 
-A printed line reads (the runner parses it back into ``results/<chapter>.json``)::
+A takeaway or guarantee may name the poster row it speaks to (``poster=``, one of
+:data:`POSTER`); the landing page lists the poster's takeaways first, with every line that names
+each. A printed line reads (the runner parses it back into ``results/<chapter>.json``)::
 
     [takeaway] HOLDS: <claim> | effect -7.96 nats, 95% CI [-9.1, -6.8], over 16 pairs x 3 seeds | ..
-    [guarantee] DOES NOT HOLD: <claim> | over 12 pairs | <evidence>
+    [guarantee @theorem1] DOES NOT HOLD: <claim> | over 12 pairs | <evidence>
 """
 
 from __future__ import annotations
@@ -46,9 +48,27 @@ KINDS: tuple[str, ...] = ("takeaway", "guarantee", "consistency")
 VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
 CONFIDENCE = 0.95
 
+#: The poster's takeaways, in its order: the rows of the landing page.
+POSTER: dict[str, str] = {
+    "chosen-falls": "The chosen log-probability may decrease under margin-based training",
+    "co-movement": "Chosen and rejected log-probabilities move together",
+    "condition": "The gradient condition explains which way each side moves",
+    "theorem1": "Theorem 1: single-token responses give a negative inner product, "
+    "chosen up and rejected down",
+    "theorem3": "Theorem 3: a shared suffix gives a positive inner product that grows "
+    "with the suffix, and both fall",
+    "tokenwise": "Token-wise: the contrastive token's inner product can be negative; "
+    "the shared tokens carry the entanglement",
+    "sppo": "SPPO: d_w/d_l > 1 and |g_l|^2 > |g_w|^2, so the condition is more lenient",
+    "regularization": "Explicit regularization of the chosen log-probability makes it "
+    "more likely to rise",
+    "normalized": "Mitigation: pairwise normalized gradient descent",
+    "masked": "Mitigation: sparsity-regularized token masking",
+}
+
 _NUM = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
 VERDICT_LINE = re.compile(
-    r"^\[(?P<kind>takeaway|guarantee|consistency)\] "
+    r"^\[(?P<kind>takeaway|guarantee|consistency)(?: @(?P<poster>[a-z0-9-]+))?\] "
     r"(?P<verdict>HOLDS|DOES NOT HOLD|INCONCLUSIVE): (?P<claim>[^|]+?) \| "
     r"(?:effect (?P<effect>" + _NUM + r")(?: (?P<unit>[^,|]+))?, 95% CI \[(?P<low>" + _NUM
     + r"), (?P<high>" + _NUM + r")\], )?over (?P<over>[^|]*?) \| (?P<evidence>[^|]*)$"
@@ -176,6 +196,7 @@ class Claim:
     effect: float | None = None
     interval: tuple[float, float] | None = None
     unit: str = ""
+    poster: str | None = None
 
     def line(self) -> str:
         stat = ""
@@ -183,10 +204,17 @@ class Claim:
             unit = f" {self.unit}" if self.unit else ""
             lo, hi = self.interval
             stat = f"effect {_fmt(self.effect)}{unit}, 95% CI [{_fmt(lo)}, {_fmt(hi)}], "
+        tag = f" @{self.poster}" if self.poster else ""
         return (
-            f"[{self.kind}] {self.verdict.upper()}: {self.claim} | {stat}over {self.over} | "
+            f"[{self.kind}{tag}] {self.verdict.upper()}: {self.claim} | {stat}over {self.over} | "
             f"{self.evidence}"
         )
+
+
+def _poster(poster: str | None) -> str | None:
+    if poster is not None and poster not in POSTER:
+        raise ValueError(f"unknown poster takeaway {poster!r}; known: {', '.join(POSTER)}")
+    return poster
 
 
 def _clean(text: str, what: str) -> str:
@@ -215,6 +243,7 @@ class ClaimReport:
         over: str = "",
         unit: str = "",
         evidence: str = "",
+        poster: str | None = None,
     ) -> Verdict:
         """An empirical claim of the paper whose effect and interval are ``est``."""
         if not over:
@@ -232,6 +261,7 @@ class ClaimReport:
                 est.effect,
                 (est.low, est.high),
                 _clean(unit, "unit"),
+                _poster(poster),
             )
         )
         return verdict
@@ -245,10 +275,11 @@ class ClaimReport:
         over: str = "",
         unit: str = "",
         evidence: str = "",
+        poster: str | None = None,
     ) -> Verdict:
         """An empirical claim about the mean of ``values`` (t-interval)."""
         return self.takeaway_estimate(
-            claim, mean_interval(values), expect, null, over, unit, evidence
+            claim, mean_interval(values), expect, null, over, unit, evidence, poster
         )
 
     def takeaway_proportion(
@@ -260,15 +291,22 @@ class ClaimReport:
         null: float = 0.5,
         over: str = "",
         evidence: str = "",
+        poster: str | None = None,
     ) -> Verdict:
         """An empirical claim about a share ``k / n`` (Clopper-Pearson interval)."""
         ev = f"{k}/{n}" + (f"; {evidence}" if evidence else "")
         return self.takeaway_estimate(
-            claim, proportion_interval(k, n), expect, null, over, "", ev
+            claim, proportion_interval(k, n), expect, null, over, "", ev, poster
         )
 
     def guarantee(
-        self, claim: str, holds: bool, conditions: str, evidence: str, over: str = "this run"
+        self,
+        claim: str,
+        holds: bool,
+        conditions: str,
+        evidence: str,
+        over: str = "this run",
+        poster: str | None = None,
     ) -> Verdict:
         """A theorem under ``conditions``, checked against a realized change."""
         if not conditions:
@@ -277,7 +315,7 @@ class ClaimReport:
         ev = f"conditions: {conditions}; {evidence}"
         self._add(
             Claim("guarantee", _clean(claim, "claim"), verdict, _clean(over, "over"),
-                  _clean(ev, "evidence"))
+                  _clean(ev, "evidence"), poster=_poster(poster))
         )
         return verdict
 
@@ -308,7 +346,7 @@ def parse_verdicts(text: str) -> list[dict]:
     """Claims (as results-file records) from verdict lines in ``text``; other lines are ignored.
 
     A record has ``kind``, ``verdict``, ``claim``, ``effect`` (number or None), ``interval``
-    (``[low, high]`` or None), ``unit``, ``over`` and ``evidence``.
+    (``[low, high]`` or None), ``unit``, ``over``, ``evidence`` and ``poster`` (or None).
     """
     out = []
     for line in text.splitlines():
@@ -326,6 +364,7 @@ def parse_verdicts(text: str) -> list[dict]:
                 "unit": (m["unit"] or "").strip(),
                 "over": m["over"],
                 "evidence": m["evidence"],
+                "poster": m["poster"],
             }
         )
     return out
