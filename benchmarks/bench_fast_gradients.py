@@ -23,10 +23,9 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import benchmark_pairs, load, peak_rss_mb, run_isolated, timed
-from ge_utils.fast_gradients import fast_gradient_stats, tokenwise_inner
-from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import concat_batches, sequence_logprobs, token_logprobs, tokenize
 from ge_utils.losses import get_loss
+from ge_utils.stats import exact_gradient_stats, fast_gradient_stats, tokenwise_inner
 from ge_utils.training import preference_microstep
 
 METHODS = [

@@ -10,6 +10,8 @@ from transformers.pytorch_utils import Conv1D
 
 import ge_utils.stats.factors as factors
 import ge_utils.stats.layers as layers
+from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
+from ge_utils.models import tiny_causal_lm
 from ge_utils.stats import (
     PAIR_KEYS,
     TINY_COEFFICIENT,
@@ -19,8 +21,6 @@ from ge_utils.stats import (
     tokenwise_inner,
     training_step_stats,
 )
-from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
-from ge_utils.models import tiny_causal_lm
 
 PROMPTS = [[2, 5, 7, 6], [2, 4, 6], [2, 9, 10, 11, 12]]
 CHOSEN = [[13, 14, 15, 8], [16, 8], [13, 17]]
@@ -418,3 +418,193 @@ def test_expect_after_the_backward_is_an_error(tiny_model):
         rec.backward(sequence_logprobs(tiny_model, joint).sum())
         with pytest.raises(RuntimeError, match="before the backward"):
             rec.expect_pairs(3)
+
+
+# -- per-layer factor functions, each on its own ------------------------------------------
+
+
+def brute_layer_products(module, inputs, g):
+    """(N, N) float64 ``<grad f_i, grad f_j>`` over the module's trainable parameters, with
+    ``f_i = sum(g_i * module(inputs_i))``: one autograd call per sequence, flattened."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(inputs)):
+        out = module(inputs[i : i + 1])
+        grads = torch.autograd.grad((out * g[i : i + 1]).sum(), params, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (q if q is not None else torch.zeros_like(p)).double().flatten()
+                    for q, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
+    flat = torch.stack(rows)
+    return flat @ flat.T
+
+
+def factor_products(found):
+    """(N, N) products of the factors returned by a layer function, summed over parameters."""
+    some = next(iter(found.values()))
+    n = len(some.vec if some.vec is not None else some.right)
+    ii = torch.arange(n).repeat_interleave(n)
+    jj = torch.arange(n).repeat(n)
+    total = sum(factors.factor_inner(f, f, ii, jj) for f in found.values())
+    return total.reshape(n, n)
+
+
+def lora_linear():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(5, 4)).double()
+    cfg = LoraConfig(r=2, target_modules=["0"], init_lora_weights=False, lora_dropout=0.0)
+    return inject_adapter_in_model(cfg, holder)[0]
+
+
+def llama_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+LAYERS = {
+    "Linear": lambda: nn.Linear(5, 4).double(),
+    "Conv1D": lambda: Conv1D(4, 5).double(),
+    "Embedding": lambda: nn.Embedding(7, 4, padding_idx=2).double(),
+    "LayerNorm": lambda: nn.LayerNorm(5).double(),
+    "RMSNorm": lambda: nn.RMSNorm(5).double(),
+    "LlamaRMSNorm": llama_rmsnorm,
+    "LoRA": lora_linear,
+    "SoftGate": lambda: SoftGate(5).double(),
+}
+
+
+def layer_inputs(name, module):
+    gen = torch.Generator().manual_seed(3)
+    if name == "Embedding":
+        inputs = torch.randint(0, 7, (4, 3), generator=gen)
+        inputs[0, 1] = 2  # the padding row gets no gradient
+    else:
+        inputs = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        if isinstance(module, nn.LayerNorm | Conv1D) or name == "Linear":
+            for p in module.parameters():
+                p.normal_(generator=gen)
+        out = module(inputs)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    g[1, 2] = 0.0  # a padding row: zero output gradient
+    return inputs, g
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n not in ("LoRA", "SoftGate")])
+def test_layer_factors_equal_per_sequence_autograd(name):
+    """Each registered pure function alone: its factors' products equal brute force."""
+    module = LAYERS[name]()
+    inputs, g = layer_inputs(name, module)
+    rule = layers.rule_for(module)
+    assert rule is not None and rule.name in (name, "LayerNorm/RMSNorm")
+    x = inputs[..., None] if name == "Embedding" else inputs
+    wanted = frozenset(n for n, _ in module.named_parameters())
+    found = rule.factors(module, x, g, wanted)
+    assert set(found) == wanted
+    expected = brute_layer_products(module, inputs, g)
+    torch.testing.assert_close(factor_products(found), expected, rtol=1e-10, atol=1e-12)
+    materialized = {k: factors.materialize(f) for k, f in found.items()}
+    torch.testing.assert_close(factor_products(materialized), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_recorder_on_one_layer_equals_per_sequence_autograd(name):
+    """The recorder around a single layer (LoRA: adapter layers of a peft ``lora.Linear``;
+    SoftGate: the fallback) gives every pair's product."""
+    module = LAYERS[name]()
+    inputs, g = layer_inputs(name, module)
+    n = len(inputs)
+    ii, jj = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+    with GhostRecorder(module) as rec:
+        rec.expect(all=(ii, jj))
+        rec.backward((module(inputs) * g).sum())
+    expected = brute_layer_products(module, inputs, g)
+    torch.testing.assert_close(rec.results()["all"].reshape(n, n), expected, rtol=1e-10, atol=1e-12)
+
+
+class ScaledLinear(nn.Module):
+    """``y = s W x``: a layer type of the user's, unknown to the registry."""
+
+    def __init__(self, weight: torch.Tensor, s: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.s = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s * nn.functional.linear(x, self.weight)
+
+
+def test_a_custom_layer_type_added_through_the_registry(monkeypatch):
+    monkeypatch.setattr(layers, "_RULES", list(layers._RULES))  # registrations stay in this test
+    monkeypatch.setattr(layers, "SMALL_MODULE_NUMEL", 0)  # no fallback: a rule is needed
+    model = tiny_causal_lm("llama", 30, seed=4).double()
+    model.lm_head = ScaledLinear(model.lm_head.weight.detach(), 0.7)  # 2-D rows: the head
+    c, r = batches()
+    with pytest.raises(TypeError, match=r"cannot handle parameter\(s\): lm_head\.weight"):
+        fast_gradient_stats(model, c, r)
+    calls = []
+
+    @layers.register_layer(ScaledLinear, single_use=True)
+    def scaled_linear_factors(module, x, g, wanted):
+        # y = s W x:  grad_W f_i = sum_t (s g_t) x_t^T
+        calls.append(x.shape)
+        return {"weight": factors.Factor.outer(module.s * layers.promote(g), layers.promote(x))}
+
+    assert layers.rule_for(model.lm_head).factors is scaled_linear_factors
+    assert_fast_equals_exact(model, ["lm_head.weight", "model.norm.weight"])
+    assert calls and all(len(shape) == 3 for shape in calls)
+
+
+# -- strategies and the record ------------------------------------------------------------
+
+
+def test_strategies_by_name_agree_and_unknown_names_raise(tiny_model):
+    from ge_utils.stats import get_strategy, strategy_names
+
+    assert {"exact", "fast"} <= set(strategy_names())
+    c, r = batches("left")
+    exact = get_strategy("exact")(tiny_model, c, r)
+    assert_stats_close(get_strategy("fast")(tiny_model, c, r), exact, 1e-8)
+    with pytest.raises(ValueError, match="unknown statistics method 'ghost'; expected 'exact'"):
+        get_strategy("ghost")
+
+
+def test_training_step_of_both_strategies_agree(tiny_model):
+    """The fast training step (one backward) against the exact one (backward, then per-sequence
+    passes): same loss, same accumulated gradient, same statistics and coefficients."""
+    from ge_utils.stats import get_strategy
+
+    c, r = batches("left")
+    out = {}
+    for name in ("exact", "fast"):
+        tiny_model.zero_grad()
+        loss, stats = get_strategy(name).training_step(tiny_model, c, r, dpo_like(0.5))
+        out[name] = loss, stats, [p.grad.clone() for p in tiny_model.parameters()]
+    (loss_e, exact, grads_e), (loss_f, fast, grads_f) = out["exact"], out["fast"]
+    torch.testing.assert_close(loss_f, loss_e, rtol=0, atol=0)
+    for a, b in zip(grads_e, grads_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_stats_close(fast, exact, SCALED_RTOL, keys=(*KEYS, "coef_chosen", "coef_rejected"))
+
+
+def test_pair_stats_is_a_record_and_a_read_only_mapping(tiny_model):
+    from ge_utils.stats import PairStats
+
+    stats = fast_gradient_stats(tiny_model, *batches())
+    assert isinstance(stats, PairStats) and stats.n_pairs == 3
+    assert set(stats) == set(KEYS) and stats["inner"] is stats.inner
+    assert "coef_chosen" not in stats
+    with pytest.raises(KeyError):
+        stats["coef_chosen"]
+    with pytest.raises(ValueError, match="differ in length"):
+        PairStats(torch.zeros(2), torch.zeros(2), torch.zeros(3))

@@ -22,9 +22,9 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from ge_utils.data import sentiment_pairs
-from ge_utils.fast_gradients import fast_gradient_stats
 from ge_utils.losses import get_loss
 from ge_utils.models import load_model
+from ge_utils.stats import fast_gradient_stats
 from ge_utils.trl_integration import (
     METRIC_NAMES,
     ProbeBatch,

@@ -28,7 +28,7 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
 Where the statistics come from: a separate pass at the logging steps, not TRL's own backward.
 Just before the optimizer step (``on_pre_optimizer_step``, when the step's gradients are in
 ``.grad`` but the parameters are not yet updated) the captured micro-batches of the step go
-through :func:`ge_utils.fast_gradients.fast_gradient_stats`: one forward and one backward to the
+through :func:`ge_utils.stats.fast_gradient_stats`: one forward and one backward to the
 layer outputs only, in eval mode, which never touches ``.grad``, the optimizer or the RNG. TRL's
 training forward runs through a fused LM head that computes log-probs in chunks from the head's
 weight directly, which the layer hooks of the fast method cannot see, and its backward carries
@@ -69,10 +69,10 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ge_utils.fast_gradients import fast_gradient_stats
 from ge_utils.gradients import classify_cases, condition_table
 from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
+from ge_utils.stats import fast_gradient_stats
 
 PREFIX = "ge/"
 BATCH_METRICS = (
