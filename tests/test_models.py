@@ -8,6 +8,7 @@ import torch
 from ge_utils.models import (
     LoraSettings,
     load_model,
+    lora_settings,
     pretrained_tiny,
     tiny_causal_lm,
     train_last_k_blocks,
@@ -135,6 +136,61 @@ def test_lora_wraps_with_the_given_settings(tmp_path, tokenizer):
         load_model(str(tmp_path / "m"), device="cpu", lora=lora, train_last_k=1)
     with pytest.raises(ValueError, match="LoRA rank must be >= 1, got 0"):
         load_model(str(tmp_path / "m"), device="cpu", lora_rank=0)
+
+
+def test_lora_as_the_authors_used_it(tmp_path, tokenizer):
+    """alpha, dropout and targets reach every adapter: output = W x + (alpha / r) B A x."""
+    save_tiny(tmp_path / "m", tokenizer)
+    r, alpha = 4, 128
+    lm = load_model(
+        str(tmp_path / "m"),
+        device="cpu",
+        lora_rank=r,
+        lora_alpha=alpha,
+        lora_dropout=0.05,
+        lora_targets=["c_attn", "c_fc"],
+    )
+    config = lm.model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (r, alpha, 0.05)
+    adapted = {n.rsplit(".", 1)[1] for n, m in lm.model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"c_attn", "c_fc"}
+    torch.manual_seed(0)
+    for name, module in lm.model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        assert module.lora_dropout["default"].p == 0.05, name
+        a, b = module.lora_A["default"], module.lora_B["default"]
+        torch.nn.init.normal_(b.weight)  # peft starts B at 0: make the adapter visible
+        x = torch.randn(3, a.in_features)
+        with torch.no_grad():
+            expected = module.base_layer(x) + alpha / r * (x @ a.weight.T @ b.weight.T)
+            assert torch.allclose(module(x), expected, atol=1e-5), name
+    same = load_model(
+        str(tmp_path / "m"),
+        device="cpu",
+        lora=LoraSettings(r=r, alpha=alpha, dropout=0.05, targets=("c_attn", "c_fc")),
+    )
+    assert same.model.peft_config["default"].lora_alpha == alpha
+
+
+def test_lora_settings_check_their_values():
+    assert lora_settings(None) is None
+    assert lora_settings(8) == LoraSettings(r=8, alpha=16)  # the former shorthand's scale
+    assert lora_settings(64, 128, 0.05, ["q_proj", "k_proj", "v_proj"]).targets == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+    )
+    with pytest.raises(ValueError, match="need lora_rank"):
+        lora_settings(None, lora_alpha=128)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        LoraSettings(r=2, alpha=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        LoraSettings(r=2, dropout=1.0)
+    with pytest.raises(ValueError, match="sequence of module names"):
+        LoraSettings(r=2, targets="q_proj")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be an integer"):
+        LoraSettings(r=2.0)  # type: ignore[arg-type]
 
 
 def test_cached_hub_name_loads_offline(tmp_path, tokenizer, monkeypatch):

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -300,30 +301,63 @@ def _decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA adapters: rank ``r``, scale ``alpha / r``, and the module names to adapt (empty:
-    peft's default for the architecture, e.g. ``q_proj``/``v_proj`` for Llama)."""
+    """LoRA adapters (peft): each adapted weight ``W`` becomes ``W + (alpha / r) B A`` with
+    ``A`` (r x d_in), ``B`` (d_out x r), dropout ``dropout`` on the adapter's input in train mode,
+    on the modules named in ``targets`` (empty: peft's default for the architecture, e.g.
+    ``q_proj``/``v_proj`` for Llama). The authors used r 64, alpha 128, dropout 0.05 on
+    ``q_proj``/``k_proj``/``v_proj``."""
 
     r: int = 8
-    alpha: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
     targets: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise ValueError(f"LoRA rank must be an integer, got {self.r!r}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if isinstance(self.alpha, bool) or not (
+            isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+            raise ValueError(f"LoRA targets must be a sequence of module names: {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
 
-def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, targets: Sequence[str] = ()):
-    """Wrap ``model`` with LoRA adapters (peft, no dropout); only the adapters train."""
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings):
+    """Wrap ``model`` with LoRA adapters (peft) as ``lora`` says; only the adapters train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
         raise ImportError("LoRA needs the peft package: pip install peft") from exc
-    if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {r}")
     cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=list(targets) or None,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets) or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
+
+
+def lora_settings(
+    lora_rank: int | None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] | None = None,
+) -> LoraSettings | None:
+    """The :class:`LoraSettings` of flat parameters (None without a rank; ``lora_alpha`` None:
+    16)."""
+    if lora_rank is None:
+        if lora_alpha is not None or lora_dropout or lora_targets:
+            raise ValueError("lora_alpha, lora_dropout and lora_targets need lora_rank")
+        return None
+    alpha = 16 if lora_alpha is None else lora_alpha
+    return LoraSettings(lora_rank, alpha, lora_dropout, tuple(lora_targets or ()))
 
 
 def load_model(
@@ -334,22 +368,26 @@ def load_model(
     train_last_k: int | None = None,
     seed: int = 0,
     lora: LoraSettings | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by name: ``smollm2-135m-instruct`` (or ``default``: the offline
     SmolLM2), ``tiny-llama`` / ``tiny-gpt2`` (pre-trained from scratch on the synthetic
     statements with ``seed``, cached), or any Hugging Face model name or local folder.
 
-    ``device='auto'`` picks CUDA when available. ``lora`` (or the shorthand ``lora_rank``) adds
-    LoRA adapters, the only trainable parameters then; ``train_last_k`` instead freezes all but
+    ``device='auto'`` picks CUDA when available. ``lora`` (or the flat ``lora_rank``,
+    ``lora_alpha``, ``lora_dropout``, ``lora_targets``: :func:`lora_settings`) adds LoRA
+    adapters, the only trainable parameters then; ``train_last_k`` instead freezes all but
     the last k blocks and the final norm (:func:`train_last_k_blocks`). Eval mode; the
     tokenizer always has a pad token (its eos or unk token when it had none).
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
-    if lora is not None and lora_rank is not None:
-        raise ValueError("pass either lora or lora_rank, not both")
-    if lora_rank is not None:
-        lora = LoraSettings(r=lora_rank)
+    flat = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    if lora is not None and flat is not None:
+        raise ValueError("pass either lora or lora_rank (with its lora_* values), not both")
+    lora = lora or flat
     if lora is not None and train_last_k is not None:
         raise ValueError("train_last_k and LoRA exclude each other: LoRA trains only adapters")
     torch_dtype = _dtype(dtype)
@@ -365,7 +403,7 @@ def load_model(
     if train_last_k is not None:
         train_last_k_blocks(model, train_last_k)
     if lora is not None:
-        model = add_lora(model, r=lora.r, alpha=lora.alpha, targets=lora.targets)
+        model = add_lora(model, lora)
     return LoadedModel(model.eval(), tok, name_or_path)
 
 
