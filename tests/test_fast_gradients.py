@@ -573,8 +573,8 @@ def test_strategies_by_name_agree_and_unknown_names_raise(tiny_model):
 
     assert {"exact", "fast"} <= set(strategy_names())
     c, r = batches("left")
-    exact = get_strategy("exact")(tiny_model, c, r)
-    assert_stats_close(get_strategy("fast")(tiny_model, c, r), exact, 1e-8)
+    exact = get_strategy("exact").pair_stats(tiny_model, c, r)
+    assert_stats_close(get_strategy("fast").pair_stats(tiny_model, c, r), exact, 1e-8)
     with pytest.raises(ValueError, match="unknown statistics method 'ghost'; expected 'exact'"):
         get_strategy("ghost")
 

@@ -180,10 +180,9 @@ StatsMethod = Callable[..., PairStats]
 
 
 def stats_method(method: str) -> StatsMethod:
-    """The registered statistics strategy ``method`` (``exact`` or ``fast``; see
-    :func:`ge_utils.stats.strategies.get_strategy`), called as ``f(model, chosen, rejected,
-    params)``."""
-    return get_strategy(method)
+    """``f(model, chosen, rejected, params) -> PairStats`` of the registered statistics strategy
+    ``method`` (``exact`` or ``fast``; see :func:`ge_utils.stats.strategies.get_strategy`)."""
+    return get_strategy(method).pair_stats
 
 
 def _reference_logps(

@@ -59,15 +59,6 @@ class StatsComputer(ABC):
     ) -> PairStats:
         """Statistics and log-probs of every pair at the current parameters, in eval mode."""
 
-    def __call__(
-        self,
-        model: nn.Module,
-        chosen: SequenceBatch,
-        rejected: SequenceBatch,
-        params: ParamSpec = None,
-    ) -> PairStats:
-        return self.pair_stats(model, chosen, rejected, params)
-
     def training_step(
         self,
         model: nn.Module,
