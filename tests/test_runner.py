@@ -84,6 +84,7 @@ def test_profile_and_overrides_resolve_in_order(project):
             "unit": "",
             "over": "this run",
             "evidence": "conditions: n from the parameters; n=7, rate=0.25",
+            "poster": None,
         }
     ]
     nb = nbformat.read(project / "out" / "toy.ipynb", as_version=4)
@@ -217,8 +218,16 @@ def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
             "wall_time_s": 1.5,
         },
         "claims": [
-            {"kind": "guaranteed", "claim": "margin grows", "holds": True, "evidence": "3/3"},
-            {"kind": "empirical", "claim": "chosen falls", "holds": False, "evidence": "+1 nat"},
+            {"kind": "guarantee", "claim": "margin grows", "verdict": "holds", "evidence": "3/3",
+             "effect": None, "interval": None, "over": "3 pairs", "poster": "condition"},
+            {"kind": "takeaway", "claim": "chosen falls", "verdict": "does not hold",
+             "effect": 1.0, "interval": [0.5, 1.5], "unit": "nats", "over": "4 pairs x 2 seeds",
+             "evidence": "+1 nat", "poster": "chosen-falls"},
+            {"kind": "takeaway", "claim": "rejected rises", "verdict": "inconclusive",
+             "effect": 0.1, "interval": [-0.5, 0.7], "unit": "nats", "over": "4 pairs x 2 seeds",
+             "evidence": "", "poster": None},
+            {"kind": "consistency", "claim": "norms >= 0", "verdict": "holds", "effect": None,
+             "interval": None, "over": "this run", "evidence": "8/8", "poster": None},
         ],
     }
     (res / "first.json").write_text(json.dumps(record))
@@ -228,11 +237,21 @@ def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
     summary = (out / "summary.md").read_text()
     assert (
         "| {doc}`chapters/first`<br>`tiny \\| model`, default | margin grows "  # pipes escaped
-        "| {bdg-success}`holds`<br>guaranteed | 3/3 |" in summary
+        "| {bdg-success}`holds`<br>guarantee | — | 3 pairs |" in summary
     )
-    assert "|  | chosen falls | {bdg-danger}`does not hold`<br>empirical | +1 nat |" in summary
+    assert (
+        "|  | chosen falls | {bdg-danger}`does not hold`<br>takeaway | 1 nats [0.5, 1.5] "
+        "| 4 pairs x 2 seeds |" in summary
+    )
+    assert "{bdg-warning}`inconclusive`<br>takeaway | 0.1 nats [-0.5, 0.7]" in summary
+    assert "norms >= 0" not in summary  # consistency checks stay in their chapter
     assert "| second | — | {bdg-secondary}`not built` |" in summary  # no link to a missing page
-    assert "1 of 2 chapters built" in summary and "1 of 2 takeaways hold" in summary
+    assert "1 of 2 chapters built" in summary
+    assert "of 3 takeaways and guarantees, 1 hold, 1 do not hold and 1 are inconclusive" in summary
+    poster = summary.split("### Every takeaway")[0]
+    assert "| The chosen log-probability may decrease under margin-based training | " in poster
+    assert "`does not hold`<br>takeaway | 1 nats [0.5, 1.5] | 4 pairs x 2 seeds | " in poster
+    assert "| Co-movement" not in poster and "`not measured`" in poster
     assert "```{figure} chapters/headline.png" in summary
     assert (out / "headline.png").read_bytes()[:4] == b"\x89PNG"
     repro = (out / "reproducibility.md").read_text()
@@ -285,3 +304,27 @@ def test_ge_book_cli_is_the_same_runner(project):
     first, second = (json.loads((project / d / "toy.json").read_text()) for d in ("res", "res2"))
     assert first["claims"] == second["claims"]
     assert first["provenance"]["parameters"] == second["provenance"]["parameters"]
+
+
+def test_consistency_checks_fold_into_a_collapsed_block():
+    from ge_book.runner import _annotate
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(report)")
+    cell.metadata["tags"] = ["claims"]
+    text = (
+        "[takeaway @chosen-falls] HOLDS: chosen falls | effect -2 nats, 95% CI [-3, -1], "
+        "over 4 pairs x 2 seeds | claimed < 0\n"
+        "[consistency] HOLDS: norms >= 0 | over this run | 8/8\n"
+    )
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+    nb.cells = [nbformat.v4.new_markdown_cell("# T"), cell]
+    record = {"profile": "smoke", "parameters": {}, "device": "cpu", "date": "today",
+              "git_commit": "abc", "torch": "2", "transformers": "5", "ge_utils": "0.1",
+              "python": "3.11"}
+    claims = _annotate(nb, record)
+    assert [k["kind"] for k in claims] == ["takeaway", "consistency"]
+    assert "norms" not in cell.outputs[0]["text"] and "chosen falls" in cell.outputs[0]["text"]
+    assert nb.cells[-1].cell_type == "markdown"
+    assert nb.cells[-1].source.startswith(":::{dropdown} Consistency checks of the code: 1 of 1")
+    assert "norms >= 0 (8/8; over this run)" in nb.cells[-1].source

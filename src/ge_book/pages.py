@@ -1,7 +1,8 @@
 """Generated book pages, written by the runner after every run (or alone with ``--pages-only``).
 
-Into the chapters folder: ``summary.md`` (headline figure and one row per takeaway, for the
-landing page), ``headline.png`` (the image of the cell tagged ``headline``), ``reproducibility.md``
+Into the chapters folder: ``summary.md`` (headline figure, one row per takeaway of the poster
+with every line that speaks to it, then every takeaway and guarantee by chapter, for the landing
+page), ``headline.png`` (the image of the cell tagged ``headline``), ``reproducibility.md``
 (how each chapter was produced and how to rerun it), and each chapter's launch box (Colab, Binder
 and download links to ``notebooks/<name>.ipynb`` of the repository named in ``_config.yml``).
 All are read from this build's executed notebooks and results files; a chapter without them
@@ -11,6 +12,7 @@ shows as "not built".
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import nbformat
 import yaml
 
 from ge_book.parameters import RunnerError, load_profiles, load_spec, resolve_parameters
+from ge_utils.claims import POSTER, VERDICTS
 from ge_utils.io import atomic_write_text
 
 SUMMARY_FILE = "summary.md"  # included by book/intro.md
@@ -267,32 +270,81 @@ def summary_markdown(
         ]
     built = [c for c in chapters if c.built]
     profiles = sorted({c.provenance.get("profile", "?") for c in built})
-    n_claims = sum(len(c.results["claims"]) for c in built)
-    n_held = sum(bool(k.get("holds")) for c in built for k in c.results["claims"])
+    records = [(c, k) for c in built for k in c.results["claims"]]
+    counted = [(c, k) for c, k in records if k.get("kind") in ("takeaway", "guarantee")]
+    tally = {v: sum(k.get("verdict") == v for _, k in counted) for v in VERDICTS}
+    n_consistency = len(records) - len(counted)
     lines += [
         f"This build: {len(built)} of {len(chapters)} chapters built "
-        f"(profile {', '.join(profiles) or 'none'}); {n_held} of {n_claims} takeaways hold.",
+        f"(profile {', '.join(profiles) or 'none'}); of {len(counted)} takeaways and guarantees, "
+        f"{tally['holds']} hold, {tally['does not hold']} do not hold and "
+        f"{tally['inconclusive']} are inconclusive ({n_consistency} consistency checks of the "
+        "code are listed in each chapter, not counted here).",
         "",
-        "| chapter (model, profile) | takeaway | verdict | evidence |",
-        "|---|---|---|---|",
+        "### The poster's takeaways",
+        "",
+        "| takeaway of the poster | verdict | effect [95% CI] | over | chapter |",
+        "|---|---|---|---|---|",
+    ]
+    for key, title in POSTER.items():
+        tagged = [(c, k) for c, k in counted if k.get("poster") == key]
+        if not tagged:
+            lines.append(f"| {_cell(title)} | {{bdg-secondary}}`not measured` | — | — | — |")
+        for i, (c, k) in enumerate(tagged):
+            lines.append(
+                f"| {_cell(title) if i == 0 else ''} | {_badge(k)} | {_effect(k)} "
+                f"| {_cell(k.get('over', ''))} | {c.short_link} |"
+            )
+    lines += [
+        "",
+        "### Every takeaway and guarantee, by chapter",
+        "",
+        "| chapter (model, profile) | claim | verdict | effect [95% CI] | over |",
+        "|---|---|---|---|---|",
     ]
     for ch in chapters:
         if not ch.built:
             lines.append(
                 f"| {ch.link} | — | {{bdg-secondary}}`not built` "
-                f"| run `{_command(ch.name, 'default')}` |"
+                f"| run `{_command(ch.name, 'default')}` | — |"
             )
             continue
         head = f"{ch.link}<br>`{_cell(ch.model)}`, {_cell(ch.provenance.get('profile', '?'))}"
-        if not ch.results["claims"]:
-            lines.append(f"| {head} | — | **no verdicts** | the claims cell printed none |")
-        for i, k in enumerate(ch.results["claims"]):
-            badge = "{bdg-success}`holds`" if k.get("holds") else "{bdg-danger}`does not hold`"
+        shown = [k for k in ch.results["claims"] if k.get("kind") in ("takeaway", "guarantee")]
+        if not shown:
+            lines.append(f"| {head} | — | **no verdicts** | the claims cell printed none | — |")
+        for i, k in enumerate(shown):
             lines.append(
                 f"| {head if i == 0 else ''} | {_cell(k.get('claim', ''))} "
-                f"| {badge}<br>{_cell(k.get('kind', ''))} | {_cell(k.get('evidence', ''))} |"
+                f"| {_badge(k)} | {_effect(k)} | {_cell(k.get('over', ''))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+BADGES = {
+    "holds": "{bdg-success}`holds`",
+    "does not hold": "{bdg-danger}`does not hold`",
+    "inconclusive": "{bdg-warning}`inconclusive`",
+}
+
+
+def _badge(k: dict[str, Any]) -> str:
+    """The verdict badge and the line's kind."""
+    badge = BADGES.get(k.get("verdict", ""), f"`{_cell(k.get('verdict', '?'))}`")
+    return f"{badge}<br>{_cell(k.get('kind', ''))}"
+
+
+def _num(x: float) -> str:
+    return "∞" if x == math.inf else "−∞" if x == -math.inf else f"{x:.3g}"
+
+
+def _effect(k: dict[str, Any]) -> str:
+    """``effect unit [low, high]``, or a dash for a line without an effect size."""
+    if k.get("effect") is None or not k.get("interval"):
+        return "—"
+    low, high = k["interval"]
+    unit = f" {_cell(k['unit'])}" if k.get("unit") else ""
+    return f"{_num(k['effect'])}{unit} [{_num(low)}, {_num(high)}]"
 
 
 def _paper_differences(ch: Chapter, notebooks_dir: Path) -> str:

@@ -67,7 +67,38 @@ def _annotate(nb: nbformat.NotebookNode, record: dict[str, Any]) -> list[dict]:
         if c.cell_type == "code" and "claims" in c.metadata.get("tags", []):
             text = "".join(o.get("text", "") for o in c.get("outputs", []) if o.get("text"))
             claims.extend(parse_verdicts(text))
+            _fold_consistency(c)
+    checks = [k for k in claims if k["kind"] == "consistency"]
+    if checks:
+        nb.cells.append(nbformat.v4.new_markdown_cell(consistency_markdown(checks)))
     return claims
+
+
+def _fold_consistency(cell: nbformat.NotebookNode) -> None:
+    """Drop the consistency lines from a claims cell's printed output (they go in a collapsed
+    block at the end of the chapter: checks of the code, not of the paper)."""
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream" and out.get("text"):
+            kept = [
+                line for line in out["text"].splitlines(keepends=True)
+                if not line.startswith("[consistency")
+            ]
+            out["text"] = "".join(kept)
+
+
+def consistency_markdown(checks: list[dict]) -> str:
+    """A collapsed block listing the chapter's consistency checks with their verdicts."""
+    held = sum(k["verdict"] == "holds" for k in checks)
+    rows = "\n".join(
+        f"- **{k['verdict']}**: {k['claim']} ({k['evidence']}; over {k['over']})" for k in checks
+    )
+    return (
+        f":::{{dropdown}} Consistency checks of the code: {held} of {len(checks)} hold\n"
+        "Identities of this run's own statistics (a squared norm is non-negative, "
+        "Cauchy-Schwarz, a coefficient that holds by construction). They check the code, "
+        "not the paper, and are not counted as takeaways.\n\n"
+        f"{rows}\n:::\n"
+    )
 
 
 def execute(
