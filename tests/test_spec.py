@@ -65,8 +65,8 @@ def test_every_train_config_field_changes_the_cache_key():
             assert params_hash(changed.key()) != params_hash(base.key()), (phase, name)
     quiet = dataclasses.replace(base, po=dataclasses.replace(base.po, progress=False))
     assert params_hash(quiet.key()) == params_hash(base.key())
-    for field in ("alpha", "targets"):
-        other = {"alpha": 128, "targets": ("q_proj",)}[field]
+    for field in ("alpha", "dropout", "targets"):
+        other = {"alpha": 128, "dropout": 0.05, "targets": ("q_proj",)}[field]
         a = dataclasses.replace(base, lora=LoraSettings(r=2))
         b = dataclasses.replace(base, lora=dataclasses.replace(LoraSettings(r=2), **{field: other}))
         assert params_hash(a.key()) != params_hash(b.key()), field

@@ -38,7 +38,7 @@ from ge_utils.logprobs import (
     tokenize,
 )
 from ge_utils.losses import get_loss
-from ge_utils.mitigations import MaskedDPO, contrastive_mask, get_objective
+from ge_utils.mitigations import contrastive_mask, get_objective
 from ge_utils.models import cache_dir, load_model
 from ge_utils.spec import ExperimentSpec
 from ge_utils.training import (
@@ -123,6 +123,12 @@ def over_seeds(
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {list(seeds)}")
     return {int(s): recipe(spec.with_seed(int(s)), **kwargs) for s in seeds}
+
+
+def pairs_over_seeds(runs: Mapping[int, RunResult], split: str = "eval") -> pd.DataFrame:
+    """Every run's pair rows of ``split``, with a ``seed`` column."""
+    frames = [r.pairs[r.pairs["split"] == split].assign(seed=s) for s, r in runs.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def pair_changes(runs: Mapping[int, RunResult], split: str = "eval") -> pd.DataFrame:
@@ -463,7 +469,7 @@ def loss_comparison(
             spec.po,
             loss=name,
             loss_params=dict(objective.hyperparameters),  # defaults too: they key the cache
-            train_stats=spec.po.train_stats and getattr(objective, "train_stats_supported", True),
+            train_stats=spec.po.train_stats and objective.reports_pair_stats,
         )
 
         def run(cfg: TrainConfig = cfg) -> dict[str, pd.DataFrame]:
@@ -570,10 +576,8 @@ def step_costs(
     with torch.no_grad():
         ref = (sequence_logprobs(net, c), sequence_logprobs(net, r))
         ref_tokens = (token_logprobs(net, c), token_logprobs(net, r))
-    vocab = net.get_output_embeddings().weight.shape[0]
     for objective in built.values():
-        if isinstance(objective, MaskedDPO):
-            objective.ensure_parameters(vocab, dev)
+        objective.prepare(net, [])  # a learned mask's logits; no token weights reported
     times: dict[str, list[float]] = {name: [] for name in built}
     for round_ in range(repeats + 1):
         for name, objective in built.items():

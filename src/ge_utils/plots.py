@@ -29,7 +29,9 @@ def logprob_curves(
     """Held-out chosen/rejected log-probs and margin over steps.
 
     ``means`` has columns ``step``, ``logp_chosen``, ``logp_rejected``, ``margin`` (nats) and,
-    optionally, a ``hue`` column (e.g. the configuration or the loss).
+    optionally, a ``hue`` column (e.g. the configuration or the loss). Several rows per step
+    (pairs, seeds) draw their mean with a 95% bootstrap band (seeded: the figure is the same on
+    every rebuild).
     """
     if axes is None:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -41,7 +43,9 @@ def logprob_curves(
         [r"chosen $\log\pi(y_w|x)$", r"rejected $\log\pi(y_l|x)$", r"margin $u_w - u_l$"],
         strict=True,
     ):
-        sns.lineplot(data=means, x="step", y=col, hue=hue, marker="o", ax=ax, legend=ax is axes[0])
+        sns.lineplot(
+            data=means, x="step", y=col, hue=hue, marker="o", ax=ax, legend=ax is axes[0], seed=0
+        )
         ax.set(xlabel="training step", ylabel=f"{label} (nats)")
     if title:
         fig.suptitle(title)
@@ -52,7 +56,7 @@ def logprob_curves(
 def gradient_curves(means: pd.DataFrame, hue: str | None = None, title: str = "") -> plt.Figure:
     """Probe-set means of ``grad_inner``, ``grad_norm2_chosen``/``_rejected`` and ``cosine``."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    sns.lineplot(data=means, x="step", y="grad_inner", hue=hue, marker="o", ax=axes[0])
+    sns.lineplot(seed=0, data=means, x="step", y="grad_inner", hue=hue, marker="o", ax=axes[0])
     axes[0].axhline(0, color="black", lw=0.8)
     axes[0].set(ylabel=r"$\langle g_w, g_l\rangle$", xlabel="training step")
     long = means.melt(
@@ -65,7 +69,9 @@ def gradient_curves(means: pd.DataFrame, hue: str | None = None, title: str = ""
         data=long, x="step", y="norm2", hue=hue, style="response", ax=axes[1], legend=False
     )
     axes[1].set(ylabel=r"$\|g\|^2$ (solid: chosen, dashed: rejected)", xlabel="training step")
-    sns.lineplot(data=means, x="step", y="cosine", hue=hue, marker="o", ax=axes[2], legend=False)
+    sns.lineplot(
+        seed=0, data=means, x="step", y="cosine", hue=hue, marker="o", ax=axes[2], legend=False
+    )
     axes[2].axhline(0, color="black", lw=0.8)
     axes[2].set(ylabel=r"cosine$(g_w, g_l)$", xlabel="training step")
     if title:
@@ -133,7 +139,9 @@ def coefficient_curves(train_means: pd.DataFrame, title: str = "") -> plt.Figure
         ("grad_inner", r"$\langle g_w, g_l\rangle$"),
     ]
     for ax, (col, label) in zip(axes, panels, strict=True):
-        sns.lineplot(data=train_means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
+        sns.lineplot(
+            seed=0, data=train_means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1]
+        )
         ax.set(xlabel="training step", ylabel=label)
     axes[0].axhline(1, color="black", lw=0.8)
     axes[0].set_yscale("symlog", linthresh=1.0)  # SPPO's d_l, so the ratio, can turn negative
@@ -158,7 +166,7 @@ def token_groups(tokens: pd.DataFrame, title: str = "") -> plt.Figure:
         ("shared_rejected", "rejected: shared tokens"),
     ]
     for ax, (col, label) in zip(axes, panels, strict=True):
-        sns.lineplot(data=means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
+        sns.lineplot(seed=0, data=means, x="step", y=col, hue="loss", ax=ax, legend=ax is axes[-1])
         ax.set(xlabel="training step", ylabel="log-prob (nats)", title=label)
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     if title:
