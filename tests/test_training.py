@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ge_utils.losses import MarginLoss
 from ge_utils.models import tiny_causal_lm
 from ge_utils.training import (
     TrainConfig,
@@ -104,22 +105,22 @@ def test_nan_loss_stops_with_step_and_history(tokenizer, monkeypatch):
 
     real = training.get_objective
 
-    class Poisoned:
-        def __init__(self, inner):
-            self.inner, self.name, self.calls = inner, inner.name, 0
+    calls = []
 
-        def coefficients(self, p):
-            return self.inner.coefficients(p)
-
+    class Poisoned(MarginLoss):  # the same loss, NaN at its third training call
         def loss(self, p):
-            out = self.inner.loss(p)
+            out = super().loss(p)
             if out.requires_grad:
-                self.calls += 1
-                if self.calls == 3:
+                calls.append(1)
+                if len(calls) == 3:
                     return out * math.nan
             return out
 
-    monkeypatch.setattr(training, "get_objective", lambda name, **kw: Poisoned(real(name, **kw)))
+    def poisoned(name, **kw):
+        inner = real(name, **kw)
+        return Poisoned(inner.spec, inner.hyperparameters)
+
+    monkeypatch.setattr(training, "get_objective", poisoned)
     with pytest.raises(TrainingDivergedError, match="at step 3") as info:
         run(tokenizer, method="none")
     assert list(info.value.history.steps["step"]) == [1, 2]

@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ge_utils.logprobs import SequenceBatch, sequence_logprobs, tokenize
-from ge_utils.losses import MarginLoss, PairLogps
+from ge_utils.losses import MarginLoss
+from ge_utils.objective import pair_logps
 from ge_utils.stats.exact import exact_gradient_stats
 from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.record import STAT_KEYS, PairStats
@@ -92,26 +93,6 @@ def condition_table(
             "pred_delta_margin": (pred_w - pred_l).numpy(),
             "case": classify_cases(pred_w, pred_l).numpy(),
         }
-    )
-
-
-def pair_logps(
-    u_w: torch.Tensor,
-    u_l: torch.Tensor,
-    chosen: SequenceBatch,
-    rejected: SequenceBatch,
-    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> PairLogps:
-    """Bundle log-probs and lengths for a loss; without ``ref`` the reference is the policy
-    itself (rewards 0)."""
-    ref_w, ref_l = ref if ref is not None else (u_w.detach(), u_l.detach())
-    return PairLogps(
-        u_w,
-        u_l,
-        ref_w.to(u_w),
-        ref_l.to(u_l),
-        chosen.response_lengths.to(u_w),
-        rejected.response_lengths.to(u_l),
     )
 
 

@@ -15,7 +15,8 @@ Conventions used across the package:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -142,14 +143,36 @@ def tokenize(
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     seqs = [
         (prompt_ids(tokenizer, p, template), response_ids(tokenizer, r))
         for p, r in zip(prompts, responses, strict=True)
     ]
     return build_batch(seqs, pad, padding_side)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its eos token, else 0.
+
+    Padded positions are masked out of attention and of every log-prob, so the choice never
+    changes a result; one policy keeps batches built anywhere in the package identical.
+    """
+    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (dropout off) inside the block; its previous train/eval mode is
+    restored on leaving, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

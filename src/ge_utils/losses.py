@@ -30,32 +30,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-
-@dataclass
-class PairLogps:
-    """Per-pair quantities, each (B,): summed policy log-probs ``chosen`` (u_w) and
-    ``rejected`` (u_l), reference log-probs (zeros without a reference) and response lengths in
-    tokens (float)."""
-
-    chosen: Tensor
-    rejected: Tensor
-    ref_chosen: Tensor
-    ref_rejected: Tensor
-    len_chosen: Tensor
-    len_rejected: Tensor
-
-    @property
-    def reward_chosen(self) -> Tensor:
-        """(B,) ``r_w = u_w - u_w^ref``."""
-        return self.chosen - self.ref_chosen
-
-    @property
-    def reward_rejected(self) -> Tensor:
-        """(B,) ``r_l = u_l - u_l^ref``."""
-        return self.rejected - self.ref_rejected
-
+from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs
+from ge_utils.objective import MicrostepResult, Objective, PairLogps, pair_logps
+from ge_utils.stats import PAIR_KEYS, GhostRecorder
 
 LossFn = Callable[[PairLogps, dict[str, float]], Tensor]
 CoefFn = Callable[[PairLogps, dict[str, float]], tuple[Tensor, Tensor]]
@@ -83,11 +62,13 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
-class MarginLoss:
+class MarginLoss(Objective):
     """A loss with its hyperparameters bound (build it with :func:`get_loss`).
 
     ``spec`` carries the symbolic Table-2 pieces (``spec.m``, ``spec.h_w``, ``spec.h_l``,
-    ``spec.Lambda``, ``spec.d_w``, ``spec.d_l``, ``spec.separable``).
+    ``spec.Lambda``, ``spec.d_w``, ``spec.d_l``, ``spec.separable``). As an
+    :class:`ge_utils.objective.Objective` it trains on the summed log-probs, logs itself and
+    reports every pair's gradient statistics from its training backward.
     """
 
     spec: LossSpec
@@ -112,6 +93,51 @@ class MarginLoss:
     def coefficients(self, p: PairLogps) -> tuple[Tensor, Tensor]:
         """Closed-form ``(d_w, d_l)``, each (B,): ``d_w = -dloss/du_w``, ``d_l = dloss/du_l``."""
         return self.spec.coef_fn(p, self.hyperparameters)
+
+    @property
+    def logged(self) -> MarginLoss:
+        return self
+
+    def microstep(
+        self,
+        model: nn.Module,
+        chosen: SequenceBatch,
+        rejected: SequenceBatch,
+        ref: tuple[Tensor, Tensor],
+        n_total: int,
+        record_stats: bool = False,
+        ref_tokens: tuple[Tensor, Tensor] | None = None,
+    ) -> MicrostepResult:
+        """One forward over chosen and rejected, backward of ``loss.sum() / n_total``. With
+        ``record_stats`` a :class:`ge_utils.stats.GhostRecorder` recovers every pair's gradient
+        statistics from this backward, which carries ``dLoss/du_w = -d_w / n_total`` and
+        ``dLoss/du_l = +d_l / n_total``. ``ref_tokens`` is not used."""
+        joint = concat_batches(chosen, rejected)
+        recorder = GhostRecorder(model, keep_outputs=False, batch=joint) if record_stats else None
+        try:
+            u = sequence_logprobs(model, joint)
+            u_w, u_l = u[: len(chosen)], u[len(chosen) :]
+            p = pair_logps(u_w, u_l, chosen, rejected, ref)
+            loss = self.loss(p).sum() / n_total
+            if not torch.isfinite(loss):
+                raise FloatingPointError(float(loss.detach()))
+            stats = None
+            if recorder is not None:
+                d_w, d_l = (d.detach() for d in self.coefficients(p))
+            loss.backward()
+            if recorder is not None:
+                pair = recorder.pair_stats(-d_w / n_total, d_l / n_total)
+                stats = {
+                    "logp_chosen": u_w.detach(),
+                    "logp_rejected": u_l.detach(),
+                    "d_w": d_w,
+                    "d_l": d_l,
+                    **{k: pair[k] for k in PAIR_KEYS},
+                }
+        finally:
+            if recorder is not None:
+                recorder.close()
+        return loss.detach(), u_w.detach(), u_l.detach(), stats
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())

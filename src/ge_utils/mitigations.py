@@ -45,7 +45,7 @@ Tokens with ``m_t = 0`` are no longer trained.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -54,8 +54,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats
-from ge_utils.gradients import pair_logps, parameter_set
-from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs, token_logprobs
+from ge_utils.gradients import parameter_set
+from ge_utils.logprobs import (
+    SequenceBatch,
+    concat_batches,
+    sequence_logprobs,
+    token_logprobs,
+    unwrap_model,
+)
 from ge_utils.losses import (
     NON_NEGATIVE,
     OPEN_UNIT,
@@ -64,8 +70,7 @@ from ge_utils.losses import (
     bind_hyperparameters,
     get_loss,
 )
-
-MicrostepResult = tuple[Tensor, Tensor, Tensor, dict[str, Tensor] | None]
+from ge_utils.objective import MicrostepResult, Objective, pair_logps
 
 
 @dataclass(frozen=True)
@@ -122,15 +127,15 @@ def _checked(loss: Tensor) -> Tensor:
     return loss
 
 
-class Mitigation:
+class Mitigation(Objective):
     """A training objective that is not a plain margin loss of the summed log-probs.
 
-    ``base`` is DPO with the same ``beta``: the training loop logs its loss and coefficients on
-    the *unmasked* summed log-probs, so histories compare with every other loss.
+    ``base`` is DPO with the same ``beta``, the objective's ``logged`` loss: the training loop
+    logs its loss and coefficients on the *unmasked* summed log-probs, so histories compare with
+    every other loss. Per-pair statistics only where a subclass says so.
     """
 
-    needs_token_reference = False
-    train_stats_supported = False
+    reports_pair_stats = False
 
     def __init__(self, spec: MitigationSpec, hyperparameters: dict[str, float]):
         self.spec = spec
@@ -141,13 +146,23 @@ class Mitigation:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def logged(self) -> MarginLoss:
+        return self.base
+
     def parameters(self) -> list[nn.Parameter]:
         """Parameters of the objective itself, trained with the model (a learned mask)."""
         return []
 
-    def param_group(self) -> dict | None:
-        """An optimizer parameter group for :meth:`parameters`, or None."""
-        return None
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
+        return f"{self.name}({args})"
+
+
+class NormalizedDPO(Mitigation):
+    """Pairwise normalized DPO (see the module docstring)."""
+
+    reports_pair_stats = True
 
     def microstep(
         self,
@@ -159,21 +174,7 @@ class Mitigation:
         record_stats: bool = False,
         ref_tokens: tuple[Tensor, Tensor] | None = None,
     ) -> MicrostepResult:
-        """Forward and backward of one micro-batch (gradients accumulate in ``.grad``); same
-        contract as :func:`ge_utils.training.preference_microstep`."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
-        return f"{self.name}({args})"
-
-
-class NormalizedDPO(Mitigation):
-    """Pairwise normalized DPO (see the module docstring)."""
-
-    train_stats_supported = True
-
-    def microstep(self, model, chosen, rejected, ref, n_total, record_stats=False, ref_tokens=None):
+        """One forward; the DPO loss is reported, the normalized surrogate back-propagated."""
         joint = concat_batches(chosen, rejected)
         b = len(chosen)
         with GhostRecorder(model, batch=joint) as rec:
@@ -228,7 +229,8 @@ class MaskedDPO(Mitigation):
     def __init__(self, spec: MitigationSpec, hyperparameters: dict[str, float], oracle: bool):
         super().__init__(spec, hyperparameters)
         self.oracle = oracle
-        self.logits: nn.Parameter | None = None  # created at the first step (vocabulary size)
+        self.logits: nn.Parameter | None = None  # created by prepare (vocabulary size)
+        self.reported_ids: list[int] = []  # the token ids whose weights log_frames reports
 
     def parameters(self) -> list[nn.Parameter]:
         return [] if self.logits is None else [self.logits]
@@ -240,6 +242,25 @@ class MaskedDPO(Mitigation):
         init = self.hyperparameters["mask_init"]
         value = math.log(init / (1 - init))
         self.logits = nn.Parameter(torch.full((vocab_size,), value, device=device))
+
+    def prepare(self, model: nn.Module, token_ids: Iterable[int]) -> None:
+        """Learned variant: one mask logit per vocabulary id of ``model``'s output layer; the
+        weights of ``token_ids`` (sorted, once each) are reported at every logged step."""
+        if self.oracle:
+            return
+        vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
+        self.ensure_parameters(vocab, next(model.parameters()).device)
+        self.reported_ids = sorted(set(token_ids))
+
+    def log_frames(self, step: int, decode: Callable[[list[int]], str]) -> dict[str, pd.DataFrame]:
+        """``mask``: ``step, token_id, token, weight`` of every reported token id."""
+        if not self.reported_ids:
+            return {}
+        ids = self.reported_ids
+        weights = self.token_weights()[ids].cpu().double().numpy()
+        tokens = [decode([t]) for t in ids]
+        frame = pd.DataFrame({"step": step, "token_id": ids, "token": tokens, "weight": weights})
+        return {"mask": frame}
 
     def param_group(self) -> dict | None:
         if self.logits is None:
@@ -262,7 +283,17 @@ class MaskedDPO(Mitigation):
             raise RuntimeError("the oracle mask has no per-token weights")
         return torch.sigmoid(self.logits.detach())
 
-    def microstep(self, model, chosen, rejected, ref, n_total, record_stats=False, ref_tokens=None):
+    def microstep(
+        self,
+        model: nn.Module,
+        chosen: SequenceBatch,
+        rejected: SequenceBatch,
+        ref: tuple[Tensor, Tensor],
+        n_total: int,
+        record_stats: bool = False,
+        ref_tokens: tuple[Tensor, Tensor] | None = None,
+    ) -> MicrostepResult:
+        """DPO on the masked token rewards (and, learned, the mask's own loss); no statistics."""
         if ref_tokens is None:
             raise ValueError(f"{self.name} needs per-token reference log-probs (ref_tokens)")
         joint = concat_batches(chosen, rejected)
@@ -302,7 +333,7 @@ def get_mitigation(name: str, **hparams: float) -> Mitigation:
     return _BUILDERS[spec.name](spec, bound)
 
 
-def get_objective(name: str, **hparams: float) -> MarginLoss | Mitigation:
+def get_objective(name: str, **hparams: float) -> Objective:
     """A margin loss of :data:`ge_utils.losses.LOSSES` or a mitigation, by name."""
     if is_mitigation(name):
         return get_mitigation(name, **hparams)

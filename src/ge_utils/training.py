@@ -29,27 +29,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ge_utils.gradients import StatsMethod, condition_table, pair_logps, stats_method
+from ge_utils.gradients import StatsMethod, condition_table, stats_method
 from ge_utils.io import atomic_write_json, atomic_write_text
 from ge_utils.logprobs import (
     SequenceBatch,
     build_batch,
     concat_batches,
+    eval_mode,
+    pad_id,
     prompt_ids,
     response_ids,
     sequence_logprobs,
     token_logprobs,
-    unwrap_model,
 )
-from ge_utils.losses import MarginLoss, PairLogps
-from ge_utils.mitigations import (
-    MaskedDPO,
-    Mitigation,
-    get_objective,
-    response_token_values,
-    scatter_response_tokens,
-)
-from ge_utils.stats import PAIR_KEYS, GhostRecorder
+from ge_utils.mitigations import get_objective, response_token_values, scatter_response_tokens
+from ge_utils.objective import MicrostepResult, Objective, PairLoss, pair_logps
 
 Optimizer = Literal["adamw", "sgd"]
 
@@ -98,7 +92,7 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         objective = get_objective(self.loss, **self.loss_params)  # validates name and values
-        if self.train_stats and not getattr(objective, "train_stats_supported", True):
+        if self.train_stats and not objective.reports_pair_stats:
             raise ValueError(f"train_stats is not available with {self.loss!r}")
 
 
@@ -173,13 +167,6 @@ def _joint_logprobs(
     return u[: len(chosen)], u[len(chosen) :]
 
 
-def _pad_id(tokenizer) -> int:
-    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pid is not None:
-            return int(pid)
-    return 0
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -231,7 +218,7 @@ def sft(
         (prompt_ids(tokenizer, p, cfg.template), response_ids(tokenizer, r)) for p, r in examples
     ]
     opt = _make_optimizer(model, cfg)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     rows = []
     schedule = _batch_schedule(len(seqs), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed)
     bar = tqdm(schedule, desc="SFT", disable=not cfg.progress)
@@ -265,16 +252,14 @@ def sft(
 def _eval_logprobs(
     model: nn.Module, enc: EncodedPairs, pad: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     u_w, u_l = [], []
-    for k in range(0, len(enc), batch_size):
-        c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
-        a, b = _joint_logprobs(model, c, r)
-        u_w.append(a.double().cpu())
-        u_l.append(b.double().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for k in range(0, len(enc), batch_size):
+            c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
+            a, b = _joint_logprobs(model, c, r)
+            u_w.append(a.double().cpu())
+            u_l.append(b.double().cpu())
     return torch.cat(u_w), torch.cat(u_l)
 
 
@@ -283,16 +268,14 @@ def _eval_token_logprobs(
     model: nn.Module, enc: EncodedPairs, pad: int, batch_size: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per pair, the response-token log-probs of chosen and of rejected (1-D, in order)."""
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     out_w: list[torch.Tensor] = []
     out_l: list[torch.Tensor] = []
-    for k in range(0, len(enc), batch_size):
-        c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
-        out_w += [v.cpu() for v in response_token_values(c, token_logprobs(model, c))]
-        out_l += [v.cpu() for v in response_token_values(r, token_logprobs(model, r))]
-    model.train(was_training)
+    with eval_mode(model):
+        for k in range(0, len(enc), batch_size):
+            c, r = pair_batches(enc, range(k, min(k + batch_size, len(enc))), pad, device)
+            out_w += [v.cpu() for v in response_token_values(c, token_logprobs(model, c))]
+            out_l += [v.cpu() for v in response_token_values(r, token_logprobs(model, r))]
     return out_w, out_l
 
 
@@ -300,23 +283,10 @@ def _lengths(seqs: list[list[int]]) -> torch.Tensor:
     return torch.tensor([len(s) for s in seqs], dtype=torch.float64)
 
 
-def _pair_logps(
-    enc: EncodedPairs, u_w: torch.Tensor, u_l: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]
-) -> PairLogps:
-    return PairLogps(
-        chosen=u_w,
-        rejected=u_l,
-        ref_chosen=ref[0],
-        ref_rejected=ref[1],
-        len_chosen=_lengths(enc.chosen).to(u_w.device),
-        len_rejected=_lengths(enc.rejected).to(u_w.device),
-    )
-
-
 def _log_eval(
-    step: int, split: str, enc: EncodedPairs, u: tuple, ref: tuple, loss_fn
+    step: int, split: str, enc: EncodedPairs, u: tuple, ref: tuple, loss_fn: PairLoss
 ) -> pd.DataFrame:
-    p = _pair_logps(enc, u[0], u[1], ref)
+    p = pair_logps(u[0], u[1], _lengths(enc.chosen), _lengths(enc.rejected), ref)
     d_w, d_l = loss_fn.coefficients(p)
     return pd.DataFrame(
         {
@@ -338,14 +308,20 @@ def _log_eval(
 
 
 def _log_probe(
-    step: int, model, enc: EncodedPairs, ref: tuple, loss_fn, stats_fn: StatsMethod, lr: float, pad
+    step: int,
+    model: nn.Module,
+    enc: EncodedPairs,
+    ref: tuple,
+    loss_fn: PairLoss,
+    stats_fn: StatsMethod,
+    lr: float,
+    pad: int,
 ) -> pd.DataFrame:
-    was_training = model.training
-    model.eval()
     c, r = pair_batches(enc, range(len(enc)), pad, _device_of(model))
-    stats = {k: v.detach().double().cpu() for k, v in stats_fn(model, c, r).items()}
-    model.train(was_training)
-    p = _pair_logps(enc, stats["logp_chosen"], stats["logp_rejected"], ref)
+    with eval_mode(model):
+        stats = {k: v.detach().double().cpu() for k, v in stats_fn(model, c, r).items()}
+    u_w, u_l = stats["logp_chosen"], stats["logp_rejected"]
+    p = pair_logps(u_w, u_l, _lengths(enc.chosen), _lengths(enc.rejected), ref)
     d_w, d_l = loss_fn.coefficients(p)
     table = condition_table(stats, d_w.detach(), d_l.detach(), eta=lr)
     table.insert(0, "pair", range(len(enc)))
@@ -356,50 +332,162 @@ def _log_probe(
 
 def preference_microstep(
     model: nn.Module,
-    loss_fn: MarginLoss | Mitigation,
+    objective: Objective,
     chosen: SequenceBatch,
     rejected: SequenceBatch,
     ref: tuple[torch.Tensor, torch.Tensor],
     n_total: int,
     record_stats: bool = False,
     ref_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Forward and backward of one micro-batch: ``loss.sum() / n_total`` is back-propagated
-    (gradients accumulate in ``.grad``). Returns the loss, ``u_w``, ``u_l`` and, with
-    ``record_stats``, every pair's gradient statistics (with ``d_w``, ``d_l``) recovered from this
-    backward. Raises ``FloatingPointError(value)`` on a NaN or infinite loss, before backward.
-    A :class:`ge_utils.mitigations.Mitigation` runs its own step (``ref_tokens``: (B, T)
-    per-token reference log-probs of chosen and rejected, for a token mask)."""
-    if isinstance(loss_fn, Mitigation):
-        return loss_fn.microstep(
-            model, chosen, rejected, ref, n_total, record_stats, ref_tokens=ref_tokens
+) -> MicrostepResult:
+    """Forward and backward of one micro-batch of ``objective`` (a margin loss or a mitigation):
+    ``loss.sum() / n_total`` is back-propagated (gradients accumulate in ``.grad``). Returns the
+    loss, ``u_w``, ``u_l`` and, with ``record_stats``, every pair's gradient statistics (with
+    ``d_w``, ``d_l``) recovered from this backward. ``ref_tokens``: (B, T) per-token reference
+    log-probs of chosen and rejected, for objectives that need them. Raises
+    ``FloatingPointError(value)`` on a NaN or infinite loss, before backward. The contract is
+    :meth:`ge_utils.objective.Objective.microstep`'s."""
+    return objective.microstep(model, chosen, rejected, ref, n_total, record_stats, ref_tokens)
+
+
+@dataclass
+class _Pairs:
+    """A run's encoded pairs and their reference log-probs, computed once at the start."""
+
+    train: EncodedPairs
+    held: EncodedPairs
+    probe: EncodedPairs | None
+    ref_train: tuple[torch.Tensor, torch.Tensor]
+    ref_held: tuple[torch.Tensor, torch.Tensor]
+    ref_probe: tuple[torch.Tensor, torch.Tensor] | None
+    ref_tokens: tuple[list[torch.Tensor], list[torch.Tensor]] | None
+    pad: int
+    eval_batch: int
+
+    def references(
+        self, part: list[int], chosen: SequenceBatch, rejected: SequenceBatch
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Summed (and, when kept, per-token) references of the training pairs ``part``."""
+        sel = torch.as_tensor(part)
+        ref = (self.ref_train[0][sel], self.ref_train[1][sel])
+        if self.ref_tokens is None:
+            return ref, None
+        return ref, (
+            scatter_response_tokens(chosen, [self.ref_tokens[0][i] for i in part]),
+            scatter_response_tokens(rejected, [self.ref_tokens[1][i] for i in part]),
         )
-    joint = concat_batches(chosen, rejected)
-    recorder = GhostRecorder(model, keep_outputs=False, batch=joint) if record_stats else None
-    try:
-        u = sequence_logprobs(model, joint)
-        u_w, u_l = u[: len(chosen)], u[len(chosen) :]
-        p = pair_logps(u_w, u_l, chosen, rejected, ref)
-        loss = loss_fn.loss(p).sum() / n_total
-        if not torch.isfinite(loss):
-            raise FloatingPointError(float(loss.detach()))
-        stats = None
-        if recorder is not None:
-            d_w, d_l = (d.detach() for d in loss_fn.coefficients(p))
-        loss.backward()
-        if recorder is not None:  # the backward carried dLoss/du = -d_w / n, +d_l / n
-            pair = recorder.pair_stats(-d_w / n_total, d_l / n_total)
-            stats = {
-                "logp_chosen": u_w.detach(),
-                "logp_rejected": u_l.detach(),
-                "d_w": d_w,
-                "d_l": d_l,
-                **{k: pair[k] for k in PAIR_KEYS},
-            }
-    finally:
-        if recorder is not None:
-            recorder.close()
-    return loss.detach(), u_w.detach(), u_l.detach(), stats
+
+
+def _encode_with_references(
+    model: nn.Module, tokenizer, objective: Objective, cfg: TrainConfig, train, held, probe
+) -> _Pairs:
+    pad, batch = pad_id(tokenizer), max(cfg.batch_size, 16)
+    tr = encode_pairs(tokenizer, train, cfg.template)
+    he = encode_pairs(tokenizer, held, cfg.template)
+    pr = encode_pairs(tokenizer, probe, cfg.template) if probe is not None else None
+    ref_tr, ref_he = _eval_logprobs(model, tr, pad, batch), _eval_logprobs(model, he, pad, batch)
+    ref_pr = _eval_logprobs(model, pr, pad, batch) if pr else None
+    tokens = (
+        _eval_token_logprobs(model, tr, pad, batch) if objective.needs_token_reference else None
+    )
+    return _Pairs(tr, he, pr, ref_tr, ref_he, ref_pr, tokens, pad, batch)
+
+
+@dataclass
+class _History:
+    """What a run has logged so far: step rows, pair frames, the objective's own frames."""
+
+    steps: list[dict] = field(default_factory=list)
+    pairs: list[pd.DataFrame] = field(default_factory=list)
+    extra: dict[str, list[pd.DataFrame]] = field(default_factory=dict)
+
+    def result(self) -> RunResult:
+        pairs = pd.concat(self.pairs, ignore_index=True) if self.pairs else pd.DataFrame()
+        extra = {k: pd.concat(v, ignore_index=True) for k, v in self.extra.items()}
+        return RunResult(pd.DataFrame(self.steps), pairs, extra)
+
+
+@dataclass
+class _PreferenceRun:
+    """One preference-optimization run: its model, objective, data, optimizer and history."""
+
+    model: nn.Module
+    tokenizer: Any
+    objective: Objective
+    cfg: TrainConfig
+    data: _Pairs
+    stats_fn: StatsMethod | None
+    on_log: Callable[[int, nn.Module], None] | None
+    history: _History = field(default_factory=_History)
+
+    def log(self, step: int) -> None:
+        """Held-out (and probe) statistics, the objective's frames and the caller's ``on_log``."""
+        d, loss_fn, model = self.data, self.objective.logged, self.model
+        u = _eval_logprobs(model, d.held, d.pad, d.eval_batch)
+        self.history.pairs.append(_log_eval(step, "eval", d.held, u, d.ref_held, loss_fn))
+        if self.stats_fn is not None and d.probe is not None and d.ref_probe is not None:
+            probe = _log_probe(
+                step, model, d.probe, d.ref_probe, loss_fn, self.stats_fn, self.cfg.lr, d.pad
+            )
+            self.history.pairs.append(probe)
+        for name, frame in self.objective.log_frames(step, self.tokenizer.decode).items():
+            self.history.extra.setdefault(name, []).append(frame)
+        if self.on_log is not None:
+            with eval_mode(self.model):
+                self.on_log(step, self.model)
+
+    def accumulate(self, step: int, index: list[int]) -> tuple[float, float]:
+        """Micro-steps over the pairs ``index`` of one optimizer step: its loss and mean margin.
+        Raises :class:`TrainingDivergedError` on a NaN or infinite loss."""
+        cfg, d = self.cfg, self.data
+        loss_total, margin_total = 0.0, 0.0
+        for k in range(0, len(index), cfg.batch_size):
+            part = index[k : k + cfg.batch_size]
+            c, r = pair_batches(d.train, part, d.pad, _device_of(self.model))
+            ref, ref_tok = d.references(part, c, r)
+            try:
+                loss, u_w, u_l, stats = preference_microstep(
+                    self.model, self.objective, c, r, ref, len(index), cfg.train_stats, ref_tok
+                )
+            except FloatingPointError as exc:
+                self.model.eval()
+                value, history = float(exc.args[0]), self.history.result()
+                raise TrainingDivergedError(step + 1, value, history) from None
+            if stats is not None:
+                table = condition_table(stats, stats["d_w"], stats["d_l"], eta=cfg.lr)
+                table.insert(0, "pair", part)
+                table.insert(0, "split", "train")
+                table.insert(0, "step", step)
+                self.history.pairs.append(table)
+            loss_total += float(loss.detach())
+            margin_total += float((u_w - u_l).detach().sum()) / len(index)
+        return loss_total, margin_total
+
+
+def _optimizer_step(
+    run: _PreferenceRun, opt: torch.optim.Optimizer, base_lrs: list[float], step: int, index
+) -> tuple[float, float]:
+    """One optimizer step (warm-up, accumulation, clipping) with its row in the history."""
+    started = time.perf_counter()
+    for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+        group["lr"] = base_lr * _lr_factor(step, run.cfg.warmup_steps)
+    opt.zero_grad(set_to_none=True)
+    loss_total, margin_total = run.accumulate(step, index)
+    grad_norm = float("nan")
+    if run.cfg.max_grad_norm:
+        grad_norm = float(nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm))
+    opt.step()
+    run.history.steps.append(
+        {
+            "step": step + 1,
+            "loss": loss_total,
+            "train_margin": margin_total,
+            "lr": opt.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    return loss_total, margin_total
 
 
 def preference_optimization(
@@ -421,123 +509,29 @@ def preference_optimization(
     """
     torch.manual_seed(cfg.seed)
     objective = get_objective(cfg.loss, **cfg.loss_params)
-    loss_fn = objective.base if isinstance(objective, Mitigation) else objective  # for the logs
-    device = _device_of(model)
-    pad = _pad_id(tokenizer)
-    train = encode_pairs(tokenizer, train_pairs, cfg.template)
-    held = encode_pairs(tokenizer, eval_pairs, cfg.template)
-    probe = encode_pairs(tokenizer, probe_pairs, cfg.template) if probe_pairs is not None else None
-    stats_fn = stats_method(cfg.stats_method) if probe and cfg.stats_method != "none" else None
-    ref_batch = max(cfg.batch_size, 16)
-    ref_train = _eval_logprobs(model, train, pad, ref_batch)
-    ref_held = _eval_logprobs(model, held, pad, ref_batch)
-    ref_probe = _eval_logprobs(model, probe, pad, ref_batch) if probe else None
-    ref_tokens = None
-    if isinstance(objective, Mitigation) and objective.needs_token_reference:
-        ref_tokens = _eval_token_logprobs(model, train, pad, ref_batch)
-    mask_ids: list[int] = []
-    mask_frames: list[pd.DataFrame] = []
-    if isinstance(objective, MaskedDPO) and not objective.oracle:
-        vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
-        objective.ensure_parameters(vocab, device)
-        mask_ids = sorted({t for seqs in (train.chosen, train.rejected) for s in seqs for t in s})
-
+    data = _encode_with_references(
+        model, tokenizer, objective, cfg, train_pairs, eval_pairs, probe_pairs
+    )
+    stats_fn = stats_method(cfg.stats_method) if data.probe and cfg.stats_method != "none" else None
+    objective.prepare(model, (t for s in (*data.train.chosen, *data.train.rejected) for t in s))
     opt = _make_optimizer(model, cfg)
-    group = objective.param_group() if isinstance(objective, Mitigation) else None
-    if group is not None:
+    if (group := objective.param_group()) is not None:
         opt.add_param_group(group)
     base_lrs = [g["lr"] for g in opt.param_groups]  # warm-up scales each group's own rate
-    step_rows: list[dict] = []
-    pair_frames: list[pd.DataFrame] = []
-
-    def log(step: int) -> None:
-        pair_frames.append(
-            _log_eval(
-                step, "eval", held, _eval_logprobs(model, held, pad, ref_batch), ref_held, loss_fn
-            )
-        )
-        if stats_fn is not None and probe is not None and ref_probe is not None:
-            pair_frames.append(
-                _log_probe(step, model, probe, ref_probe, loss_fn, stats_fn, cfg.lr, pad)
-            )
-        if mask_ids and isinstance(objective, MaskedDPO):
-            weights = objective.token_weights()[mask_ids].cpu().double().numpy()
-            mask_frames.append(
-                pd.DataFrame(
-                    {
-                        "step": step,
-                        "token_id": mask_ids,
-                        "token": [tokenizer.decode([t]) for t in mask_ids],
-                        "weight": weights,
-                    }
-                )
-            )
-        if on_log is not None:
-            was_training = model.training
-            on_log(step, model.eval())
-            model.train(was_training)
-
-    def result() -> RunResult:
-        pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
-        extra = {"mask": pd.concat(mask_frames, ignore_index=True)} if mask_frames else {}
-        return RunResult(pd.DataFrame(step_rows), pairs, extra)
-
-    log(0)
-    schedule = _batch_schedule(len(train), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed)
+    run = _PreferenceRun(model, tokenizer, objective, cfg, data, stats_fn, on_log)
+    run.log(0)
+    schedule = _batch_schedule(
+        len(data.train), cfg.batch_size * cfg.grad_accum, cfg.steps, cfg.seed
+    )
     bar = tqdm(schedule, desc=f"{objective.name}", disable=not cfg.progress)
     model.train()
     for step, index in enumerate(bar):
-        started = time.perf_counter()
-        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * _lr_factor(step, cfg.warmup_steps)
-        opt.zero_grad(set_to_none=True)
-        loss_total, margin_total = 0.0, 0.0
-        for k in range(0, len(index), cfg.batch_size):
-            part = index[k : k + cfg.batch_size]
-            c, r = pair_batches(train, part, pad, device)
-            sel = torch.as_tensor(part)
-            ref = (ref_train[0][sel], ref_train[1][sel])
-            ref_tok = None
-            if ref_tokens is not None:
-                ref_tok = (
-                    scatter_response_tokens(c, [ref_tokens[0][i] for i in part]),
-                    scatter_response_tokens(r, [ref_tokens[1][i] for i in part]),
-                )
-            try:
-                out = preference_microstep(
-                    model, objective, c, r, ref, len(index), cfg.train_stats, ref_tok
-                )
-            except FloatingPointError as exc:
-                model.eval()
-                raise TrainingDivergedError(step + 1, float(exc.args[0]), result()) from None
-            loss, u_w, u_l, stats = out
-            if stats is not None:
-                table = condition_table(stats, stats["d_w"], stats["d_l"], eta=cfg.lr)
-                table.insert(0, "pair", part)
-                table.insert(0, "split", "train")
-                table.insert(0, "step", step)
-                pair_frames.append(table)
-            loss_total += float(loss.detach())
-            margin_total += float((u_w - u_l).detach().sum()) / len(index)
-        grad_norm = float("nan")
-        if cfg.max_grad_norm:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        opt.step()
-        step_rows.append(
-            {
-                "step": step + 1,
-                "loss": loss_total,
-                "train_margin": margin_total,
-                "lr": opt.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "seconds": time.perf_counter() - started,
-            }
-        )
+        loss_total, margin_total = _optimizer_step(run, opt, base_lrs, step, index)
         bar.set_postfix(loss=f"{loss_total:.3f}", margin=f"{margin_total:.2f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            log(step + 1)
+            run.log(step + 1)
     model.eval()
-    return result()
+    return run.history.result()
 
 
 def params_hash(params: dict[str, Any]) -> str:
