@@ -162,6 +162,15 @@ def sentiment_responses(config: str = "long", suffix: str | None = None) -> tupl
     return LABELS[0] + suffix, LABELS[1] + suffix
 
 
+def response_label(config: str = "long", suffix: str | None = None) -> str:
+    """The responses of a configuration (or ``suffix``) as a title: ``'"Positive." vs
+    "Negative."'``; ``mixed_length`` names itself."""
+    if config == MIXED_LENGTH and suffix is None:
+        return "mixed-length responses"
+    pos, neg = sentiment_responses(config, suffix)
+    return f'"{pos}" vs "{neg}"'
+
+
 def statements(seed: int = 0) -> list[tuple[str, str]]:
     """Every ``(statement, label)`` of the generator, shuffled by ``seed``; balanced."""
     items = [(f"{s} {p}.", "Positive") for s, p in itertools.product(SUBJECTS, POSITIVE)]
