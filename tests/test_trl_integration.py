@@ -125,6 +125,8 @@ def test_statistics_match_trl_and_brute_force(tmp_path):
     step's batch are those of the fast method on that batch."""
     trainer = _trainer(tmp_path, logging_steps=1, max_steps=2, beta=0.2)
     callback = attach_entanglement_metrics(trainer)
+    ref_calls = []
+    trainer.ref_model.register_forward_hook(lambda *args: ref_calls.append(1))
     batches = []
     original = trainer.compute_loss
 
@@ -144,6 +146,8 @@ def test_statistics_match_trl_and_brute_force(tmp_path):
         assert math.isclose(rows["logp_rejected"].mean(), log["logps/rejected"], rel_tol=1e-5)
     first = pairs[pairs["step"] == 1]
     assert np.allclose(first["d_w"], 0.1) and np.allclose(first["d_l"], 0.1)
+    # the reference log-probs are those of the trainer's own reference forward: one a step
+    assert len(ref_calls) == 2
     # step 2's batch, recomputed directly at the parameters the step started from
     from ge_utils.trl_integration import split_trl_batch
 

@@ -42,9 +42,10 @@ small for LoRA, large for a full fine-tune).
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
-batch (``precompute_ref_log_probs``), computed with ``trainer.ref_model``, or, for a PEFT model
-without a reference model, with the adapters disabled (as TRL does). Pass ``loss=`` (a
-:class:`ge_utils.losses.MarginLoss`) for another loss of the family.
+batch (``precompute_ref_log_probs``), or those the trainer itself computes in its loss (with
+``trainer.ref_model``, or, for a PEFT model without a reference model, with the adapters
+disabled), kept by a forward hook on that module: a measured step runs no reference forward of
+its own. Pass ``loss=`` (a :class:`ge_utils.losses.MarginLoss`) for another loss of the family.
 
 Several processes (``accelerate launch``, DDP): every process computes the statistics of its own
 micro-batches and of its share of the probe pairs; the per-pair values are gathered from every
@@ -70,7 +71,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ge_utils.gradients import classify_cases, condition_table
-from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs
+from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
 from ge_utils.stats import fast_gradient_stats
 
@@ -101,6 +102,15 @@ PROBE_METRICS = (
     "probe_real_case4_frac",
 )
 METRIC_NAMES = tuple(PREFIX + k for k in (*BATCH_METRICS, *PROBE_METRICS, "seconds"))
+
+
+@dataclass
+class _MicroBatch:
+    """A training micro-batch as the trainer's loss received it, and the reference log-probs
+    (2B,) the trainer computed for it (None until then, or when it computes none)."""
+
+    inputs: Mapping[str, Tensor]
+    ref: Tensor | None = None
 
 
 @dataclass
@@ -246,9 +256,7 @@ def directional_logps(
 
     primals = tuple(at[n] for n in names)
     tangents = tuple(direction[n].to(at[n].dtype) for n in names)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -272,8 +280,6 @@ def directional_logps(
                 )
             )
         return u.detach(), torch.stack([torch.as_tensor(d) for d in dots]).to(u.dtype)
-    finally:
-        model.train(was_training)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -327,7 +333,9 @@ class EntanglementCallback(TrainerCallback):
         self.probe: ProbeBatch | None = None
         if probe is not None:
             self.probe = tokenize_probe(trainer, probe)
-        self._captured: list[Mapping[str, Tensor]] = []
+        self._captured: list[_MicroBatch] = []
+        self._awaiting: _MicroBatch | None = None  # inside the trainer's compute_loss
+        self._ref_hook = self._hook_reference()
         self._theta0: dict[str, Tensor] | None = None
         self._seconds = 0.0
         self._pairs: list[pd.DataFrame] = []
@@ -343,16 +351,51 @@ class EntanglementCallback(TrainerCallback):
             raise RuntimeError("an EntanglementCallback is already attached to this trainer")
 
         def compute_loss(model, inputs, *args, **kwargs):
-            if torch.is_grad_enabled() and model.training:
-                self._captured.append(inputs)
-            return original(model, inputs, *args, **kwargs)
+            if not (torch.is_grad_enabled() and model.training):
+                return original(model, inputs, *args, **kwargs)
+            self._awaiting = _MicroBatch(inputs)
+            self._captured.append(self._awaiting)
+            try:
+                return original(model, inputs, *args, **kwargs)
+            finally:
+                self._awaiting = None
 
         compute_loss._ge_capture = True  # type: ignore[attr-defined]
         compute_loss._ge_original = original  # type: ignore[attr-defined]
         self.trainer.compute_loss = compute_loss
 
+    def _hook_reference(self) -> Any:
+        """Keep the reference log-probs that the trainer computes in its own loss (the module it
+        calls for them: ``ref_model``, or the PEFT policy with its adapters disabled, without
+        gradient), so that a measured step needs no reference forward of its own. Each is
+        ``outputs.log_probs[:, -(T - 1):].sum(1)``, the same operation on the same tensor as in
+        TRL's ``_compute_loss``. None when the reference is precomputed or there is none."""
+        trainer = self.trainer
+        if getattr(trainer, "precompute_ref_logps", False):
+            return None
+        module = trainer.ref_model
+        if module is None:
+            if not hasattr(self._policy(), "peft_config"):
+                return None
+            module = trainer.model
+
+        def keep(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            record = self._awaiting
+            labels = kwargs.get("labels")
+            log_probs = getattr(output, "log_probs", None)
+            if record is None or torch.is_grad_enabled() or not kwargs.get("fused_lm_head"):
+                return
+            if labels is None or log_probs is None:
+                return
+            record.ref = log_probs[:, -(labels.shape[1] - 1) :].sum(dim=1).detach()
+
+        return module.register_forward_hook(keep, with_kwargs=True)
+
     def detach(self) -> None:
         """Remove the integration from its trainer."""
+        if self._ref_hook is not None:
+            self._ref_hook.remove()
+            self._ref_hook = None
         original = getattr(self.trainer.compute_loss, "_ge_original", None)
         if original is not None:
             self.trainer.compute_loss = original
@@ -379,9 +422,15 @@ class EntanglementCallback(TrainerCallback):
     def _trainable(self) -> dict[str, Tensor]:
         return {n: p for n, p in self._policy().named_parameters() if p.requires_grad}
 
-    def _reference(self, inputs: Mapping[str, Tensor], c: SequenceBatch, r: SequenceBatch):
+    def _reference(self, micro: _MicroBatch, keep: list[int], c: SequenceBatch, r: SequenceBatch):
+        """Reference log-probs (B,) of the kept pairs: the batch's precomputed columns, those the
+        trainer computed in its own loss, or (neither available) a reference forward here."""
+        inputs = micro.inputs
         if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
-            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            return inputs["ref_chosen_logps"][keep], inputs["ref_rejected_logps"][keep]
+        if micro.ref is not None:
+            ref_w, ref_l = micro.ref.chunk(2)
+            return ref_w[keep], ref_l[keep]
         trainer = self.trainer
         with torch.no_grad():
             joint = concat_batches(c, r)
@@ -410,8 +459,8 @@ class EntanglementCallback(TrainerCallback):
         start = time.perf_counter()
         with _rng_untouched():
             records = []
-            for inputs in captured:
-                records += self._batch_records(inputs, step)
+            for micro in captured:
+                records += self._batch_records(micro, step)
             rows = _gather(records)
             if rows:
                 self._log_batch(pd.DataFrame(rows))
@@ -432,8 +481,8 @@ class EntanglementCallback(TrainerCallback):
 
     # -- batch statistics ------------------------------------------------------------------
 
-    def _batch_records(self, inputs: Mapping[str, Tensor], step: int) -> list[dict]:
-        chosen, rejected = split_trl_batch(inputs, check_empty=False)
+    def _batch_records(self, micro: _MicroBatch, step: int) -> list[dict]:
+        chosen, rejected = split_trl_batch(micro.inputs, check_empty=False)
         # pairs whose responses were truncated away carry no gradient: left out
         nonempty = (chosen.response_lengths > 0) & (rejected.response_lengths > 0)
         keep = nonempty.nonzero().flatten()[: self.max_pairs].tolist()
@@ -441,10 +490,9 @@ class EntanglementCallback(TrainerCallback):
             return []
         if len(keep) < len(chosen):
             chosen, rejected = chosen.select(keep), rejected.select(keep)
-            inputs = {k: v[keep] for k, v in inputs.items() if k.startswith("ref_")}
         policy = self._policy()
         stats = fast_gradient_stats(policy, chosen, rejected)
-        ref_w, ref_l = self._reference(inputs, chosen, rejected)
+        ref_w, ref_l = self._reference(micro, keep, chosen, rejected)
         p = PairLogps(
             stats["logp_chosen"],
             stats["logp_rejected"],
@@ -550,14 +598,10 @@ class EntanglementCallback(TrainerCallback):
 
 
 def _eval_logps(model: nn.Module, batch: SequenceBatch) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             device = next(model.parameters()).device
             return sequence_logprobs(model, batch.to(device)).detach()
-    finally:
-        model.train(was_training)
 
 
 def _gather(records: list[dict]) -> list[dict]:
