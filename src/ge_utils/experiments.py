@@ -158,19 +158,26 @@ def pair_changes(runs: Mapping[int, RunResult], split: str = "eval") -> pd.DataF
 
 
 def condition_study(
-    spec: ExperimentSpec, losses: list[str], step_size: float = 1e-3, cache: bool = True
+    spec: ExperimentSpec,
+    losses: list[str],
+    step_sizes: Sequence[float] = (1e-3,),
+    cache: bool = True,
 ) -> pd.DataFrame:
     """Predicted against realized one-step changes, at every logged checkpoint of a DPO run.
 
     After SFT (whose model is the reference), DPO trains with ``spec.po``; at each logged step,
     for the ``spec.n_eval`` held-out pairs and each loss in ``losses``: the statistics (fast
     method), the first-order predictions and case, and the realized changes after one plain SGD
-    step on each pair alone (:func:`ge_utils.gradients.one_step_change`). The step size is set
-    so that the median predicted ``|Delta u_w|`` is ``step_size`` nats. One row per (step, loss,
-    pair).
+    step on each pair alone (:func:`ge_utils.gradients.one_step_change`), for each target in
+    ``step_sizes``: the step size ``eta`` is set so that the median predicted ``|Delta u_w|`` is
+    ``step_size`` nats. A tiny target checks the statistics (Taylor's theorem makes the first
+    order exact in the limit); a target the size of a training step's effect asks whether the
+    condition still predicts the direction. One row per (step, loss, step_size, pair).
     """
     for name in losses:
         get_loss(name)
+    if not step_sizes or any(not (x > 0) for x in step_sizes):
+        raise ValueError(f"step_sizes must be positive numbers, got {list(step_sizes)}")
 
     def run() -> dict[str, pd.DataFrame]:
         torch.manual_seed(spec.seed)
@@ -192,20 +199,22 @@ def condition_study(
                     pair_logps(stats["logp_chosen"], stats["logp_rejected"], c, r, ref)
                 )
                 unit = condition_table(stats, d_w, d_l).pred_delta_chosen.abs().median()
-                eta = step_size / unit if unit > 0 else step_size
-                table = condition_table(stats, d_w, d_l, eta)
-                realized = one_step_change(m, c, r, loss, eta, ref)
-                table = table.join(realized.drop(columns="pair"))
-                table.insert(0, "pair", range(len(table)))
-                table.insert(0, "eta", eta)
-                table.insert(0, "loss", name)
-                table.insert(0, "step", step)
-                frames.append(table)
+                for step_size in step_sizes:
+                    eta = step_size / unit if unit > 0 else step_size
+                    table = condition_table(stats, d_w, d_l, eta)
+                    realized = one_step_change(m, c, r, loss, eta, ref)
+                    table = table.join(realized.drop(columns="pair"))
+                    table.insert(0, "pair", range(len(table)))
+                    table.insert(0, "eta", eta)
+                    table.insert(0, "step_size", step_size)
+                    table.insert(0, "loss", name)
+                    table.insert(0, "step", step)
+                    frames.append(table)
 
         result = preference_optimization(net, tok, train, held, spec.po, on_log=measure)
         return {"condition": pd.concat(frames, ignore_index=True), **result.frames()}
 
-    key = spec.key(kind="condition_study", losses=list(losses), step_size=step_size)
+    key = spec.key(kind="condition_study", losses=list(losses), step_sizes=list(step_sizes))
     return cached_run(_runs_dir(cache), key, run)["condition"]
 
 
