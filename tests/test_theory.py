@@ -56,3 +56,24 @@ def test_bad_draw_arguments():
         random_head_draws(10, 1, 4)
     with pytest.raises(ValueError, match="logit_scale"):
         random_head_draws(10, 5, 4, logit_scale=0.0)
+
+
+def test_realized_head_step_matches_first_order_and_is_case_1():
+    from ge_utils.theory import (
+        head_gradient_stats_closed_form,
+        random_head_draws,
+        realized_head_step,
+    )
+
+    draws = random_head_draws(200, 32, 8, logit_scale=4.0, seed=3)
+    d_a, d_b = realized_head_step(draws, step=1e-5)
+    closed = head_gradient_stats_closed_form(draws)
+    h2 = (draws.hidden**2).sum(-1)
+    eta = 1e-5 / h2
+    pred_a = eta * (closed["norm2_a"] - closed["inner"])
+    pred_b = eta * (closed["inner"] - closed["norm2_b"])
+    assert torch.allclose(d_a, pred_a, rtol=1e-3, atol=1e-12)
+    assert torch.allclose(d_b, pred_b, rtol=1e-3, atol=1e-12)
+    assert bool((d_a > 0).all() and (d_b < 0).all())
+    with pytest.raises(ValueError, match="step"):
+        realized_head_step(draws, step=0.0)

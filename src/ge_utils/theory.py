@@ -125,6 +125,30 @@ def head_gradient_stats_closed_form(draws: HeadDraws) -> dict:
     }
 
 
+def realized_head_step(draws: HeadDraws, step: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Realized changes ``(Delta log p_a, Delta log p_b)`` after one plain gradient step of the
+    output layer alone on the pair: ``W <- W + eta (g_a - g_b)`` with ``h`` fixed, the direction
+    of a DPO step (whose gradient is ``-C (g_a - g_b)`` with ``C > 0``).
+
+    ``eta = step / |h|^2`` per draw, so the first-order changes ``eta (|g_a|^2 - <g_a, g_b>)``
+    are ``step (1 - p_a + p_b)`` nats: at most ``2 step``.
+    """
+    if not step > 0:
+        raise ValueError(f"step must be positive, got {step}")
+    logp = _log_probs(draws.weight, draws.hidden)
+    probs = logp.exp()
+    rows = torch.arange(len(draws.hidden))
+    e_ab = torch.zeros_like(probs)
+    e_ab[rows, draws.token_a] += 1.0
+    e_ab[rows, draws.token_b] -= 1.0
+    eta = step / (draws.hidden * draws.hidden).sum(-1)
+    # g_a - g_b = (e_a - p) h^T - (e_b - p) h^T = (e_a - e_b) h^T
+    new_weight = draws.weight + eta[:, None, None] * e_ab[:, :, None] * draws.hidden[:, None, :]
+    new_logp = _log_probs(new_weight, draws.hidden)
+    delta = new_logp - logp
+    return delta[rows, draws.token_a], delta[rows, draws.token_b]
+
+
 def dpo_case(norm2_w: torch.Tensor, norm2_l: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """DPO case (d_w = d_l) from the statistics: 1 ideal, 2 both down, 3 both up (4 impossible)."""
     return classify_cases(norm2_w - inner, inner - norm2_l)
@@ -137,6 +161,7 @@ def theorem1_table(
     logit_scales: list[float],
     seed: int = 0,
     chosen_boost: float = 0.0,
+    step: float = 1e-3,
 ) -> pd.DataFrame:
     """One row per random output layer and token pair, for each logit scale and setting.
 
@@ -147,7 +172,9 @@ def theorem1_table(
     the closed-form error (``closed_form_error``: largest absolute difference divided by
     ``max(|g_a|^2, |g_b|^2)``; autograd itself loses all precision in ``e_a - p`` when
     ``p_a`` rounds to 1), ``p_a``, ``p_b``, ``top_is_a_or_b``, ``case`` (over ``W``) and
-    ``case_h_moves`` (over ``W`` and ``h``). Draws are made in chunks of at most 2**25 weights
+    ``case_h_moves`` (over ``W`` and ``h``), and ``realized_a``/``realized_b``: the realized
+    log-prob changes of a plain gradient step of the output layer alone
+    (:func:`realized_head_step` with ``step``). Draws are made in chunks of at most 2**25 weights
     (256 MiB in float64) to bound memory.
     """
     chunk = max(1, min(256, 2**25 // (vocab_size * hidden_dim)))
@@ -169,6 +196,7 @@ def theorem1_table(
                 [(auto[k] - closed[k]).abs() / largest for k in ("inner", "norm2_a", "norm2_b")]
             ).amax(0)
             probs = _log_probs(draws.weight, draws.hidden).exp()
+            realized_a, realized_b = realized_head_step(draws, step)
             top = probs.argmax(-1)
             frames.append(
                 pd.DataFrame(
@@ -187,6 +215,8 @@ def theorem1_table(
                         "case_h_moves": dpo_case(
                             moving["norm2_a"], moving["norm2_b"], moving["inner"]
                         ).numpy(),
+                        "realized_a": realized_a.numpy(),
+                        "realized_b": realized_b.numpy(),
                     }
                 )
             )
