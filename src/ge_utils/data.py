@@ -384,8 +384,7 @@ def _load_dataset_pairs(name: str, split: str, local: bool) -> list[PreferencePa
         raise ImportError(
             f"loading {name!r} needs the datasets package: pip install datasets"
         ) from exc
-    from ge_utils.hub import hub_reachable, offline_error
-    from ge_utils.models import hub_offline_mode
+    from ge_utils.hub import hub_offline_mode, hub_reachable, offline_error
 
     if not local and hub_reachable():
         ds = datasets.load_dataset(name, split=split)

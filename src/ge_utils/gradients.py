@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ge_utils.logprobs import SequenceBatch, sequence_logprobs, tokenize
+from ge_utils.logprobs import SequenceBatch, eval_mode, sequence_logprobs, tokenize
 from ge_utils.losses import MarginLoss
 from ge_utils.objective import pair_logps
 from ge_utils.stats.exact import exact_gradient_stats
@@ -121,10 +121,8 @@ def one_step_change(
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     plist = [p for _, p in parameter_set(model, params)]
     saved = [p.detach().clone() for p in plist]
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with eval_mode(model):
         for i in range(len(chosen)):
             c, r = chosen.select([i]), rejected.select([i])
             u_w, u_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
@@ -147,8 +145,6 @@ def one_step_change(
                     "realized_delta_rejected": float(new_l - u_l.detach()),
                 }
             )
-    finally:
-        model.train(was_training)
     out = pd.DataFrame(rows)
     out["realized_case"] = classify_cases(
         torch.tensor(out["realized_delta_chosen"].values),
@@ -171,16 +167,12 @@ def _reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (B,) of both sides under ``ref_model`` in eval mode."""
     device = next(ref_model.parameters()).device
-    was_training = ref_model.training
-    ref_model.eval()
-    try:
+    with eval_mode(ref_model):
         with torch.no_grad():
             return (
                 sequence_logprobs(ref_model, chosen.to(device)),
                 sequence_logprobs(ref_model, rejected.to(device)),
             )
-    finally:
-        ref_model.train(was_training)
 
 
 def diagnose_pairs(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 
@@ -25,3 +27,18 @@ def offline_error(kind: str, name: str) -> OSError:
         f"{kind} {name!r} is not a local path, not in the Hugging Face cache, and the Hub cannot "
         "be reached (offline). Pass a local folder, or run once with network access to cache it."
     )
+
+
+@contextmanager
+def hub_offline_mode() -> Iterator[None]:
+    """Switch huggingface_hub (and so transformers and datasets) to cache-only for a while.
+
+    Setting ``HF_HUB_OFFLINE`` after import has no effect, and ``local_files_only=True`` alone
+    still lets transformers probe the Hub (``adapter_config.json``: five retries, 23 s offline).
+    """
+    from unittest import mock
+
+    import huggingface_hub.constants
+
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        yield

@@ -58,6 +58,7 @@ from ge_utils.gradients import parameter_set
 from ge_utils.logprobs import (
     SequenceBatch,
     concat_batches,
+    eval_mode,
     sequence_logprobs,
     token_logprobs,
     unwrap_model,
@@ -401,10 +402,8 @@ def normalized_step_check(
         raise ValueError("every pair has cos(g_w, g_l) = 1 or a zero gradient: no step to check")
     eta = step_size / float(unit)
     plist = [q for _, q in parameter_set(model)]
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with eval_mode(model):
         for i in range(len(chosen)):
             c, r = chosen.select([i]), rejected.select([i])
             u_w, u_l = sequence_logprobs(model, c), sequence_logprobs(model, r)
@@ -447,8 +446,6 @@ def normalized_step_check(
                     "holds": d_w > 0 and d_l < 0,
                 }
             )
-    finally:
-        model.train(was_training)
     return pd.DataFrame(rows)
 
 

@@ -231,26 +231,11 @@ def load_pretrained_default(
     return model.eval(), AutoTokenizer.from_pretrained(target)
 
 
-@contextmanager
-def hub_offline_mode() -> Iterator[None]:
-    """Switch huggingface_hub (and so transformers and datasets) to cache-only for a while.
-
-    Setting ``HF_HUB_OFFLINE`` after import has no effect, and ``local_files_only=True`` alone
-    still lets transformers probe the Hub (``adapter_config.json``: five retries, 23 s offline).
-    """
-    from unittest import mock
-
-    import huggingface_hub.constants
-
-    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
-        yield
-
-
 def _load_hf(
     name_or_path: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local folder, or a Hub name (cache only when the Hub cannot be reached)."""
-    from ge_utils.hub import hub_reachable, offline_error
+    from ge_utils.hub import hub_offline_mode, hub_reachable, offline_error
 
     def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return (

@@ -51,7 +51,14 @@ from torch import nn
 
 from ge_utils.claims import Estimate, bootstrap_interval
 from ge_utils.gradients import ParamSpec, diagnose_pairs
-from ge_utils.logprobs import SequenceBatch, hidden_states, response_ids, target_positions, tokenize
+from ge_utils.logprobs import (
+    SequenceBatch,
+    eval_mode,
+    hidden_states,
+    response_ids,
+    target_positions,
+    tokenize,
+)
 from ge_utils.losses import MarginLoss, get_loss
 from ge_utils.training import TrainConfig, cached_run, config_dict, preference_optimization
 
@@ -121,13 +128,9 @@ def ches_scores(
     (restored afterwards)."""
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         s_w, last_w, n_w = response_hidden_sums(model, chosen)
         s_l, last_l, n_l = response_hidden_sums(model, rejected)
-    finally:
-        model.train(was_training)
     inner, norm2 = (s_w * s_l).sum(1), (s_w * s_w).sum(1)
     return {
         "ches": inner - norm2,

@@ -147,7 +147,7 @@ def sampled_pairs(
     (wrong label, both, or neither) rejected. Prompts where both samples state the true label,
     neither does, or the two are the same text are dropped and counted.
     """
-    from ge_utils.logprobs import prompt_ids
+    from ge_utils.logprobs import eval_mode, pad_id, prompt_ids
 
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
@@ -155,13 +155,11 @@ def sampled_pairs(
     if len(pool) < n_prompts:
         raise ValueError(f"only {len(pool)} statements from offset {offset}")
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     kept: list[VariedPair] = []
     both_right = none_right = identical = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for statement, label in pool:
             prompt = PROMPT_TEMPLATE.format(statement=statement)
             ids = torch.tensor([prompt_ids(tokenizer, prompt, template)] * 2, device=device)
@@ -187,8 +185,6 @@ def sampled_pairs(
             else:
                 good = right.index(True)
                 kept.append(VariedPair(prompt, texts[good], texts[1 - good], "sampled"))
-    finally:
-        model.train(was_training)
     return SampledSet(kept, n_prompts, len(kept), both_right, none_right, identical)
 
 

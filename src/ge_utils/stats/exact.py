@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ge_utils.logprobs import SequenceBatch, sequence_logprobs
+from ge_utils.logprobs import SequenceBatch, eval_mode, sequence_logprobs
 from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.record import PairStats
 
@@ -49,12 +49,10 @@ def exact_gradient_stats(
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
     plist = [p for _, p in parameter_set(model, params)]
-    was_training = model.training
-    model.eval()
     out: dict[str, list[float]] = {
         k: [] for k in ("logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner")
     }
-    try:
+    with eval_mode(model):
         for i in range(len(chosen)):
             u_w = sequence_logprobs(model, chosen.select([i]))[0]
             g_w = _grads(u_w, plist)
@@ -65,6 +63,4 @@ def exact_gradient_stats(
             out["norm2_chosen"].append(_dot64(g_w, g_w))
             out["norm2_rejected"].append(_dot64(g_l, g_l))
             out["inner"].append(_dot64(g_w, g_l))
-    finally:
-        model.train(was_training)
     return PairStats(**{k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()})

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs
+from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs
 from ge_utils.stats.exact import exact_gradient_stats
 from ge_utils.stats.params import ParamSpec
 from ge_utils.stats.record import PairStats
@@ -125,15 +125,11 @@ class FastStats(StatsComputer):
     def pair_stats(self, model, chosen, rejected, params=None) -> PairStats:
         _check_pairs(chosen, rejected)
         joint = concat_batches(chosen, rejected)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             with GhostRecorder(model, params, batch=joint) as rec:
                 u = sequence_logprobs(model, joint)
                 rec.backward(u.sum())
                 stats = rec.pair_stats()
-        finally:
-            model.train(was_training)
         b = len(chosen)
         return stats.with_logps(u[:b], u[b:])
 

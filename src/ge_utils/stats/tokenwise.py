@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ge_utils.logprobs import (
     SequenceBatch,
     concat_batches,
+    eval_mode,
     hidden_states,
     target_positions,
     token_logprobs,
@@ -52,9 +53,7 @@ def tokenwise_inner(
         raise ValueError(f"scope must be 'head' or 'all', got {scope!r}")
     if scope == "head" and params is not None:
         raise ValueError("scope='head' is the output layer; params must be None")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if scope == "head":
             return _tokenwise_head(model, chosen, rejected)
         t_w, t_l = int(chosen.response_lengths[0]), int(rejected.response_lengths[0])
@@ -71,8 +70,6 @@ def tokenwise_inner(
             rec.expect(tokens=(ii, t_w + torch.arange(t_l).repeat(t_w)))
             rec.backward(picked.sum())
             return rec.results()["tokens"].reshape(t_w, t_l)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
