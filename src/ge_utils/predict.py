@@ -256,16 +256,23 @@ def auroc(fell: Sequence[bool] | np.ndarray, score: Sequence[float] | np.ndarray
 
 
 def _auroc_or_half(y: np.ndarray, s: np.ndarray) -> float:
-    """AUROC, or 0.5 (no information) for a bootstrap resample that lost a class."""
-    y = y.astype(bool)
-    return auroc(y, s) if 0 < y.sum() < y.size else 0.5
+    """AUROC (the formula of :func:`auroc`, without its checks: it runs once per bootstrap
+    resample), or 0.5 (no information) for a resample that lost a class."""
+    pos = y > 0.5
+    n1 = int(pos.sum())
+    if n1 == 0 or n1 == pos.size:
+        return 0.5
+    ranks = stats.rankdata(s)
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * (pos.size - n1)))
 
 
 def _spearman_or_zero(s: np.ndarray, change: np.ndarray) -> float:
-    """Spearman's rho of ``s`` and ``-change``; 0 for a resample where either is constant."""
-    if np.ptp(s) == 0 or np.ptp(change) == 0:
-        return 0.0
-    return float(stats.spearmanr(s, -change).statistic)
+    """Spearman's rho of ``s`` and ``-change`` (the Pearson correlation of their mid-ranks, as
+    ``scipy.stats.spearmanr``); 0 for a resample where either is constant."""
+    a, b = stats.rankdata(s), stats.rankdata(-change)
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 0 else 0.0
 
 
 def _undefined(n: int) -> Estimate:
