@@ -30,7 +30,8 @@ from ge_utils.data import (
 from ge_utils.fast_gradients import fast_gradient_stats, tokenwise_inner
 from ge_utils.gradients import condition_table, one_step_change, pair_logps
 from ge_utils.logprobs import (
-    build_batch,
+    SequenceBatch,
+    pad_id,
     prompt_ids,
     response_ids,
     sequence_logprobs,
@@ -45,6 +46,8 @@ from ge_utils.training import (
     RunResult,
     TrainConfig,
     cached_run,
+    encode_pairs,
+    pair_batches,
     preference_microstep,
     preference_optimization,
     sft,
@@ -367,14 +370,9 @@ class ComparisonResult:
         return train.groupby(["loss", "step"])[cols].mean().reset_index()
 
 
-def _pair_batches(tok, pairs, template: str):
-    """Chosen and rejected batches of ``pairs`` (row i of each is pair i)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompts = [prompt_ids(tok, p.prompt, template) for p in pairs]
-    both = list(zip(prompts, pairs, strict=True))
-    c = build_batch([(q, response_ids(tok, p.chosen)) for q, p in both], pad)
-    r = build_batch([(q, response_ids(tok, p.rejected)) for q, p in both], pad)
-    return c, r
+def _pair_batches(tok, pairs, template: str) -> tuple[SequenceBatch, SequenceBatch]:
+    """Chosen and rejected batches of ``pairs`` on the CPU (row i of each is pair i)."""
+    return pair_batches(encode_pairs(tok, pairs, template), range(len(pairs)), pad_id(tok), "cpu")
 
 
 def _token_split(model, tok, held, template: str) -> pd.DataFrame:
@@ -408,7 +406,7 @@ def greedy_answers(model, tok, pairs, template: str = "none") -> pd.DataFrame:
     ids: ``correct`` if it matches the chosen response up to its first token that differs from
     the rejected one (the answer), ``exact`` if it is the whole chosen response."""
     device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     rows = []
     for i, p in enumerate(pairs):
         prompt = prompt_ids(tok, p.prompt, template)
