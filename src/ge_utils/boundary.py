@@ -260,7 +260,8 @@ class BoundaryResult:
     gradient statistics (``inner0``, ``cosine0``, ...) and, for SGD cells, the first-order
     prediction split into own and cross-pair terms (split ``stepped``: the pairs the steps were
     taken on; ``held_out``: pairs never stepped on, mixed batches only). ``trace``: one row per
-    (cell, seed, step, pair) of the stepped pairs' statistics before each step."""
+    (cell, seed, step, pair) of the stepped pairs' statistics before the first step (traced cells:
+    before every step)."""
 
     pairs: pd.DataFrame
     trace: pd.DataFrame
@@ -320,9 +321,11 @@ def _train(
     r: SequenceBatch,
     ref: tuple[torch.Tensor, torch.Tensor],
     cell: Cell,
+    trace: bool = False,
 ) -> pd.DataFrame:
     """``cell.steps`` optimizer steps on the mean DPO loss of the batch ``(c, r)``; returns each
-    pair's gradient statistics before each step (from that step's own backward)."""
+    pair's gradient statistics before the first step (with ``trace``: before every step), from
+    that step's own backward (the statistics leave the gradients as they are)."""
     opt = _optimizer(model, cell)
     dev = next(model.parameters()).device
     ref_dev = (ref[0].to(dev), ref[1].to(dev))
@@ -334,6 +337,11 @@ def _train(
         def mean_loss(u_w: torch.Tensor, u_l: torch.Tensor) -> torch.Tensor:
             return loss_fn.loss(pair_logps(u_w, u_l, c, r, ref_dev)).mean()
 
+        if step > 0 and not trace:
+            u = sequence_logprobs(model, concat_batches(c, r))
+            mean_loss(u[: len(c)], u[len(c) :]).backward()
+            opt.step()
+            continue
         _, st = training_step_stats(model, c, r, mean_loss)
         opt.step()
         n_w, n_l, inner = st["norm2_chosen"], st["norm2_rejected"], st["inner"]
@@ -391,7 +399,9 @@ class _StartCache:
         return loaded.model.eval(), loaded.tokenizer
 
 
-def _run_cell(cell: Cell, setup: GridSetup, seed: int, starts: _StartCache) -> dict:
+def _run_cell(
+    cell: Cell, setup: GridSetup, seed: int, starts: _StartCache, every_step: bool
+) -> dict:
     torch.manual_seed(seed)
     model, tok = starts.model(cell.start, cell.response, seed)
     set_scope(model, cell.scope, setup.last_k)
@@ -411,7 +421,8 @@ def _run_cell(cell: Cell, setup: GridSetup, seed: int, starts: _StartCache) -> d
                 for p, s in zip(trainable, theta0, strict=True):
                     p.copy_(s)
             ci, ri = c.select([i]), r.select([i])
-            trace = _train(model, loss_fn, ci, ri, (u0[0][i : i + 1], u0[1][i : i + 1]), cell)
+            ref_i = (u0[0][i : i + 1], u0[1][i : i + 1])
+            trace = _train(model, loss_fn, ci, ri, ref_i, cell, every_step)
             traces.append(trace.assign(pair=i))
             a_w, a_l = _logps(model, ci, ri)
             after_w.append(float(a_w[0]))
@@ -439,7 +450,7 @@ def _run_cell(cell: Cell, setup: GridSetup, seed: int, starts: _StartCache) -> d
             d = torch.full((len(stepped),), 0.5 * setup.beta, dtype=torch.float64)
             terms = batch_step_terms(gram, d, d, cell.lr).drop(columns="pair")
         h0 = _logps(model, *_batches(tok, held, setup.template, dev)) if held else None
-        trace = _train(model, loss_fn, c, r, u0, cell)
+        trace = _train(model, loss_fn, c, r, u0, cell, every_step)
         a_w, a_l = _logps(model, c, r)
         delta = ((a_w - u0[0]).numpy(), (a_l - u0[1]).numpy())
         if h0 is not None:
@@ -476,11 +487,12 @@ def _run_cell(cell: Cell, setup: GridSetup, seed: int, starts: _StartCache) -> d
     return {"pairs": pd.concat(frames, ignore_index=True), "trace": trace}
 
 
-def cell_params(cell: Cell, setup: GridSetup, seed: int) -> dict[str, Any]:
+def cell_params(cell: Cell, setup: GridSetup, seed: int, trace: bool) -> dict[str, Any]:
     """Everything that determines a cell's result (its cache key)."""
     return {
         "kind": "boundary_cell",
         "cell": asdict(cell),
+        "trace": trace,
         "setup": asdict(setup),
         "seed": seed,
         "sft_config": config_dict(
@@ -491,17 +503,24 @@ def cell_params(cell: Cell, setup: GridSetup, seed: int) -> dict[str, Any]:
 
 
 def boundary_map(
-    cells: Sequence[Cell], setup: GridSetup, seeds: Sequence[int], cache: bool = True
+    cells: Sequence[Cell],
+    setup: GridSetup,
+    seeds: Sequence[int],
+    trace_cells: Sequence[Cell] = (),
+    cache: bool = True,
 ) -> BoundaryResult:
     """Run every cell for every seed (each (cell, seed) cached on its own parameters) and
     collect the results with the cell's factors, its ``label`` and the seed as columns.
-    Cells sharing a start are run one after another so each SFT start is trained once."""
+    Cells in ``trace_cells`` record the statistics before every step (the others before the
+    first only). Cells sharing a start are run one after another so each SFT start is trained
+    once."""
     if not cells:
         raise ValueError("no cells given")
     if not seeds:
         raise ValueError("no seeds given")
     unique = list(dict.fromkeys(cells))
     starts = _StartCache(setup)
+    traced = set(trace_cells)
     order = sorted(
         ((seed, cell) for seed in seeds for cell in unique),
         key=lambda sc: (sc[0], sc[1].response, STARTS.index(sc[1].start)),
@@ -510,8 +529,8 @@ def boundary_map(
     for seed, cell in order:
         frames = cached_run(
             cache_dir() / "runs" if cache else None,
-            cell_params(cell, setup, seed),
-            lambda cell=cell, seed=seed: _run_cell(cell, setup, seed, starts),
+            cell_params(cell, setup, seed, cell in traced),
+            lambda cell=cell, seed=seed: _run_cell(cell, setup, seed, starts, cell in traced),
         )
         tags = {"cell": cell.label(), "seed": seed, **asdict(cell)}
         pairs.append(frames["pairs"].assign(**tags))
@@ -521,31 +540,68 @@ def boundary_map(
     )
 
 
-def one_factor_cells(theorem: Cell, run: Cell, extra: dict[str, Sequence[Any]]) -> list[Cell]:
-    """The slices of the map: the theorem's cell, the run's cell, each with one factor set to
-    the other's value (``scope``, ``optimizer`` with its ``lr``, ``batch``, ``steps``,
-    ``start``), and each anchor with the extra values of ``extra`` (e.g. ``{"lr": [...]}``:
-    step sizes, ``{"response": [...]}``). Order kept, duplicates dropped."""
-    cells = [theorem, run]
-    for anchor, other in ((theorem, run), (run, theorem)):
-        for factor in ("scope", "batch", "steps", "start"):
-            cells.append(replace(anchor, **{factor: getattr(other, factor)}))
-        cells.append(replace(anchor, optimizer=other.optimizer, lr=other.lr))
-    for anchor in (theorem, run):
+def one_factor_cells(
+    theorem: Cell,
+    run: Cell,
+    lr_factors: Sequence[float] = (0.1, 10.0),
+    extra: dict[str, Sequence[Any]] | None = None,
+) -> list[Cell]:
+    """The slices of the map around two anchors, the theorem's cell and the training run's.
+
+    Each anchor, then each anchor with one factor set to the other anchor's value (``scope``,
+    ``optimizer`` with its ``lr``, ``batch``, ``steps``, ``start``), its step size times each of
+    ``lr_factors``, and each value of ``extra`` (``{"scope": ["last_k"], "response": [...]}``).
+    Order kept, duplicates dropped; :func:`slice_table` names each cell's row."""
+    for factor in extra or {}:
+        if factor not in FACTORS or factor == "lr":
+            raise ValueError(
+                f"unknown extra factor {factor!r}; known: scope, optimizer, batch, "
+                "steps, start, response (step sizes go in lr_factors)"
+            )
+    if any(not (math.isfinite(f) and f > 0) for f in lr_factors):
+        raise ValueError(f"lr_factors must be positive finite numbers, got {lr_factors!r}")
+    return [cell for cell, _, _ in _slices(theorem, run, lr_factors, extra or {})]
+
+
+def _slices(
+    theorem: Cell, run: Cell, lr_factors: Sequence[float], extra: dict[str, Sequence[Any]]
+) -> list[tuple[Cell, str, str]]:
+    out: list[tuple[Cell, str, str]] = []
+    for name, anchor, other in (("theorem cell", theorem, run), ("training run", run, theorem)):
+        out.append((anchor, name, "anchor"))
+        for factor in ("scope", "optimizer", "batch", "steps", "start"):
+            changes = {factor: getattr(other, factor)}
+            if factor == "optimizer":
+                changes["lr"] = other.lr
+            value = (
+                f"{other.optimizer} lr {other.lr:g}" if factor == "optimizer" else (changes[factor])
+            )
+            out.append((replace(anchor, **changes), name, f"{factor}: {value} (swap)"))
+        for f in lr_factors:
+            out.append((replace(anchor, lr=anchor.lr * f), name, f"lr x{f:g}"))
         for factor, values in extra.items():
-            if factor not in FACTORS:
-                raise ValueError(f"unknown factor {factor!r}; known: {', '.join(FACTORS)}")
-            cells += [replace(anchor, **{factor: v}) for v in values]
-    return list(dict.fromkeys(cells))
+            out += [(replace(anchor, **{factor: v}), name, f"{factor}: {v}") for v in values]
+    seen: set[tuple[Cell, str]] = set()
+    unique = []
+    for cell, name, row in out:
+        if (cell, name) not in seen:
+            seen.add((cell, name))
+            unique.append((cell, name, row))
+    return unique
 
 
-def changed_factor(cell: Cell, anchor: Cell) -> str:
-    """The factors in which ``cell`` differs from ``anchor`` (``optimizer`` with its step size
-    counts as one), joined by ``+``; ``"none"`` for the anchor itself."""
-    diff = [f for f in FACTORS if getattr(cell, f) != getattr(anchor, f)]
-    if "optimizer" in diff and "lr" in diff:
-        diff.remove("lr")
-    return "+".join(diff) if diff else "none"
+def slice_table(
+    theorem: Cell,
+    run: Cell,
+    lr_factors: Sequence[float] = (0.1, 10.0),
+    extra: dict[str, Sequence[Any]] | None = None,
+) -> pd.DataFrame:
+    """The layout of the map: one row per (anchor, slice) with columns ``anchor`` (``theorem
+    cell`` or ``training run``), ``row`` (``anchor``, ``<factor>: <value> (swap)`` for a
+    factor set to the other anchor's value, ``lr x<f>``, ``<factor>: <value>``) and ``cell``
+    (the cell's label, as in :class:`BoundaryResult`)."""
+    rows = _slices(theorem, run, lr_factors, extra or {})
+    return pd.DataFrame([{"anchor": a, "row": r, "cell": c.label()} for c, a, r in rows])
 
 
 # --- suffix length -----------------------------------------------------------------------------
