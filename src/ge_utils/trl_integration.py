@@ -23,22 +23,25 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
   change ``log pi after - log pi before`` of the step), ``ge/probe_sign_agree`` (fraction of
   probe responses whose predicted and realized changes have the same sign) and
   ``ge/probe_real_case1_frac`` ... ``ge/probe_real_case4_frac`` (realized cases);
-- ``ge/seconds``: the time the integration spent on that step (all of it outside training).
+- ``ge/seconds``: the time the integration spent on that step (its hooks inside the training
+  backward are part of the step's own time and not counted).
 
-Where the statistics come from: a separate pass at the logging steps, not TRL's own backward.
-Just before the optimizer step (``on_pre_optimizer_step``, when the step's gradients are in
-``.grad`` but the parameters are not yet updated) the captured micro-batches of the step go
-through :func:`ge_utils.stats.fast_gradient_stats`: one forward and one backward to the
-layer outputs only, in eval mode, which never touches ``.grad``, the optimizer or the RNG. TRL's
-training forward runs through a fused LM head that computes log-probs in chunks from the head's
-weight directly, which the layer hooks of the fast method cannot see, and its backward carries
-DDP's reducer hooks and gradient accumulation: recording inside it would mean replacing TRL's
-forward. The separate pass costs about one extra training step at each logging step and
-leaves training bit-identical with the integration on or off. It runs in eval mode: with
-TRL's default ``disable_dropout=True`` that is the training computation; with dropout on, the
-statistics are those of the model without dropout. The probe's prediction needs a copy of the
-trainable parameters before the step and their update (two copies at the measured steps:
-small for LoRA, large for a full fine-tune).
+Where the statistics come from: TRL's own forward and backward of the measured steps
+(``in_backward=True``, the default). From the start of a measured step to its optimizer step, a
+:class:`ge_utils.stats.GhostRecorder` on the policy records every layer of the backbone, and a
+hook on the backbone's output recovers the fused LM head's share (TRL computes log-probs in
+chunks from the head's weight directly, which module hooks cannot see): see
+:class:`_StepRecorder` for the math. The hooks only read tensors, so training stays
+bit-identical with the integration on or off; the statistics are those of the training forward
+(with its dropout, if on; TRL disables dropout by default). A micro-batch whose backward is not
+that of a loss of the summed log-probs (checked per token), or a model whose output layer
+scales or soft-caps its logits, goes through a separate pass instead (``in_backward=False``
+for every step): just before the optimizer step the captured micro-batch goes through
+:func:`ge_utils.stats.fast_gradient_stats`, one forward and one backward to the layer outputs
+only, in eval mode, which never touches ``.grad``, the optimizer or the RNG; it costs about one
+extra training step. The probe's prediction needs a copy of the trainable parameters before the
+step and their update (two copies at the measured steps: small for LoRA, large for a full
+fine-tune).
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
@@ -73,7 +76,8 @@ from transformers import TrainerCallback
 from ge_utils.gradients import classify_cases, condition_table
 from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
-from ge_utils.stats import fast_gradient_stats
+from ge_utils.stats import Factor, GhostRecorder, PairStats, fast_gradient_stats
+from ge_utils.stats.recorder import group_rows
 
 PREFIX = "ge/"
 BATCH_METRICS = (
@@ -111,6 +115,7 @@ class _MicroBatch:
 
     inputs: Mapping[str, Tensor]
     ref: Tensor | None = None
+    stats: PairStats | None = None  # recorded in the trainer's own backward (all 2B rows)
 
 
 @dataclass
@@ -287,6 +292,129 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+_HEAD_SCALES = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+CONSISTENCY_RTOL = 1e-3  # per-token coefficients of one sequence agree to this (float32)
+
+
+class _StepRecorder:
+    """Per-pair statistics of a step's micro-batches from the trainer's own forward and backward.
+
+    A :class:`~ge_utils.stats.recorder.GhostRecorder` on the policy sees every layer of the
+    backbone. TRL's fused LM head reads the head weight directly, so the head is added by hand:
+    with ``h_t`` the backbone output at a position whose next token ``y`` is a response token
+    and ``p_t = softmax(W h_t + b)``, ``d log p(y) / d h_t = v_t = W^T (e_y - p_t)``. The
+    gradient the backward brings to ``h_t`` is ``gamma_t v_t`` (the backbone output reaches the
+    loss only through these log-probs), so ``gamma_t = <grad h_t, v_t> / |v_t|^2``. For a loss
+    of the summed log-probs, ``gamma_t = c_i = dLoss/du_i`` at every response token of sequence
+    i (checked: otherwise the micro-batch gets a separate pass); the head's per-sequence
+    gradient is ``sum_t gamma_t (e_y - p_t) h_t^T`` (an outer factor, with the embedding's cross
+    terms when the weights are tied); the recorder divides every product by ``c_i c_j``.
+    Exact up to float rounding; the statistics are those of the training forward (with its
+    dropout, if any; TRL disables dropout by default).
+    """
+
+    def __init__(self, policy: nn.Module):
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        self.head = base.get_output_embeddings()
+        self.rec = GhostRecorder(policy, keep_outputs=False)
+        self.head_params = {
+            name: p
+            for name in ("weight", "bias")
+            if (p := getattr(self.head, name, None)) is not None and id(p) in self.rec.names
+        }
+        self.micro: _MicroBatch | None = None
+        self.hidden: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.handle = base.base_model.register_forward_hook(self._keep_hidden)
+        self.seconds = 0.0
+
+    @staticmethod
+    def supported(policy: nn.Module) -> bool:
+        """Whether the fused head is the plain ``log_softmax(W h + b)`` (no logit scale or
+        soft-capping in the config) and the backbone can be hooked."""
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        config = base.config.get_text_config()
+        plain = all(getattr(config, k, None) is None for k in _HEAD_SCALES)
+        return plain and base.base_model is not base and base.get_output_embeddings() is not None
+
+    def _keep_hidden(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.micro is None or not torch.is_grad_enabled():
+            return
+        h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if not h.requires_grad:
+            return
+        self.hidden = h.detach()
+        h.register_hook(self._keep_grad)
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+
+    def start(self, micro: _MicroBatch) -> None:
+        """Before the trainer's forward of ``micro``: the previous micro-batch's backward is
+        done, so its statistics are read now."""
+        self.finish()
+        self.micro, self.hidden, self.grad = micro, None, None
+        self.rec.clear()
+        self.rec.expect_pairs(int(micro.inputs["input_ids"].shape[0]) // 2)
+
+    def finish(self) -> None:
+        micro, self.micro = self.micro, None
+        if micro is None or self.grad is None:
+            return
+        start = time.perf_counter()
+        micro.stats = self._stats(micro.inputs)
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.finish()
+        self.rec.close()
+        self.handle.remove()
+
+    @torch.no_grad()
+    def _stats(self, inputs: Mapping[str, Tensor]) -> PairStats | None:
+        ids, mask = inputs["input_ids"], inputs["completion_mask"].bool()
+        n = ids.shape[0]
+        seq, pos = mask[:, 1:].nonzero(as_tuple=True)  # position t scores token t + 1
+        h = self.hidden[seq, pos].float()
+        y = ids[seq, pos + 1]
+        weight = self.head.weight.detach().float()
+        logits = h @ weight.T
+        if self.head.bias is not None:
+            logits = logits + self.head.bias.detach().float()
+        logp = logits.log_softmax(-1)
+        p = logp.exp()
+        v = weight[y] - p @ weight
+        g = self.grad[seq, pos].float()
+        gamma = (g * v).sum(-1) / (v * v).sum(-1)
+        coef = torch.zeros(n, dtype=gamma.dtype, device=gamma.device).index_add_(0, seq, gamma)
+        coef = coef / torch.bincount(seq, minlength=n).clamp_min(1)
+        off = (gamma - coef[seq]).abs() > CONSISTENCY_RTOL * coef[seq].abs()
+        resid = (g - gamma[:, None] * v).norm(dim=-1) > CONSISTENCY_RTOL * g.norm(dim=-1)
+        if bool(off.any() or resid.any()):
+            return None  # not a loss of the summed log-probs: a separate pass instead
+        if self.head_params:
+            rows = -p
+            rows[torch.arange(len(y), device=y.device), y] += 1.0
+            rows = rows * gamma[:, None]  # gamma_t (e_y - p_t): the head's output gradient
+            left = group_rows(rows, seq, n)
+            if "weight" in self.head_params:
+                right = group_rows(h, seq, n)
+                self.rec.add_use(self.head_params["weight"], Factor.outer(left, right))
+            if "bias" in self.head_params:
+                self.rec.add_use(self.head_params["bias"], Factor.dense(left.sum(1)))
+        u = torch.zeros(n, dtype=torch.float64, device=logp.device)
+        u.index_add_(0, seq, logp.gather(1, y[:, None])[:, 0].double())
+        b = n // 2
+        stats = self.rec.pair_stats(coef[:b], coef[b:])
+        return stats.with_logps(u[:b], u[b:])
+
+
 class EntanglementCallback(TrainerCallback):
     """Adds ``ge/*`` gradient-entanglement metrics to a TRL ``DPOTrainer``'s logs (see the module
     docstring). Build it with :func:`attach_entanglement_metrics`.
@@ -297,7 +425,9 @@ class EntanglementCallback(TrainerCallback):
     DataFrame, or a :class:`ProbeBatch`) followed across each computed step; None: no probe
     metrics. ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
     sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
-    micro-batch of each process (None: all).
+    micro-batch of each process (None: all). ``in_backward``: record the statistics in the
+    trainer's own backward where possible (see the module docstring); False: a separate pass at
+    every measured step.
 
     Per-pair results are kept: :meth:`pairs_frame` (one row per batch pair and computed step)
     and :meth:`probe_frame` (one row per probe pair and computed step), identical on every
@@ -311,6 +441,7 @@ class EntanglementCallback(TrainerCallback):
         every: int | None = None,
         loss: MarginLoss | None = None,
         max_pairs: int | None = None,
+        in_backward: bool = True,
     ):
         _check_trainer(trainer, loss)
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
@@ -335,6 +466,8 @@ class EntanglementCallback(TrainerCallback):
             self.probe = tokenize_probe(trainer, probe)
         self._captured: list[_MicroBatch] = []
         self._awaiting: _MicroBatch | None = None  # inside the trainer's compute_loss
+        self.in_backward = in_backward and _StepRecorder.supported(self._policy())
+        self._step: _StepRecorder | None = None
         self._ref_hook = self._hook_reference()
         self._theta0: dict[str, Tensor] | None = None
         self._seconds = 0.0
@@ -355,6 +488,8 @@ class EntanglementCallback(TrainerCallback):
                 return original(model, inputs, *args, **kwargs)
             self._awaiting = _MicroBatch(inputs)
             self._captured.append(self._awaiting)
+            if self._step is not None:
+                self._step.start(self._awaiting)
             try:
                 return original(model, inputs, *args, **kwargs)
             finally:
@@ -451,12 +586,22 @@ class EntanglementCallback(TrainerCallback):
 
     # -- events ----------------------------------------------------------------------------
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.in_backward and self.measures(state.global_step + 1):
+            self._step = _StepRecorder(self._policy())
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         captured, self._captured = self._captured, []
         step = state.global_step + 1
+        recorded = 0.0
+        if self._step is not None:
+            start = time.perf_counter()
+            self._step.close()
+            recorded = self._step.seconds + time.perf_counter() - start
+            self._step = None
         if not self.measures(step):
             return
-        start = time.perf_counter()
+        start = time.perf_counter() - recorded
         with _rng_untouched():
             records = []
             for micro in captured:
@@ -490,8 +635,10 @@ class EntanglementCallback(TrainerCallback):
             return []
         if len(keep) < len(chosen):
             chosen, rejected = chosen.select(keep), rejected.select(keep)
-        policy = self._policy()
-        stats = fast_gradient_stats(policy, chosen, rejected)
+        if micro.stats is not None:
+            stats = micro.stats.select(keep)
+        else:
+            stats = fast_gradient_stats(self._policy(), chosen, rejected)
         ref_w, ref_l = self._reference(micro, keep, chosen, rejected)
         p = PairLogps(
             stats["logp_chosen"],
@@ -652,9 +799,12 @@ def attach_entanglement_metrics(
     every: int | None = None,
     loss: MarginLoss | None = None,
     max_pairs: int | None = None,
+    in_backward: bool = True,
 ) -> EntanglementCallback:
     """Build an :class:`EntanglementCallback` for ``trainer``, add it to the trainer's
     callbacks, and return it. Call before ``trainer.train()``, on every process."""
-    callback = EntanglementCallback(trainer, probe, every=every, loss=loss, max_pairs=max_pairs)
+    callback = EntanglementCallback(
+        trainer, probe, every=every, loss=loss, max_pairs=max_pairs, in_backward=in_backward
+    )
     trainer.add_callback(callback)
     return callback

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
+import torch
 from torch import Tensor
 
 PAIR_KEYS = ("norm2_chosen", "norm2_rejected", "inner")
@@ -59,6 +60,11 @@ class PairStats(Mapping[str, Tensor]):
     @property
     def n_pairs(self) -> int:
         return len(self.inner)
+
+    def select(self, index: Sequence[int]) -> PairStats:
+        """The pairs ``index`` (positions into the B pairs), in that order."""
+        rows = torch.as_tensor(list(index), dtype=torch.long)
+        return replace(self, **{k: v[rows] for k, v in self.items()})
 
     def with_logps(self, logp_chosen: Tensor, logp_rejected: Tensor) -> PairStats:
         """A copy with the log-probs set (detached float64 on the CPU)."""

@@ -160,12 +160,16 @@ class GhostRecorder:
             return t
         if self.row_seq is None or self.n_seq is None:
             raise RuntimeError("a layer saw 2-D inputs but the recorder has no batch")
-        seq = self.row_seq.to(t.device)
-        counts = torch.bincount(seq, minlength=self.n_seq)
-        slot = torch.arange(len(seq), device=t.device) - (counts.cumsum(0) - counts)[seq]
-        out = t.new_zeros((self.n_seq, int(counts.max()), *t.shape[1:]))
-        out[seq, slot] = t
-        return out
+        return group_rows(t, self.row_seq, self.n_seq)
+
+    def add_use(self, param: nn.Parameter, factor: Factor) -> None:
+        """Record a use of ``param`` that no module hook sees (e.g. a fused output layer that
+        reads the weight directly), as its per-sequence factors under the same backward's
+        output gradients. Call before :meth:`results`."""
+        if id(param) not in self.names:
+            raise ValueError("add_use: the parameter is not in the recorder's parameter set")
+        self._recorded = True
+        self._add(id(param), factor)
 
     def _record(
         self,
@@ -347,6 +351,17 @@ class GhostRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def group_rows(t: Tensor, row_seq: Tensor, n_seq: int) -> Tensor:
+    """Rows (R, ...) of ``n_seq`` sequences, row r belonging to sequence ``row_seq[r]`` (rows of
+    a sequence in order), as (n_seq, T_max, ...) zero-padded per-sequence rows."""
+    seq = row_seq.to(t.device)
+    counts = torch.bincount(seq, minlength=n_seq)
+    slot = torch.arange(len(seq), device=t.device) - (counts.cumsum(0) - counts)[seq]
+    out = t.new_zeros((n_seq, int(counts.max()) if len(seq) else 0, *t.shape[1:]))
+    out[seq, slot] = t
+    return out
 
 
 def _graph_nodes(root: Node | None) -> Iterator[Node]:
