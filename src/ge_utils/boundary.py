@@ -549,8 +549,9 @@ def one_factor_cells(
     """The slices of the map around two anchors, the theorem's cell and the training run's.
 
     Each anchor, then each anchor with one factor set to the other anchor's value (``scope``,
-    ``optimizer`` with its ``lr``, ``batch``, ``steps``, ``start``), its step size times each of
-    ``lr_factors``, and each value of ``extra`` (``{"scope": ["last_k"], "response": [...]}``).
+    ``optimizer`` with its ``lr``, ``batch``, ``steps``, ``start``); and the theorem's cell with
+    its step size times each of ``lr_factors`` and with each value of ``extra``
+    (``{"scope": ["last_k"], "response": [...]}``).
     Order kept, duplicates dropped; :func:`slice_table` names each cell's row."""
     for factor in extra or {}:
         if factor not in FACTORS or factor == "lr":
@@ -577,10 +578,10 @@ def _slices(
                 f"{other.optimizer} lr {other.lr:g}" if factor == "optimizer" else (changes[factor])
             )
             out.append((replace(anchor, **changes), name, f"{factor}: {value} (swap)"))
-        for f in lr_factors:
-            out.append((replace(anchor, lr=anchor.lr * f), name, f"lr x{f:g}"))
-        for factor, values in extra.items():
-            out += [(replace(anchor, **{factor: v}), name, f"{factor}: {v}") for v in values]
+    for f in lr_factors:
+        out.append((replace(theorem, lr=theorem.lr * f), "theorem cell", f"lr x{f:g}"))
+    for factor, values in extra.items():
+        out += [(replace(theorem, **{factor: v}), "theorem cell", f"{factor}: {v}") for v in values]
     seen: set[tuple[Cell, str]] = set()
     unique = []
     for cell, name, row in out:
