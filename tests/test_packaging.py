@@ -7,7 +7,6 @@ must import without them.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import subprocess
 import sys
@@ -80,10 +79,29 @@ def test_core_dependencies_exclude_book_tooling():
     assert set(BOOK_ONLY) <= _requirement_names(project["optional-dependencies"]["book"])
 
 
-def test_installed_metadata_requires_book_tooling_only_with_the_extra():
-    """What ``pip install .`` recorded: papermill etc. only under ``extra == "book"``."""
-    requires = importlib.metadata.requires("ge_utils") or []
+def test_wheel_metadata_requires_book_tooling_only_with_the_extra(tmp_path):
+    """The metadata ``pip install .`` would record, built now from pyproject.toml (setuptools'
+    PEP 517 hook, no network): papermill etc. only under ``extra == "book"``."""
+    code = (
+        "import sys\nfrom setuptools import build_meta\n"
+        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = tmp_path / proc.stdout.strip().splitlines()[-1] / "METADATA"
+    requires = [
+        line.removeprefix("Requires-Dist: ")
+        for line in info.read_text(encoding="utf-8").splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
     unconditional = [r for r in requires if "extra ==" not in r]
+    assert "torch>=2.4" in unconditional
     assert not _requirement_names(unconditional) & set(BOOK_ONLY), unconditional
     book = [r for r in requires if re.search(r"extra\s*==\s*['\"]book['\"]", r)]
     assert set(BOOK_ONLY) <= _requirement_names(book)
