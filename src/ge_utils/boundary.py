@@ -49,7 +49,7 @@ from torch import nn
 from ge_utils.data import CONFIG_SUFFIXES, PreferencePair, sentiment_pairs, sft_examples
 from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats, training_step_stats
 from ge_utils.gradients import ParamSpec, pair_logps
-from ge_utils.logprobs import SequenceBatch, concat_batches, sequence_logprobs, tokenize
+from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs, tokenize
 from ge_utils.losses import MarginLoss, get_loss
 from ge_utils.models import cache_dir, load_model, train_last_k_blocks
 from ge_utils.training import TrainConfig, cached_run, config_dict, sft
@@ -126,16 +126,12 @@ def gradient_gram(
     joint = concat_batches(chosen, rejected)
     n = len(joint)
     ii, jj = torch.triu_indices(n, n)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with GhostRecorder(model, params, batch=joint) as rec:
             rec.expect(gram=(ii, jj))
             u = sequence_logprobs(model, joint)
             rec.backward(u.sum())
             values = rec.results()["gram"]
-    finally:
-        model.train(was_training)
     gram = torch.zeros(n, n, dtype=torch.float64)
     gram[ii, jj] = values
     gram[jj, ii] = values
