@@ -30,6 +30,7 @@ from ge_utils.stats.record import PAIR_KEYS, PairStats
 
 TINY_COEFFICIENT = 1e-12  # |dLoss/du_i| below this: sequence i's unit statistics are NaN
 Node = torch.autograd.graph.Node
+GradientEdge = torch.autograd.graph.GradientEdge
 
 
 class GhostRecorder:
@@ -70,7 +71,9 @@ class GhostRecorder:
         self._gram_cache: dict[tuple[str | None, str], tuple[Tensor, Tensor]] = {}
         self._fused: list[str] = []
         self.gram_reuses = 0  # Gram matrices shared by layers with one input (q, k, v; gate, up)
-        self.outputs: list[Tensor] = []  # for backward(); off when the caller back-propagates
+        # for backward(): the autograd edges of the recorded outputs (not the tensors, whose
+        # memory autograd frees where it does not need them); off when the caller back-propagates
+        self.outputs: list[GradientEdge] = []
         self.keep_outputs = keep_outputs
         self.handles: list = []
         self.row_seq: Tensor | None = None
@@ -149,7 +152,7 @@ class GhostRecorder:
 
             output.register_hook(grad_hook)
             if self.keep_outputs:
-                self.outputs.append(output)
+                self.outputs.append(torch.autograd.graph.get_gradient_edge(output))
 
         return forward_hook
 
@@ -329,7 +332,9 @@ class GhostRecorder:
         self.check_uses(value)
         outputs, self.outputs = self.outputs, []
         if outputs:  # else no parameter of the set took part: every statistic is 0
-            torch.autograd.grad(value, outputs, allow_unused=True, retain_graph=retain_graph)
+            torch.autograd.grad(
+                value, _sources(outputs), allow_unused=True, retain_graph=retain_graph
+            )
 
     def clear(self) -> None:
         """Forget everything recorded (hooks stay): ready for another forward and backward."""
@@ -362,6 +367,35 @@ def group_rows(t: Tensor, row_seq: Tensor, n_seq: int) -> Tensor:
     out = t.new_zeros((n_seq, int(counts.max()) if len(seq) else 0, *t.shape[1:]))
     out[seq, slot] = t
     return out
+
+
+def _sources(edges: list[GradientEdge]) -> list[GradientEdge]:
+    """The recorded outputs that depend on no other recorded output (e.g. the embeddings').
+
+    Back-propagating to these alone runs every node between the value and them, so every
+    recorded output's hook fires (each recorded output depends on a source or is one), while
+    autograd returns, and holds until the end of the backward, only the sources' gradients
+    instead of every layer's output gradient."""
+    targets = {e.node for e in edges}
+    reaches: dict[Node, bool] = {}  # node -> some recorded output lies behind it
+
+    def behind(root: Node) -> bool:
+        stack, expanded = [root], set()
+        while stack:  # iterative post-order: deep graphs exceed Python's recursion limit
+            node = stack.pop()
+            if node in reaches:
+                continue
+            children = [c for c, _ in node.next_functions if c is not None]
+            pending = [c for c in children if c not in reaches and c not in targets]
+            if pending and node not in expanded:
+                expanded.add(node)
+                stack.append(node)
+                stack.extend(pending)
+                continue
+            reaches[node] = any(c in targets or reaches[c] for c in children)
+        return reaches[root]
+
+    return [e for e in edges if not behind(e.node)]
 
 
 def _graph_nodes(root: Node | None) -> Iterator[Node]:
