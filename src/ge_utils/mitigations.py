@@ -151,10 +151,6 @@ class Mitigation(Objective):
     def logged(self) -> MarginLoss:
         return self.base
 
-    def parameters(self) -> list[nn.Parameter]:
-        """Parameters of the objective itself, trained with the model (a learned mask)."""
-        return []
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
         return f"{self.name}({args})"
@@ -232,9 +228,6 @@ class MaskedDPO(Mitigation):
         self.oracle = oracle
         self.logits: nn.Parameter | None = None  # created by prepare (vocabulary size)
         self.reported_ids: list[int] = []  # the token ids whose weights log_frames reports
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [] if self.logits is None else [self.logits]
 
     def ensure_parameters(self, vocab_size: int, device: torch.device | str) -> None:
         """Create the mask logits (one per vocabulary id) if this is the learned variant."""
