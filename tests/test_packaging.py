@@ -70,6 +70,8 @@ def test_run_without_book_extra_is_one_clear_line():
     assert len(lines) == 1 and "pip install -e '.[book]'" in lines[0], proc.stderr
     other = blocked_python(code, "diagnose", "--help")  # the science subcommand still works
     assert other.returncode == 0, other.stderr[-2000:]
+    book = blocked_python("from ge_book.__main__ import main\nmain(['run', '--list'])\n")
+    assert book.returncode == 2 and "pip install -e '.[book]'" in book.stderr, book.stderr
 
 
 def test_core_dependencies_exclude_book_tooling():

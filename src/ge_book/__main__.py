@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ge_book import runner
+from ge_utils.__main__ import load
 
 
 def main(argv: list[str] | None = None) -> int:
+    runner = load("ge_book.runner")  # a missing book extra is a one-line error
     parser = argparse.ArgumentParser(prog="python -m ge_book", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     runner.add_arguments(sub.add_parser("run", help="execute notebooks with papermill"))
