@@ -608,3 +608,16 @@ def test_pair_stats_is_a_record_and_a_read_only_mapping(tiny_model):
         stats["coef_chosen"]
     with pytest.raises(ValueError, match="differ in length"):
         PairStats(torch.zeros(2), torch.zeros(2), torch.zeros(3))
+
+
+def test_all_pairs_targets_are_computed_as_one_block():
+    """Token-wise targets (every chosen copy with every rejected copy) use one block product."""
+    from ge_utils.stats.recorder import _as_grid
+
+    a, b = torch.arange(3), 3 + torch.arange(4)
+    grid = _as_grid(a.repeat_interleave(4), b.repeat(3))
+    assert grid == (slice(0, 3), slice(3, 7))
+    assert _as_grid(torch.arange(3), torch.arange(3) + 3) is None  # pairs, not all pairs
+    rows, cols = _as_grid(a.repeat_interleave(4), b.flip(0).repeat(3))
+    assert rows == slice(0, 3) and torch.equal(cols, b.flip(0))
+    assert _as_grid(a.repeat_interleave(4), torch.cat([b.repeat(2), b.flip(0)])) is None

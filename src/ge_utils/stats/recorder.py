@@ -67,6 +67,7 @@ class GhostRecorder:
         self.uses: dict[int, list[Factor]] = defaultdict(list)  # kept for pairwise cross terms
         self.targets: dict[str, tuple[Tensor, Tensor]] = {}
         self._index: dict[str, tuple[Index, Index]] = {}
+        self._grid: dict[str, tuple[Index, Index]] = {}  # targets that are all pairs of a x b
         self.totals: dict[str, Tensor] = {}
         self._gram_cache: dict[tuple[str | None, str], tuple[Tensor, Tensor]] = {}
         self._fused: list[str] = []
@@ -203,6 +204,7 @@ class GhostRecorder:
             raise RuntimeError("expect(...) must be called before the backward")
         self.targets = {k: (ii.long(), jj.long()) for k, (ii, jj) in targets.items()}
         self._index = {k: (as_index(ii), as_index(jj)) for k, (ii, jj) in self.targets.items()}
+        self._grid = {k: g for k, (ii, jj) in self.targets.items() if (g := _as_grid(ii, jj))}
         self.totals = {}
         # Several self-products (|grad f_i|^2, e.g. chosen and rejected norms) share one Gram
         # over all sequences, read at their rows: fewer, larger products.
@@ -257,8 +259,15 @@ class GhostRecorder:
         if held is not None and held[0].data_ptr() == t.data_ptr() and held[0].shape == t.shape:
             self.gram_reuses += 1
             return held[1]
-        ii, jj = self._index[key] if key is not None else (slice(None), slice(None))
-        product = gram(take(t, ii), take(t, jj))
+        if key in self._grid:  # every row of a with every row of b: one product, no row copies
+            a, b = (take(t, idx) for idx in self._grid[key])
+            (n_a, rows_a, d), (n_b, rows_b, _) = a.shape, b.shape
+            block = a.reshape(-1, d) @ b.reshape(-1, d).T  # (n_a rows_a, n_b rows_b)
+            product = block.reshape(n_a, rows_a, n_b, rows_b).transpose(1, 2)
+            product = product.reshape(n_a * n_b, rows_a, rows_b)
+        else:
+            ii, jj = self._index[key] if key is not None else (slice(None), slice(None))
+            product = gram(take(t, ii), take(t, jj))
         self._gram_cache[(key, side)] = (t, product)
         return product
 
@@ -343,6 +352,7 @@ class GhostRecorder:
         self.calls.clear()
         self.param_calls.clear()
         self.targets, self._index, self.totals, self._gram_cache = {}, {}, {}, {}
+        self._grid = {}
         self._fused = []
         self._recorded, self.gram_reuses = False, 0
 
@@ -356,6 +366,19 @@ class GhostRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_grid(ii: Tensor, jj: Tensor) -> tuple[Index, Index] | None:
+    """``(a, b)`` when the targets are every ``(a[p], b[q])`` in row-major order (``ii =
+    a.repeat_interleave(len(b))``, ``jj = b.repeat(len(a))``) with more than one of each, else
+    None."""
+    n_b = int((ii == ii[0]).sum()) if len(ii) else 0
+    if n_b < 2 or len(ii) % n_b or len(ii) // n_b < 2:
+        return None
+    a, b = ii[::n_b], jj[:n_b]
+    if torch.equal(ii, a.repeat_interleave(n_b)) and torch.equal(jj, b.repeat(len(a))):
+        return as_index(a), as_index(b)
+    return None
 
 
 def group_rows(t: Tensor, row_seq: Tensor, n_seq: int) -> Tensor:
