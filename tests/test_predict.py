@@ -248,3 +248,18 @@ def test_realized_change_is_one_full_batch_step():
         new_w = sequence_logprobs(model, c)
     first = out[out["step"] == 1].sort_values("pair")
     np.testing.assert_allclose(first["delta_chosen"], (new_w - ref_w).double(), atol=2e-5)
+
+
+def test_sft_start_is_the_same_for_scores_and_training():
+    """With ``sft_steps`` every caller fine-tunes the same model the same way (seeded), so the
+    scores and each training run start from identical weights; without it the model is as
+    loaded."""
+    from ge_utils.predict import _load
+
+    pairs = as_preference_pairs(templated_pairs(4, seed=0))
+    setup = PredictionSetup("tiny-llama", batch_size=2, sft_steps=2, sft_lr=1e-3)
+    a, b = _load(setup, pairs).model, _load(setup, pairs).model
+    plain = _load(PredictionSetup("tiny-llama"), pairs).model
+    same = [torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)]
+    moved = [torch.equal(x, y) for x, y in zip(a.parameters(), plain.parameters(), strict=True)]
+    assert all(same) and not all(moved)

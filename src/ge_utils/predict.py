@@ -60,7 +60,13 @@ from ge_utils.logprobs import (
     tokenize,
 )
 from ge_utils.losses import MarginLoss, get_loss
-from ge_utils.training import TrainConfig, cached_run, config_dict, preference_optimization
+from ge_utils.training import (
+    TrainConfig,
+    cached_run,
+    config_dict,
+    preference_optimization,
+    sft,
+)
 
 FAMILIES = ("gradient", "ches", "baselines")
 SCORE_CHOICES = (*FAMILIES, "all")
@@ -370,13 +376,17 @@ def roc_points(fell: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 # --- one pair set: its scores before training and its realized changes -------------------------
 
-CACHE_VERSION = 1  # bump when a change of code changes cached scores or outcomes
+CACHE_VERSION = 2  # bump when a change of code changes cached scores or outcomes
 
 
 @dataclass(frozen=True)
 class PredictionSetup:
     """What fixes the model a pair set is scored and trained on. Every field is part of the
-    cache key of :func:`scored_pairs` and :func:`realized_changes`."""
+    cache key of :func:`scored_pairs` and :func:`realized_changes`.
+
+    ``sft_steps > 0``: the loaded model is first fine-tuned on the pairs' chosen responses
+    (:func:`ge_utils.training.sft`, AdamW at ``sft_lr``, batches of ``batch_size``, seeded), the
+    paper's recipe; both the scores and the training runs start from that same model."""
 
     model: str
     beta: float = 0.1
@@ -386,6 +396,8 @@ class PredictionSetup:
     batch_size: int = 8
     method: str = "fast"
     seed: int = 0
+    sft_steps: int = 0
+    sft_lr: float = 2e-5
 
 
 def pairs_digest(pairs: Sequence[Any]) -> str:
@@ -394,13 +406,22 @@ def pairs_digest(pairs: Sequence[Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load(setup: PredictionSetup):
+def _load(setup: PredictionSetup, pairs: Sequence[Any]):
+    """The model of ``setup``, fine-tuned on the chosen responses of ``pairs`` when
+    ``setup.sft_steps > 0`` (deterministic for a seed: every caller starts from the same one)."""
     from ge_utils.models import load_model
 
     torch.manual_seed(setup.seed)
-    return load_model(
+    loaded = load_model(
         setup.model, dtype=setup.dtype, train_last_k=setup.train_last_k, seed=setup.seed
     )
+    if setup.sft_steps > 0:
+        cfg = TrainConfig(
+            steps=setup.sft_steps, batch_size=setup.batch_size, lr=setup.sft_lr, seed=setup.seed,
+            template=setup.template, progress=False,
+        )  # fmt: skip
+        sft(loaded.model, loaded.tokenizer, [(p.prompt, p.chosen) for p in pairs], cfg)
+    return loaded
 
 
 def _cache_root(cache: bool) -> Path | None:
@@ -421,7 +442,7 @@ def scored_pairs(
     }  # fmt: skip
 
     def run() -> dict[str, pd.DataFrame]:
-        loaded = _load(setup)
+        loaded = _load(setup, pairs)
         table = score_pairs(
             loaded.model, loaded.tokenizer, [p.prompt for p in pairs],
             [p.chosen for p in pairs], [p.rejected for p in pairs],
@@ -463,7 +484,7 @@ def realized_changes(
     }  # fmt: skip
 
     def run() -> dict[str, pd.DataFrame]:
-        loaded = _load(setup)
+        loaded = _load(setup, pairs)
         result = preference_optimization(loaded.model, loaded.tokenizer, pairs, pairs, cfg)
         return {"pairs": result.pairs}
 

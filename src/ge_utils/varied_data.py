@@ -140,7 +140,8 @@ def sampled_pairs(
     (statements ``offset .. offset + n_prompts`` of :func:`ge_utils.data.statements`), then
     labelled by a rule.
 
-    Sampling: ``temperature``, at most ``max_new_tokens`` new tokens, cut at the first newline,
+    Sampling: ``temperature``, at most ``max_new_tokens`` new tokens, leading newlines dropped,
+    cut at the next newline,
     torch seeded with ``seed``. **Labelling rule**: a response *states* a label when it names
     exactly one of "positive"/"negative" (:func:`stated_label`). A prompt gives a pair when
     exactly one of its two samples states the true label; that one is chosen, the other
@@ -171,6 +172,7 @@ def sampled_pairs(
                 )  # fmt: skip
             texts = [
                 tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)
+                .lstrip("\n")
                 .split("\n")[0]
                 .rstrip()
                 for row in out
