@@ -113,3 +113,21 @@ def test_stacked_frames_and_hinge_activity():
         active_share(train, "slic")
     with pytest.raises(ValueError, match="unknown frame"):
         stacked(res, "weights")
+
+
+def test_start_measurements_are_shared_and_equal_to_a_run_alone():
+    """loss_comparison measures the common start once: the second objective's step-0 token split
+    and answers equal those of the same objective run alone."""
+    from ge_utils.experiments import loss_comparison
+    from ge_utils.spec import ExperimentSpec
+    from ge_utils.training import TrainConfig
+
+    po = TrainConfig(steps=2, batch_size=2, lr=1e-3, eval_every=2, progress=False)
+    sft = TrainConfig(steps=2, batch_size=2, lr=1e-3, progress=False)
+    spec = ExperimentSpec(model="tiny-llama", n_train=4, n_eval=2, n_probe=0, sft=sft, po=po)
+    both = loss_comparison(spec, {"dpo": {}, "ipo": {}}, cache=False)
+    alone = loss_comparison(spec, {"ipo": {}}, cache=False)
+    for frame in ("tokens", "answers"):
+        shared = getattr(both, frame)
+        shared = shared[shared["loss"] == "ipo"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(shared, getattr(alone, frame))

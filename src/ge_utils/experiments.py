@@ -484,9 +484,15 @@ def loss_comparison(
             tok_rows, ans_rows = [], []
 
             def measure(step: int, m: torch.nn.Module) -> None:
+                if step == 0 and "start" in state:  # every objective starts from the same model
+                    tok_rows.append(state["start"][0])
+                    ans_rows.append(state["start"][1])
+                    return
                 tok_rows.append(_token_split(m, tok, held, cfg.template).assign(step=step))
                 if step in (0, cfg.steps):
                     ans_rows.append(greedy_answers(m, tok, held, cfg.template).assign(step=step))
+                if step == 0:
+                    state["start"] = (tok_rows[-1], ans_rows[-1])
 
             result = preference_optimization(net, tok, train, held, cfg, on_log=measure)
             frames = result.frames()
