@@ -328,3 +328,37 @@ def test_consistency_checks_fold_into_a_collapsed_block():
     assert nb.cells[-1].cell_type == "markdown"
     assert nb.cells[-1].source.startswith(":::{dropdown} Consistency checks of the code: 1 of 1")
     assert "norms >= 0 (8/8; over this run)" in nb.cells[-1].source
+
+
+def test_archive_is_shown_beside_the_build_and_marked_from_another_commit(project):
+    """The archive path at smoke size: store a run, show both columns, mark another commit."""
+    from ge_book.pages import write_pages
+
+    proc = run(project, "toy", "--profile", "authors", "--archive", "--archive-dir", "arch")
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((project / "arch" / "authors" / "toy.json").read_text())
+    assert stored["provenance"]["profile"] == "authors"
+    for key in ("device", "git_commit", "date", "wall_time_s", "torch", "python"):
+        assert key in stored["provenance"]
+    archived_nb = nbformat.read(project / "arch" / "authors" / "toy.ipynb", as_version=4)
+    assert all("execution" not in c.metadata for c in archived_nb.cells)
+    # A default build: it does not re-execute the archive, and shows it beside its own verdict.
+    before = (project / "arch" / "authors" / "toy.json").stat().st_mtime_ns
+    proc = run(project, "toy", "--profile", "default", "--archive-dir", "arch")
+    assert proc.returncode == 0, proc.stderr
+    assert (project / "arch" / "authors" / "toy.json").stat().st_mtime_ns == before
+    summary = (project / "out" / "summary.md").read_text()
+    assert "authors scale (archived)" in summary
+    row = next(line for line in summary.splitlines() if "| n is positive |" in line)
+    assert row.count("{bdg-success}`holds`") == 2  # this build and the archive
+    launch = nbformat.read(project / "out" / "toy.ipynb", as_version=4).cells[2].source
+    assert "archived authors-scale run <../arch/authors/toy.ipynb>" in launch
+    build = json.loads((project / "res" / "toy.json").read_text())["provenance"]["git_commit"]
+    for commit, mark in ((build, "(this build's commit)"),
+                         ("0123abc", "({bdg-warning}`another commit` than this build's)")):
+        stored["provenance"]["git_commit"] = commit
+        (project / "arch" / "authors" / "toy.json").write_text(json.dumps(stored))
+        write_pages(project / "out", project / "res", ["toy"], project / "notebooks", project,
+                    archive_dir=project / "arch")
+        summary = (project / "out" / "summary.md").read_text()
+        assert f"commit `{commit}` {mark}" in summary

@@ -21,6 +21,7 @@ from typing import Any
 import nbformat
 import yaml
 
+from ge_book.archive import ARCHIVE_DIR, ARCHIVED_PROFILE, load, same_commit
 from ge_book.parameters import RunnerError, load_profiles, load_spec, resolve_parameters
 from ge_utils.claims import POSTER, VERDICTS
 from ge_utils.io import atomic_write_text
@@ -118,8 +119,9 @@ def _command(name: str, profile: str) -> str:
     return f"python -m ge_utils run {name} --profile {profile}"
 
 
-def launch_markdown(name: str, repo: Repository | None) -> str:
-    """The chapter's box of launch buttons and download links (tagged ``launch``)."""
+def launch_markdown(name: str, repo: Repository | None, archived: str | None = None) -> str:
+    """The chapter's box of launch buttons and download links (tagged ``launch``);
+    ``archived``: the path of the chapter's archived run, relative to the chapter page."""
     links = []
     if repo is not None:
         colab, binder, raw = repo.colab_url(name), repo.binder_url(name), repo.raw_url(name)
@@ -131,6 +133,8 @@ def launch_markdown(name: str, repo: Repository | None) -> str:
         if raw:
             links.append(f"[download the source]({raw})")
     links.append(f"{{download}}`download this executed notebook <{name}.ipynb>`")
+    if archived:
+        links.append(f"{{download}}`the archived {ARCHIVED_PROFILE}-scale run <{archived}>`")
     body = " · ".join(links)
     setup = ""
     if repo is not None:
@@ -150,10 +154,20 @@ def launch_markdown(name: str, repo: Repository | None) -> str:
     )
 
 
-def add_launch_cell(nb: nbformat.NotebookNode, name: str, repo: Repository | None) -> None:
+def archived_link(name: str, out_dir: Path, archive_dir: Path) -> str | None:
+    """The archived notebook of chapter ``name`` relative to ``out_dir``, if there is one."""
+    path = Path(archive_dir) / ARCHIVED_PROFILE / f"{name}.ipynb"
+    if not path.is_file():
+        return None
+    return os.path.relpath(path.resolve(), Path(out_dir).resolve())
+
+
+def add_launch_cell(
+    nb: nbformat.NotebookNode, name: str, repo: Repository | None, archived: str | None = None
+) -> None:
     """Replace the chapter's ``launch`` cell, placed right after its provenance block."""
     nb.cells = [c for c in nb.cells if LAUNCH_TAG not in c.metadata.get("tags", [])]
-    cell = nbformat.v4.new_markdown_cell(launch_markdown(name, repo))
+    cell = nbformat.v4.new_markdown_cell(launch_markdown(name, repo, archived))
     cell.metadata["tags"] = [LAUNCH_TAG]
     where = next(
         (i + 1 for i, c in enumerate(nb.cells) if "provenance" in c.metadata.get("tags", [])),
@@ -195,6 +209,7 @@ class Chapter:
     in_toc: bool
     rendered: bool  # executed notebook present in out_dir
     results: dict[str, Any] | None
+    archived: dict[str, Any] | None = None  # results of the archived run (ARCHIVED_PROFILE)
 
     @property
     def built(self) -> bool:
@@ -223,7 +238,11 @@ class Chapter:
 
 
 def collect_chapters(
-    out_dir: Path, results_dir: Path, names: list[str], book_dir: Path
+    out_dir: Path,
+    results_dir: Path,
+    names: list[str],
+    book_dir: Path,
+    archive_dir: Path = ARCHIVE_DIR,
 ) -> list[Chapter]:
     """Every chapter, in book order (then any notebook not in the table of contents)."""
     toc = toc_chapters(book_dir, out_dir)
@@ -241,7 +260,7 @@ def collect_chapters(
         if results is not None and not isinstance(results.get("claims"), list):
             results = None
         rendered = (out_dir / f"{name}.ipynb").is_file()
-        chapters.append(Chapter(name, name in toc, rendered, results))
+        chapters.append(Chapter(name, name in toc, rendered, results, load(archive_dir, name)))
     return chapters
 
 
@@ -283,42 +302,93 @@ def summary_markdown(
         "",
         "### The poster's takeaways",
         "",
-        "| takeaway of the poster | verdict | effect [95% CI] | over | chapter |",
-        "|---|---|---|---|---|",
+        f"The last column is the archived run at the `{ARCHIVED_PROFILE}` profile (the authors' "
+        "schedule on the offline model; never re-executed by a build) where one exists.",
+        "",
+        f"| takeaway of the poster | verdict | effect [95% CI] | over | chapter "
+        f"| {ARCHIVED_PROFILE} scale (archived) |",
+        "|---|---|---|---|---|---|",
     ]
     for key, title in POSTER.items():
         tagged = [(c, k) for c, k in counted if k.get("poster") == key]
         if not tagged:
-            lines.append(f"| {_cell(title)} | {{bdg-secondary}}`not measured` | — | — | — |")
+            lines.append(
+                f"| {_cell(title)} | {{bdg-secondary}}`not measured` | — | — | — | — |"
+            )
         for i, (c, k) in enumerate(tagged):
             lines.append(
                 f"| {_cell(title) if i == 0 else ''} | {_badge(k)} | {_effect(k)} "
-                f"| {_cell(k.get('over', ''))} | {c.short_link} |"
+                f"| {_cell(k.get('over', ''))} | {c.short_link} | {_archived_cell(c, k)} |"
             )
+    lines += _archive_notes(chapters)
     lines += [
         "",
         "### Every takeaway and guarantee, by chapter",
         "",
-        "| chapter (model, profile) | claim | verdict | effect [95% CI] | over |",
-        "|---|---|---|---|---|",
+        f"| chapter (model, profile) | claim | verdict | effect [95% CI] | over "
+        f"| {ARCHIVED_PROFILE} scale (archived) |",
+        "|---|---|---|---|---|---|",
     ]
     for ch in chapters:
         if not ch.built:
             lines.append(
                 f"| {ch.link} | — | {{bdg-secondary}}`not built` "
-                f"| run `{_command(ch.name, 'default')}` | — |"
+                f"| run `{_command(ch.name, 'default')}` | — | — |"
             )
             continue
         head = f"{ch.link}<br>`{_cell(ch.model)}`, {_cell(ch.provenance.get('profile', '?'))}"
         shown = [k for k in ch.results["claims"] if k.get("kind") in ("takeaway", "guarantee")]
         if not shown:
-            lines.append(f"| {head} | — | **no verdicts** | the claims cell printed none | — |")
+            lines.append(
+                f"| {head} | — | **no verdicts** | the claims cell printed none | — | — |"
+            )
         for i, k in enumerate(shown):
             lines.append(
                 f"| {head if i == 0 else ''} | {_cell(k.get('claim', ''))} "
-                f"| {_badge(k)} | {_effect(k)} | {_cell(k.get('over', ''))} |"
+                f"| {_badge(k)} | {_effect(k)} | {_cell(k.get('over', ''))} "
+                f"| {_archived_cell(ch, k)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _build_commit(chapters: list[Chapter]) -> str | None:
+    commits = {c.provenance.get("git_commit") for c in chapters if c.built}
+    return next(iter(commits)) if len(commits) == 1 else None
+
+
+def _archived_cell(ch: Chapter, k: dict[str, Any]) -> str:
+    """The archived run's verdict and effect for the same claim of the same chapter."""
+    if ch.archived is None:
+        return "—"
+    match = next((a for a in ch.archived["claims"] if a.get("claim") == k.get("claim")), None)
+    if match is None:
+        return "not in the archive"
+    return f"{_badge(match)} {_effect(match)}"
+
+
+def _archive_notes(chapters: list[Chapter]) -> list[str]:
+    """One line per archived run: its device, commit, date and wall time, and whether it was
+    made at this build's commit."""
+    archived = [c for c in chapters if c.archived is not None]
+    if not archived:
+        return ["", f"*No archived `{ARCHIVED_PROFILE}` run in this repository.*"]
+    build = _build_commit(chapters)
+    lines = ["", f"Archived `{ARCHIVED_PROFILE}` runs:", ""]
+    for c in archived:
+        prov = c.archived.get("provenance") or {}
+        commit = prov.get("git_commit", "?")
+        when = (
+            "this build's commit"
+            if same_commit(commit, build)
+            else "{bdg-warning}`another commit` than this build's"
+        )
+        wall = prov.get("wall_time_s")
+        wall_text = f"{wall / 3600:.1f} h" if isinstance(wall, int | float) else "?"
+        lines.append(
+            f"- {c.short_link}: {_cell(prov.get('device', '?'))}, commit `{_cell(commit)}` "
+            f"({when}), {_cell(prov.get('date', '?'))}, {wall_text}"
+        )
+    return lines
 
 
 BADGES = {
@@ -426,6 +496,7 @@ def write_pages(
     notebooks_dir: Path = Path("notebooks"),
     book_dir: Path = Path("."),
     refresh_launch: bool = False,
+    archive_dir: Path = ARCHIVE_DIR,
 ) -> list[Chapter]:
     """Write the generated parts of the landing and reproducibility pages into ``out_dir``.
 
@@ -435,7 +506,7 @@ def write_pages(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     repo = book_repository(book_dir)
-    chapters = collect_chapters(out_dir, results_dir, names, book_dir)
+    chapters = collect_chapters(out_dir, results_dir, names, book_dir, archive_dir)
     headline = None
     for ch in chapters:
         if not ch.rendered:
@@ -446,7 +517,7 @@ def write_pages(
         except (OSError, ValueError):
             continue
         if refresh_launch:
-            add_launch_cell(nb, ch.name, repo)
+            add_launch_cell(nb, ch.name, repo, archived_link(ch.name, out_dir, archive_dir))
             atomic_write_text(path, nbformat.writes(nb))
         found = headline_png(nb)
         if headline is None and found is not None and ch.built and ch.in_toc:

@@ -16,7 +16,7 @@ from typing import Any
 import nbformat
 import yaml
 
-PROFILES = ("smoke", "default", "paper")
+PROFILES = ("smoke", "default", "paper", "authors")
 
 
 class RunnerError(Exception):

@@ -24,7 +24,14 @@ from typing import Any
 
 import nbformat
 
-from ge_book.pages import Repository, add_launch_cell, book_repository, write_pages
+from ge_book.archive import ARCHIVE_DIR, store
+from ge_book.pages import (
+    Repository,
+    add_launch_cell,
+    archived_link,
+    book_repository,
+    write_pages,
+)
 from ge_book.parameters import (
     PROFILES,
     NotebookSpec,
@@ -108,10 +115,14 @@ def execute(
     results_dir: Path,
     progress: bool = True,
     repo: Repository | None = None,
+    archive_dir: Path = ARCHIVE_DIR,
+    archive: bool = False,
 ) -> dict[str, Any]:
     """Execute one notebook; write it and its results atomically. Returns the results record.
 
-    ``repo`` (from ``_config.yml``) sets the chapter's launch and download links.
+    ``repo`` (from ``_config.yml``) sets the chapter's launch and download links. With
+    ``archive`` the executed notebook and its results are also stored under
+    ``archive_dir/<profile>/`` (:mod:`ge_book.archive`), to be kept in git.
     """
     papermill = _papermill()
 
@@ -142,8 +153,10 @@ def execute(
         record["wall_time_s"] = round(time.perf_counter() - start, 1)
         nb = nbformat.read(tmp_nb, as_version=4)
     claims = _annotate(nb, record)
-    add_launch_cell(nb, spec.name, repo)
     results = {"notebook": spec.name, "provenance": record, "claims": claims}
+    if archive:
+        store(nbformat.from_dict(nb), results, archive_dir, parameters["profile"])
+    add_launch_cell(nb, spec.name, repo, archived_link(spec.name, out_dir, archive_dir))
     atomic_write_text(out_dir / f"{spec.name}.ipynb", nbformat.writes(nb))
     atomic_write_json(results_dir / f"{spec.name}.json", results)
     return results
@@ -204,6 +217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-execute the sources at smoke and store the outputs nbval checks",
     )
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help="also store the executed notebook and its results under ARCHIVE_DIR/<profile>/ "
+        "(kept in git; the book shows the authors-profile archive beside each build)",
+    )
+    parser.add_argument("--archive-dir", default=str(ARCHIVE_DIR), type=Path)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -234,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
                 args.notebooks_dir,
                 args.book_dir,
                 refresh_launch=True,
+                archive_dir=args.archive_dir,
             )
             built = sum(c.built for c in chapters)
             print(f"pages written: {built}/{len(chapters)} chapters built", file=sys.stderr)
@@ -244,7 +265,10 @@ def main(args: argparse.Namespace) -> int:
         plan = [(s, resolve_parameters(s, args.profile, profiles, overrides)) for s in specs]
         for spec, params in plan:
             print(f"running {spec.name} at profile {args.profile}", file=sys.stderr)
-            res = execute(spec, params, args.out_dir, args.results_dir, not args.no_progress, repo)
+            res = execute(
+                spec, params, args.out_dir, args.results_dir, not args.no_progress, repo,
+                args.archive_dir, args.archive,
+            )
             held = sum(c.get("verdict") == "holds" for c in res["claims"])
             print(
                 f"{spec.name}: {res['provenance']['wall_time_s']} s, "
@@ -252,7 +276,8 @@ def main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         write_pages(
-            args.out_dir, args.results_dir, list(available), args.notebooks_dir, args.book_dir
+            args.out_dir, args.results_dir, list(available), args.notebooks_dir, args.book_dir,
+            archive_dir=args.archive_dir,
         )
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -92,7 +92,7 @@ def spec_from_params(params: Mapping[str, Any], **overrides: Any) -> ExperimentS
 
     Reads the names it knows and ignores the rest: the spec fields above; ``lora_rank``,
     ``lora_alpha``, ``lora_dropout``, ``lora_targets``; the SFT phase from ``sft_steps`` (0: no
-    SFT), ``sft_lr`` and ``sft_batch_size`` (default ``batch_size``); the preference phase from
+    SFT), ``sft_lr`` and ``sft_batch_size`` (None or absent: ``batch_size``); the preference phase from
     ``steps``, ``batch_size``, ``lr``, ``optimizer``, ``beta`` (DPO's beta), ``loss``,
     ``eval_every``, ``stats_method``, ``train_stats``; ``template`` for both. ``overrides``
     win over ``params``.
@@ -106,7 +106,7 @@ def spec_from_params(params: Mapping[str, Any], **overrides: Any) -> ExperimentS
     if p.get("sft_steps", 0):
         sft = TrainConfig(
             steps=p["sft_steps"],
-            batch_size=p.get("sft_batch_size", p.get("batch_size", 8)),
+            batch_size=p.get("sft_batch_size") or p.get("batch_size", 8),
             lr=p["sft_lr"],
             seed=seed,
             template=template,
