@@ -108,3 +108,14 @@ def test_report_rejects_bad_input():
         report.takeaway("x", [1.0, 2.0], ">", over="2 pairs", poster="chosen")
     with pytest.raises(ValueError, match="'\\|'"):
         report.consistency("x", True, evidence="a | b")
+
+
+def test_undefined_effect_is_inconclusive_without_numbers():
+    report = ClaimReport()
+    nan = float("nan")
+    verdict = report.takeaway_estimate("AUROC above chance", Estimate(nan, nan, nan, 12), ">",
+                                       0.5, over="12 pairs")
+    assert verdict == "inconclusive"
+    parsed = parse_verdicts(str(report))[0]
+    assert parsed["effect"] is None and parsed["interval"] is None
+    assert parsed["evidence"].startswith("effect undefined in this run")

@@ -85,6 +85,8 @@ class Estimate:
     n: int
 
     def __post_init__(self) -> None:
+        if math.isnan(self.effect):
+            return  # undefined (a report records it as inconclusive)
         if not self.low <= self.high:
             raise ValueError(f"interval [{self.low}, {self.high}] is not ordered")
 
@@ -245,12 +247,23 @@ class ClaimReport:
         evidence: str = "",
         poster: str | None = None,
     ) -> Verdict:
-        """An empirical claim of the paper whose effect and interval are ``est``."""
+        """An empirical claim of the paper whose effect and interval are ``est``.
+
+        An undefined effect (NaN: e.g. an AUROC where every pair had the same outcome) is
+        recorded as inconclusive, without an effect or interval, and says so.
+        """
         if not over:
             raise ValueError(f"a takeaway says what its interval is over: {claim!r}")
-        verdict = verdict_of(est, expect, null)
         side = f"{expect} {_fmt(null)}"
         ev = f"claimed {side}" + (f"; {evidence}" if evidence else "")
+        if math.isnan(est.effect):
+            self._add(
+                Claim("takeaway", _clean(claim, "claim"), "inconclusive", _clean(over, "over"),
+                      _clean(f"effect undefined in this run; {ev}", "evidence"),
+                      poster=_poster(poster))
+            )
+            return "inconclusive"
+        verdict = verdict_of(est, expect, null)
         self._add(
             Claim(
                 "takeaway",
