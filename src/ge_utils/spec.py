@@ -92,8 +92,8 @@ def spec_from_params(params: Mapping[str, Any], **overrides: Any) -> ExperimentS
 
     Reads the names it knows and ignores the rest: the spec fields above; ``lora_rank``,
     ``lora_alpha``, ``lora_dropout``, ``lora_targets``; the SFT phase from ``sft_steps`` (0: no
-    SFT), ``sft_lr`` and ``sft_batch_size`` (None or absent: ``batch_size``); the preference phase from
-    ``steps``, ``batch_size``, ``lr``, ``optimizer``, ``beta`` (DPO's beta), ``loss``,
+    SFT), ``sft_lr`` and ``sft_batch_size`` (None or absent: ``batch_size``); the preference
+    phase from ``steps``, ``batch_size``, ``lr``, ``optimizer``, ``beta`` (DPO's beta), ``loss``,
     ``eval_every``, ``stats_method``, ``train_stats``; ``template`` for both. ``overrides``
     win over ``params``.
     """
