@@ -54,6 +54,15 @@ def test_every_spec_field_changes_the_cache_key():
         assert params_hash(changed.key()) != params_hash(base.key()), name
 
 
+def test_a_configuration_s_own_suffix_shares_its_key():
+    own = ExperimentSpec(config="long", suffix=" sentiment based on my judgement.")
+    assert own.suffix is None and own.key() == ExperimentSpec(config="long").key()
+    other = ExperimentSpec(config="long", suffix=" sentiment.")
+    assert params_hash(other.key()) != params_hash(ExperimentSpec(config="long").key())
+    on_file = ExperimentSpec(dataset="pairs.jsonl", suffix=" sentiment based on my judgement.")
+    assert on_file.suffix is not None
+
+
 def test_every_train_config_field_changes_the_cache_key():
     base = ExperimentSpec(sft=TrainConfig(progress=False))
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}

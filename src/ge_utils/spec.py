@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ge_utils.data import CONFIG_SUFFIXES
 from ge_utils.models import LoraSettings
 from ge_utils.training import TrainConfig
 
@@ -28,7 +29,9 @@ class ExperimentSpec:
     ``dataset``: ``"synthetic"`` (the sentiment task in response configuration ``config``,
     with ``suffix``, when given, replacing the configuration's text after the label word), or a
     JSONL file / Hugging Face dataset name. The probe set is the first ``n_probe`` held-out
-    pairs. ``sft`` is ``None`` to start preference optimization from the model as it is.
+    pairs. ``sft`` is ``None`` to start preference optimization from the model as it is. A
+    ``suffix`` equal to the configuration's own (``long`` with ``" sentiment based on my
+    judgement."``) is stored as ``None``: the same data has one cache key.
     """
 
     model: str = "tiny-llama"
@@ -57,6 +60,8 @@ class ExperimentSpec:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.suffix is not None and not isinstance(self.suffix, str):
             raise ValueError(f"suffix must be a string or None, got {self.suffix!r}")
+        if self.dataset == "synthetic" and self.suffix == CONFIG_SUFFIXES.get(self.config):
+            object.__setattr__(self, "suffix", None)  # the same data: one cache key
 
     def with_seed(self, seed: int) -> ExperimentSpec:
         """The same spec with ``seed`` for data, model initialization and both phases."""
