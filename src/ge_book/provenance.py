@@ -26,7 +26,8 @@ def device_description(device: str = "auto") -> str:
         return f"{device} (not available here)"
     if resolved.type == "cuda":
         return f"{resolved} ({torch.cuda.get_device_name(resolved)})"
-    return f"{resolved} ({torch.get_num_threads()} threads, {platform.machine()})"
+    n = torch.get_num_threads()
+    return f"{resolved} ({n} thread{'' if n == 1 else 's'}, {platform.machine()})"
 
 
 def git_commit(repo: Path | None = None) -> str:
