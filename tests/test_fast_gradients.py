@@ -426,6 +426,13 @@ def test_expect_after_the_backward_is_an_error(tiny_model):
 def brute_layer_products(module, inputs, g):
     """(N, N) float64 ``<grad f_i, grad f_j>`` over the module's trainable parameters, with
     ``f_i = sum(g_i * module(inputs_i))``: one autograd call per sequence, flattened."""
+    flat = brute_layer_gradients(module, inputs, g)
+    return flat @ flat.T
+
+
+def brute_layer_gradients(module, inputs, g):
+    """(N, P) float64 ``grad f_i`` over the module's trainable parameters (in
+    ``module.parameters()`` order, flattened), ``f_i = sum(g_i * module(inputs_i))``."""
     params = [p for p in module.parameters() if p.requires_grad]
     rows = []
     for i in range(len(inputs)):
@@ -439,8 +446,7 @@ def brute_layer_products(module, inputs, g):
                 ]
             )
         )
-    flat = torch.stack(rows)
-    return flat @ flat.T
+    return torch.stack(rows)
 
 
 def factor_products(found):
@@ -530,6 +536,45 @@ def test_recorder_on_one_layer_equals_per_sequence_autograd(name):
         rec.backward((module(inputs) * g).sum())
     expected = brute_layer_products(module, inputs, g)
     torch.testing.assert_close(rec.results()["all"].reshape(n, n), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_directional_derivatives_from_kept_factors_equal_autograd(name):
+    """``keep_factors=True``: every use's factors are kept and ``directional(v)`` gives
+    ``grad f_i . v`` per sequence (``factor_dot`` of outer, one-hot and dense factors, the
+    fallback's included), equal to per-sequence autograd gradients dotted with ``v``."""
+    module = LAYERS[name]()
+    inputs, g = layer_inputs(name, module)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(5)
+    v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in named}
+    with GhostRecorder(module, keep_factors=True) as rec:
+        rec.backward((module(inputs) * g).sum())
+    assert not rec.totals and rec.uses  # nothing reduced
+    expected = brute_layer_gradients(module, inputs, g) @ torch.cat(
+        [v[n].flatten() for n, _ in named]
+    )
+    torch.testing.assert_close(rec.directional(v), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_directional_derivatives_of_a_model_equal_autograd(tiny_model):
+    """On a whole model (GPT-2 style: tied embeddings, two uses of one weight whose factors
+    are both kept and added), the directional derivatives of every sequence's log-prob equal
+    per-sequence autograd gradients dotted with the direction."""
+    model, batch = tiny_model, concat_batches(*batches())
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+    with GhostRecorder(model, batch=batch, keep_factors=True) as rec:
+        rec.backward(sequence_logprobs(model, batch).sum())
+    expected = []
+    for i in range(len(batch)):
+        u_i = sequence_logprobs(model, batch.select([i]))[0]
+        grads = torch.autograd.grad(u_i, list(params.values()))
+        expected.append(sum((q * v[n]).sum() for q, n in zip(grads, params, strict=True)))
+    torch.testing.assert_close(rec.directional(v), torch.stack(expected), rtol=1e-9, atol=1e-12)
+    with GhostRecorder(model) as plain, pytest.raises(RuntimeError, match="keep_factors"):
+        plain.directional(v)
 
 
 class ScaledLinear(nn.Module):

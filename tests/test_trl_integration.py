@@ -239,6 +239,33 @@ def test_directional_derivative_forward_and_reverse_mode(monkeypatch):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full-tied-head", "lora"])
+def test_probe_prediction_from_factors_equals_forward_mode(lora):
+    """The probe's ``g . Delta theta`` from the recorder's kept factors (recorded before the
+    step, contracted with the update after it) equals the forward-mode pass at the same
+    parameters, sequence by sequence, and so do the log-probs; the model is left untouched."""
+    from ge_utils.logprobs import concat_batches, tokenize
+    from ge_utils.trl_integration import _logps_and_factors, _Update
+
+    lm = load_model("tiny-llama", device="cpu", lora_rank=4 if lora else None)
+    model = lm.model.double()
+    chosen = tokenize(lm.tokenizer, [p.prompt for p in PROBE], [p.chosen for p in PROBE])
+    rejected = tokenize(lm.tokenizer, [p.prompt for p in PROBE], [p.rejected for p in PROBE])
+    batch = concat_batches(chosen, rejected)
+    at = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(0)
+    step = {n: 1e-3 * torch.randn(a.shape, generator=gen, dtype=a.dtype) for n, a in at.items()}
+    moved = {n: at[n] + step[n] for n in at}
+    u, rec = _logps_and_factors(model, batch)
+    pred = rec.directional(_Update(moved, at))
+    u_fwd, pred_fwd = directional_logps(model, batch, at, {n: moved[n] - at[n] for n in at})
+    torch.testing.assert_close(u.double(), u_fwd.double(), rtol=1e-9, atol=1e-9)
+    # Llama's RMSNorm and rotary tables compute in float32 even in a float64 model: 1e-5
+    torch.testing.assert_close(pred, pred_fwd.double(), rtol=1e-5, atol=1e-9)
+    assert all(torch.equal(p, at[n]) for n, p in model.named_parameters() if n in at)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_clear_errors(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="empty chosen response"):

@@ -469,7 +469,7 @@ class EntanglementCallback(TrainerCallback):
         self.in_backward = in_backward and _StepRecorder.supported(self._policy())
         self._step: _StepRecorder | None = None
         self._ref_hook = self._hook_reference()
-        self._theta0: dict[str, Tensor] | None = None
+        self._before: _ProbeBefore | None = None
         self._seconds = 0.0
         self._pairs: list[pd.DataFrame] = []
         self._probes: list[pd.DataFrame] = []
@@ -610,16 +610,16 @@ class EntanglementCallback(TrainerCallback):
             if rows:
                 self._log_batch(pd.DataFrame(rows))
             if self.probe is not None:
-                self._theta0 = {n: p.detach().clone() for n, p in self._trainable().items()}
+                self._before = self._probe_before()
         self._seconds = time.perf_counter() - start
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        theta0, self._theta0 = self._theta0, None
+        before, self._before = self._before, None
         step = state.global_step + 1
         start = time.perf_counter()
-        if theta0 is not None:
+        if before is not None:
             with _rng_untouched():
-                self._probe_step(theta0, step)
+                self._probe_step(before, step)
         if self.measures(step):
             self._seconds += time.perf_counter() - start
             self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
@@ -679,20 +679,38 @@ class EntanglementCallback(TrainerCallback):
 
     # -- probe -----------------------------------------------------------------------------
 
-    def _probe_step(self, theta0: dict[str, Tensor], step: int) -> None:
+    def _probe_before(self) -> _ProbeBefore:
+        """Just before the optimizer step: a copy of the trainable parameters and, where the
+        recorder handles the model, this process's probe log-probs with the per-layer factors
+        of their gradients (:func:`_logps_and_factors`)."""
+        theta0 = {n: p.detach().clone() for n, p in self._trainable().items()}
         accel = self.trainer.accelerator
         rank, world = int(accel.process_index), int(accel.num_processes)
         mine = list(range(rank, len(self.probe), world))
+        if not mine:
+            return _ProbeBefore(theta0, mine)
+        policy = self._policy()
+        device = next(policy.parameters()).device
+        part = self.probe.select(mine)
+        joint = concat_batches(part.chosen, part.rejected).to(device)
+        found = _logps_and_factors(policy, joint)
+        if found is None:
+            return _ProbeBefore(theta0, mine, joint)
+        return _ProbeBefore(theta0, mine, joint, *found)
+
+    def _probe_step(self, probe: _ProbeBefore, step: int) -> None:
+        mine, theta0 = probe.mine, probe.theta0
         records = []
         if mine:
             policy = self._policy()
-            device = next(policy.parameters()).device
-            part = self.probe.select(mine)
-            now = self._trainable()
-            delta = {n: now[n].detach() - theta0[n] for n in theta0}
-            joint = concat_batches(part.chosen, part.rejected).to(device)
-            before, pred = directional_logps(policy, joint, theta0, delta)
-            after = _eval_logps(policy, joint)
+            now = {n: p.detach() for n, p in self._trainable().items()}
+            if probe.recorder is not None:
+                before = probe.logps
+                pred = probe.recorder.directional(_Update(now, theta0))
+            else:
+                delta = {n: now[n] - theta0[n] for n in theta0}
+                before, pred = directional_logps(policy, probe.joint, theta0, delta)
+            after = _eval_logps(policy, probe.joint)
             n = len(mine)
             for k, i in enumerate(mine):
                 rec = {"step": step, "pair": i}
@@ -742,6 +760,65 @@ class EntanglementCallback(TrainerCallback):
         """One row per probe pair and measured step: ``step, pair, logp_*`` (before the step),
         ``pred_delta_*`` (``g . Delta theta``), ``real_delta_*``, ``pred_case``, ``real_case``."""
         return pd.concat(self._probes, ignore_index=True) if self._probes else pd.DataFrame()
+
+
+@dataclass
+class _ProbeBefore:
+    """A measured step's probe state before its optimizer step: ``theta0`` (a copy of the
+    trainable parameters), this process's probe pairs ``mine`` and their batch ``joint``
+    (chosen rows first), and, from :func:`_logps_and_factors`, their log-probs and the recorder
+    holding the factors of their gradients (None where the recorder cannot handle the model:
+    then :func:`directional_logps` after the step)."""
+
+    theta0: dict[str, Tensor]
+    mine: list[int]
+    joint: SequenceBatch | None = None
+    logps: Tensor | None = None
+    recorder: GhostRecorder | None = None
+
+
+class _Update(Mapping[str, Tensor]):
+    """The step's update ``Delta theta = theta_now - theta0`` by parameter name, computed on
+    access (one parameter's difference in memory at a time)."""
+
+    def __init__(self, now: Mapping[str, Tensor], theta0: Mapping[str, Tensor]):
+        self.now, self.theta0 = now, theta0
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.now[name] - self.theta0[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.theta0)
+
+    def __len__(self) -> int:
+        return len(self.theta0)
+
+
+def _logps_and_factors(
+    model: nn.Module, batch: SequenceBatch
+) -> tuple[Tensor, GhostRecorder] | None:
+    """Summed response log-probs ``u`` (B,) of ``batch`` at the model's current parameters,
+    and a :class:`~ge_utils.stats.GhostRecorder` (hooks removed) keeping every trainable
+    parameter's per-sequence gradient factors of ``grad u_i`` (layer inputs and output
+    gradients): one forward and one backward of ``sum_i u_i`` to the layer outputs, eval mode,
+    ``.grad`` untouched. Any later direction ``v`` then gives the exact ``grad u_i . v`` from
+    the factors (:meth:`~ge_utils.stats.GhostRecorder.directional`: for a linear layer ``sum_t
+    g_t^T V a_t``), at the cost of one multiplication of each layer's rows, instead of a
+    forward-mode pass. None where the recorder cannot handle the model (a layer it has no rule
+    for, a parameter used outside its module)."""
+    try:
+        rec = GhostRecorder(model, batch=batch, keep_factors=True)
+    except TypeError:
+        return None
+    try:
+        with eval_mode(model), torch.enable_grad():
+            u = sequence_logprobs(model, batch)
+            rec.backward(u.sum())
+    except (TypeError, RuntimeError):
+        return None
+    finally:
+        rec.close()
+    return u.detach(), rec
 
 
 def _eval_logps(model: nn.Module, batch: SequenceBatch) -> Tensor:

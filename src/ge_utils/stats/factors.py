@@ -106,6 +106,30 @@ def factor_inner(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
     return prod.sum((1, 2), dtype=acc_dtype(prod))
 
 
+def factor_dot(u: Factor, direction: Tensor) -> Tensor:
+    """(N,) inner products ``<grad_i, v>`` of each sequence's gradient of use ``u`` with one
+    direction ``v`` of the parameter (its own shape), accumulated in float64:
+
+    - outer: ``<sum_t l_t (x) r_t, V> = sum_t l_t^T V r_t`` (``V`` the parameter as a
+      (P, Q) matrix), the per-sequence sum of ``(l V) * r``;
+    - onehot: ``sum_t V[id_t] . r_t``;
+    - dense: ``vec_i . v``.
+
+    The products are formed in the factors' precision (``v`` cast to it), which costs one
+    multiplication of the rows by ``V``, as a forward of the layer does."""
+    if u.vec is not None:
+        v = direction.reshape(-1).to(u.vec.dtype)
+        prod = u.vec * v
+        return prod.sum(1, dtype=acc_dtype(prod))
+    if u.ids is not None:
+        rows = direction.reshape(-1, u.right.shape[2]).to(u.right.dtype)[u.ids]
+        prod = rows * u.right
+        return prod.sum((1, 2), dtype=acc_dtype(prod))
+    v = direction.reshape(u.left.shape[2], u.right.shape[2]).to(u.left.dtype)
+    prod = (u.left @ v) * u.right
+    return prod.sum((1, 2), dtype=acc_dtype(prod))
+
+
 def materialize(u: Factor) -> Factor:
     """``u`` as per-sequence gradients when that is cheaper and fits in memory, else ``u``.
 

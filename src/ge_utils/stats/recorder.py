@@ -16,14 +16,23 @@ output, and a second backward through a recomputed or retained graph records not
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 import ge_utils.stats.layers as layers
 from ge_utils.logprobs import SequenceBatch, target_positions
-from ge_utils.stats.factors import Factor, Index, acc_dtype, as_index, factor_inner, gram, take
+from ge_utils.stats.factors import (
+    Factor,
+    Index,
+    acc_dtype,
+    as_index,
+    factor_dot,
+    factor_inner,
+    gram,
+    take,
+)
 from ge_utils.stats.factors import materialize as _materialize
 from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.record import PAIR_KEYS, PairStats
@@ -50,6 +59,10 @@ class GhostRecorder:
     NaN. With ``keep_outputs=False`` parameter gradients accumulate as usual; call
     :meth:`check_uses` on the loss before its backward to catch parameters used outside their
     modules.
+
+    With ``keep_factors=True`` nothing is reduced and no products are expected: every use's
+    factors are kept, and :meth:`directional` gives each sequence's directional derivative
+    ``grad f_i . v`` along any direction ``v`` of the parameters, known after the backward.
     """
 
     def __init__(
@@ -58,6 +71,7 @@ class GhostRecorder:
         params: ParamSpec = None,
         keep_outputs: bool = True,
         batch: SequenceBatch | None = None,
+        keep_factors: bool = False,
     ):
         self.named = parameter_set(model, params)
         frozen = [n for n, p in self.named if not p.requires_grad]
@@ -76,6 +90,7 @@ class GhostRecorder:
         # memory autograd frees where it does not need them); off when the caller back-propagates
         self.outputs: list[GradientEdge] = []
         self.keep_outputs = keep_outputs
+        self.keep_factors = keep_factors
         self.handles: list = []
         self.row_seq: Tensor | None = None
         self.n_seq: int | None = None
@@ -194,6 +209,9 @@ class GhostRecorder:
             self._busy = False
         for name, factor in found.items():
             pid = id(own[name])
+            if self.keep_factors:
+                self.uses[pid].append(factor)
+                continue
             keep = repeated or pid in self.shared
             self._add(pid, factor if keep else _materialize(factor), keep=repeated)
 
@@ -221,7 +239,11 @@ class GhostRecorder:
 
     def _add(self, pid: int, use: Factor, keep: bool = False) -> None:
         """Reduce ``use`` into the totals now, or keep it when the parameter has other uses in
-        this forward (tied weights, repeated calls) whose cross terms are needed."""
+        this forward (tied weights, repeated calls) whose cross terms are needed, or when every
+        factor is kept (``keep_factors``)."""
+        if self.keep_factors:
+            self.uses[pid].append(use)
+            return
         if not self.targets:
             raise RuntimeError("GhostRecorder.expect(...) must be called before the backward")
         if keep or pid in self.shared:
@@ -289,6 +311,30 @@ class GhostRecorder:
             c = torch.where(c.abs() < TINY_COEFFICIENT, torch.nan, c)
             out = {k: v / (c[self.targets[k][0]] * c[self.targets[k][1]]) for k, v in out.items()}
         return out
+
+    def directional(self, direction: Mapping[str, Tensor]) -> Tensor:
+        """(N,) float64 directional derivatives ``grad f_i . v = sum_p sum_uses <grad_p f_i of
+        that use, v_p>`` (CPU) of the sequences of the backward of ``sum_i f_i``, from the kept
+        factors (``keep_factors=True``); ``direction`` maps each parameter's name to ``v_p``
+        (its shape) and is read one parameter at a time, so a mapping that computes ``v_p`` on
+        access holds one of them at a time. Linear in the factors: the uses of a tied or
+        repeated parameter simply add up. See :func:`~ge_utils.stats.factors.factor_dot`."""
+        if not self.keep_factors:
+            raise RuntimeError("directional(...) needs a recorder built with keep_factors=True")
+        total: Tensor | None = None
+        for name, p in self.named:
+            uses = self.uses.get(id(p), [])
+            if not uses:
+                continue
+            v = direction[name]
+            for use in uses:
+                dot = factor_dot(use, v).double().cpu()
+                total = dot if total is None else total + dot
+        if total is None:
+            if self.n_seq is None:
+                raise RuntimeError("nothing was recorded and the recorder has no batch")
+            return torch.zeros(self.n_seq, dtype=torch.float64)
+        return total
 
     def pair_stats(
         self, coef_chosen: Tensor | None = None, coef_rejected: Tensor | None = None
