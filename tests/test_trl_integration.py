@@ -201,6 +201,32 @@ def test_in_backward_statistics_equal_a_separate_pass(tmp_path, lora):
     assert (inb["case"] == sep["case"]).all()
 
 
+def test_a_loss_not_of_the_summed_logps_gets_a_separate_pass(tmp_path):
+    """Output gradients that weight a sequence's tokens unequally (here a hook on the backbone
+    output that doubles its gradient at odd positions) fail the in-backward check: the micro-batch's
+    statistics come from a separate pass instead."""
+    trainer = _trainer(tmp_path, max_steps=1, logging_steps=1, gradient_checkpointing=False)
+    callback = attach_entanglement_metrics(trainer)
+
+    def reweight(module, args, output):
+        h = output.last_hidden_state
+        if h.requires_grad:
+            w = 1.0 + (torch.arange(h.shape[1]) % 2).to(h.dtype)[:, None]
+            h.register_hook(lambda grad: grad * w)  # runs before the integration's own hook
+
+    trainer.model.model.register_forward_hook(reweight)
+    recorded = []
+    original = callback._batch_records
+
+    def spy(micro, step):
+        recorded.append(micro.stats is not None)
+        return original(micro, step)
+
+    callback._batch_records = spy
+    trainer.train()
+    assert recorded == [False] and len(callback.pairs_frame()) == 4
+
+
 def test_precomputed_reference_logps(tmp_path):
     """``precompute_ref_log_probs`` without a reference model: the batch's columns are used."""
     trainer = _trainer(tmp_path, ref=False, precompute_ref_log_probs=True, max_steps=2)
