@@ -283,7 +283,7 @@ def test_probe_prediction_from_factors_equals_forward_mode(lora):
     step = {n: 1e-3 * torch.randn(a.shape, generator=gen, dtype=a.dtype) for n, a in at.items()}
     moved = {n: at[n] + step[n] for n in at}
     u, rec = _logps_and_factors(model, batch)
-    pred = rec.directional(_Update(moved, at))
+    pred = rec.directional(_Update(moved, {n: a.clone() for n, a in at.items()}))
     u_fwd, pred_fwd = directional_logps(model, batch, at, {n: moved[n] - at[n] for n in at})
     torch.testing.assert_close(u.double(), u_fwd.double(), rtol=1e-9, atol=1e-9)
     # Llama's RMSNorm and rotary tables compute in float32 even in a float64 model: 1e-5

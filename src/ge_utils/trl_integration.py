@@ -783,13 +783,15 @@ class _ProbeBefore:
 
 class _Update(Mapping[str, Tensor]):
     """The step's update ``Delta theta = theta_now - theta0`` by parameter name, computed on
-    access (one parameter's difference in memory at a time)."""
+    access into the storage of ``theta0[name]`` (no new memory; that copy is used up, so each
+    name is read once)."""
 
     def __init__(self, now: Mapping[str, Tensor], theta0: Mapping[str, Tensor]):
         self.now, self.theta0 = now, theta0
 
     def __getitem__(self, name: str) -> Tensor:
-        return self.now[name] - self.theta0[name]
+        before = self.theta0[name]
+        return torch.sub(self.now[name], before, out=before)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.theta0)
