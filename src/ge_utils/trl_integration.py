@@ -39,9 +39,13 @@ scales or soft-caps its logits, goes through a separate pass instead (``in_backw
 for every step): just before the optimizer step the captured micro-batch goes through
 :func:`ge_utils.stats.fast_gradient_stats`, one forward and one backward to the layer outputs
 only, in eval mode, which never touches ``.grad``, the optimizer or the RNG; it costs about one
-extra training step. The probe's prediction needs a copy of the trainable parameters before the
-step and their update (two copies at the measured steps: small for LoRA, large for a full
-fine-tune).
+extra training step. The probe costs, at each measured step, one forward and one backward of the
+probe pairs just before the optimizer step (in eval mode, to the layer outputs only: ``.grad``
+untouched), whose per-layer factors (inputs and output gradients) give the exact prediction
+``g . Delta theta`` once the update is known (for a linear layer ``sum_t g_t^T Delta W a_t``),
+and one forward after the step; where the recorder cannot handle the model, a forward-mode pass
+(:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
+(small for LoRA, large for a full fine-tune), into which the update is then computed.
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
