@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 import ge_utils.experiments as experiments
 from ge_utils.spec import ExperimentSpec
@@ -105,3 +106,32 @@ def test_step_costs_time_every_objective_side_by_side():
     costs = experiments.step_costs("tiny-llama", {"dpo": {}, "normalized_dpo": {}}, repeats=1)
     assert list(costs.index) == ["dpo", "normalized_dpo"]
     assert costs.loc["dpo", "ratio"] == 1.0 and (costs["seconds"] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_batched_greedy_answers_equal_each_prompt_alone(name):
+    """Left-padded batch generation gives every prompt the continuation it gets alone."""
+    from ge_utils.data import sentiment_pairs
+    from ge_utils.logprobs import pad_id, prompt_ids, response_ids
+    from ge_utils.models import load_model
+
+    loaded = load_model(name, device="cpu")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    _, pairs = sentiment_pairs(4, 8, config="mixed_length", seed=3)
+    assert len({len(prompt_ids(tok, p.prompt)) for p in pairs}) > 1, "prompts of one length"
+    batched = experiments.greedy_answers(model, tok, pairs)
+    for i, p in enumerate(pairs):
+        prompt, want = prompt_ids(tok, p.prompt), response_ids(tok, p.chosen)
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=len(want),
+            do_sample=False,
+            pad_token_id=pad_id(tok),
+        )
+        alone = out[0, len(prompt) :].tolist()
+        assert batched.loc[i, "answer"] == tok.decode(alone), i
+        assert batched.loc[i, "exact"] == (alone == want), i
+    assert batched["correct"].any(), "the pre-trained tiny model answers nothing correctly"
+    with pytest.raises(ValueError, match="no pairs"):
+        experiments.greedy_answers(model, tok, [])

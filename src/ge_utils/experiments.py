@@ -53,6 +53,10 @@ from ge_utils.training import (
     sft,
 )
 
+# In the key of every loss_comparison run: bumped when its greedy answers were batched (the same
+# answers but for ties at float rounding), so cached runs of the per-prompt version are not mixed.
+ANSWERS_VERSION = 2
+
 
 @dataclass
 class ExperimentResult:
@@ -404,35 +408,51 @@ def contrastive_token_ids(tok, pairs, template: str = "none") -> set[int]:
 def greedy_answers(model, tok, pairs, template: str = "none") -> pd.DataFrame:
     """Greedy continuation of each prompt, as long as its chosen response, compared by token
     ids: ``correct`` if it matches the chosen response up to its first token that differs from
-    the rejected one (the answer), ``exact`` if it is the whole chosen response."""
+    the rejected one (the answer), ``exact`` if it is the whole chosen response.
+
+    One batched ``generate`` call: prompts left-padded and masked (the model derives positions
+    from the mask), so each continuation is the one its prompt gets alone (tested)."""
+    if not pairs:
+        raise ValueError("no pairs to answer")
     device = next(model.parameters()).device
     pad = pad_id(tok)
+    prompts = [prompt_ids(tok, p.prompt, template) for p in pairs]
+    wants = [response_ids(tok, p.chosen) for p in pairs]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max(map(len, wants)),
+            do_sample=False,
+            pad_token_id=pad,
+        )
     rows = []
-    for i, p in enumerate(pairs):
-        prompt = prompt_ids(tok, p.prompt, template)
-        want, other = response_ids(tok, p.chosen), response_ids(tok, p.rejected)
+    for i, (p, want) in enumerate(zip(pairs, wants, strict=True)):
+        other = response_ids(tok, p.rejected)
         decisive = next(
             (k for k in range(min(len(want), len(other))) if want[k] != other[k]),
             min(len(want), len(other)) - 1,
         )
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt], device=device),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-                max_new_tokens=len(want),
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        got = out[0, len(prompt) :].tolist()
+        got = _until_eos(out[i, width : width + len(want)].tolist(), tok)
         rows.append(
             {
                 "pair": i,
                 "correct": got[: decisive + 1] == want[: decisive + 1],
-                "exact": got[: len(want)] == want,
+                "exact": got == want,
                 "answer": tok.decode(got),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _until_eos(ids: list[int], tok) -> list[int]:
+    """A generated continuation cut after its end-of-sequence token (what generation alone
+    returns: a finished row of a batch is padded after it)."""
+    eos = tok.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
 
 
 def loss_comparison(
@@ -505,7 +525,7 @@ def loss_comparison(
                 "answers": pd.concat(ans_rows, ignore_index=True),
             }
 
-        key = replace(spec, po=cfg).key(kind="loss_comparison")
+        key = replace(spec, po=cfg).key(kind="loss_comparison", answers=ANSWERS_VERSION)
         frames = cached_run(_runs_dir(cache), key, run)
         extra = {
             k: v for k, v in frames.items() if k not in ("steps", "pairs", "tokens", "answers")
