@@ -140,8 +140,9 @@ def sampled_pairs(
     (statements ``offset .. offset + n_prompts`` of :func:`ge_utils.data.statements`), then
     labelled by a rule.
 
-    Sampling: ``temperature``, at most ``max_new_tokens`` new tokens, leading newlines dropped,
-    cut at the next newline,
+    Sampling: the prompt through ``template`` (``"chat"``: an instruct model's chat template;
+    the pair keeps the plain prompt), ``temperature``, at most ``max_new_tokens`` new tokens,
+    leading newlines dropped, cut at the next newline,
     torch seeded with ``seed``. **Labelling rule**: a response *states* a label when it names
     exactly one of "positive"/"negative" (:func:`stated_label`). A prompt gives a pair when
     exactly one of its two samples states the true label; that one is chosen, the other
