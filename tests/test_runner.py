@@ -169,6 +169,25 @@ def test_repository_notebooks_declare_valid_profiles():
             assert resolve_parameters(spec, profile, profiles, {})["profile"] == profile
 
 
+def test_repository_profiles_fit_the_synthetic_statement_pool():
+    """Training plus held-out pairs of the synthetic task never exceed its statements (disjoint
+    statements), so no profile fails at its first data call."""
+    from ge_book.parameters import PROFILES, load_profiles, load_spec, resolve_parameters
+    from ge_utils.data import statements
+
+    pool = len(statements())
+    nbdir = ROOT / "notebooks"
+    profiles = load_profiles(nbdir)
+    for name in profiles:
+        spec = load_spec(name, nbdir)
+        for profile in PROFILES:
+            p = resolve_parameters(spec, profile, profiles, {})
+            if p.get("dataset", "synthetic") != "synthetic":
+                continue
+            need = p.get("n_train", 0) + max(p.get("n_eval", 0), p.get("n_pairs", 0))
+            assert need <= pool, f"{name} at {profile}: {need} pairs, {pool} statements"
+
+
 PNG_1x1 = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
     "hKmMIQAAAABJRU5ErkJggg=="
