@@ -11,7 +11,9 @@ shared machine's changing load falls on all three alike; the median round is rep
 - ``gradient``: the gradient family from the fast statistics (one forward and one backward over
   the 2B responses, :func:`ge_utils.fast_gradients.fast_gradient_stats`);
 - ``brute``: the same statistics by brute force (one backward per response, float64 dot products
-  of the per-parameter gradients, :func:`ge_utils.gradients.exact_gradient_stats`).
+  of the per-parameter gradients, :func:`ge_utils.gradients.exact_gradient_stats`);
+- ``batch``: the batch-aware condition (:func:`ge_utils.predict.first_step_changes`: one DPO
+  step of plain SGD on the pairs as one batch, then one forward-mode pass per side).
 
 Ratios are to ``ches``. Pairs are tokenized once, outside the timed region.
 """
@@ -29,9 +31,10 @@ from benchmarks.common import benchmark_pairs, load
 from ge_utils.fast_gradients import fast_gradient_stats
 from ge_utils.gradients import exact_gradient_stats
 from ge_utils.logprobs import tokenize
-from ge_utils.predict import ches_scores
+from ge_utils.predict import ches_scores, first_step_changes
+from ge_utils.training import TrainConfig
 
-METHODS = ("ches", "gradient", "brute")
+METHODS = ("ches", "gradient", "brute", "batch")
 
 
 def main() -> None:
@@ -51,10 +54,14 @@ def main() -> None:
     prompts = [p.prompt for p in pairs]
     c = tokenize(tok, prompts, [p.chosen for p in pairs])
     r = tokenize(tok, prompts, [p.rejected for p in pairs])
+    step = TrainConfig(
+        steps=1, batch_size=args.pairs, lr=1e-3, optimizer="sgd", loss="dpo", progress=False
+    )
     fns: dict[str, Callable[[], object]] = {
         "ches": lambda: ches_scores(model, c, r),
         "gradient": lambda: fast_gradient_stats(model, c, r),
         "brute": lambda: exact_gradient_stats(model, c, r),
+        "batch": lambda: first_step_changes(model, tok, pairs, step),
     }
     for fn in fns.values():  # warm-up
         fn()

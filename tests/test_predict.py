@@ -27,11 +27,14 @@ from ge_utils.predict import (
     displacement_score,
     edit_distance,
     families_of,
+    first_step_changes,
+    first_step_predictions,
     realized_changes,
     score_pairs,
     skill_table,
     spearman_estimate,
 )
+from ge_utils.training import TrainConfig
 from ge_utils.varied_data import (
     TEMPLATED,
     as_preference_pairs,
@@ -159,7 +162,7 @@ def test_scores_and_families_are_validated():
         families_of("grad")
     with pytest.raises(ValueError, match="unknown score 'x'"):
         displacement_score(pd.DataFrame({"x": [1.0]}), "x")
-    assert {s.family for s in SCORES.values()} == {"gradient", "ches", "baselines"}
+    assert {s.family for s in SCORES.values()} == {"gradient", "ches", "baselines", "batch"}
 
 
 def test_score_pairs_columns_and_gradient_scores(tiny_model, tokenizer):
@@ -168,8 +171,9 @@ def test_score_pairs_columns_and_gradient_scores(tiny_model, tokenizer):
     rejected = ["Negative sentiment.", "Positive."]
     loss = get_loss("dpo", beta=0.1)
     table = score_pairs(tiny_model, tokenizer, prompts, chosen, rejected, loss, eta=0.5)
-    for name in SCORES:
-        assert np.isfinite(table[name]).all(), name
+    for name, score in SCORES.items():
+        if score.family != "batch":  # needs the set and the optimizer: first_step_predictions
+            assert np.isfinite(table[name]).all(), name
     expected = table["pred_delta_chosen"] / table["grad_norm2_chosen"]
     np.testing.assert_allclose(table["pred_delta_chosen_over_norm2"], expected)
     distances = [
@@ -263,3 +267,43 @@ def test_sft_start_is_the_same_for_scores_and_training():
     same = [torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True)]
     moved = [torch.equal(x, y) for x, y in zip(a.parameters(), plain.parameters(), strict=True)]
     assert all(same) and not all(moved)
+
+
+def test_first_step_prediction_is_the_batch_condition():
+    """SGD: ``pred_i = (lr/N) sum_j (d_w <g_w^i, g_w^j> - d_l <g_w^i, g_l^j>)`` with per-sequence
+    gradients by brute force (``d_w = d_l = beta/2`` at the start); at a small rate the
+    prediction matches the realized change of step 1, for SGD and for AdamW."""
+    pairs = as_preference_pairs(templated_pairs(5, seed=0))
+    setup = PredictionSetup("tiny-llama", beta=0.1, batch_size=2)
+    lr = 1e-2
+    pred = first_step_predictions(setup, pairs, "sgd", lr, cache=False)
+    assert list(pred.columns) == ["pair", "first_step_chosen", "first_step_rejected"]
+
+    loaded = load_model("tiny-llama")
+    model, tok = loaded.model, loaded.tokenizer
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad(prompt: str, response: str) -> torch.Tensor:
+        u = sequence_logprobs(model, tokenize(tok, [prompt], [response]))[0]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(u, params)]).double()
+
+    before = [p.detach().clone() for p in params]
+    cfg = TrainConfig(steps=3, batch_size=2, grad_accum=3, lr=lr, optimizer="sgd", loss="dpo",
+                      loss_params={"beta": 0.1}, progress=False)  # fmt: skip
+    direct = first_step_changes(model, tok, pairs, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))  # left as it was
+    pd.testing.assert_frame_equal(direct, pred)
+    g_w = torch.stack([grad(p.prompt, p.chosen) for p in pairs])
+    g_l = torch.stack([grad(p.prompt, p.rejected) for p in pairs])
+    step = lr * (0.05 * g_w - 0.05 * g_l).mean(0)
+    np.testing.assert_allclose(pred["first_step_chosen"], g_w @ step, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(pred["first_step_rejected"], g_l @ step, rtol=1e-4, atol=1e-9)
+
+    for optimizer, rate in (("sgd", 1e-4), ("adamw", 1e-5)):
+        pred = first_step_predictions(setup, pairs, optimizer, rate, cache=False)
+        real = realized_changes(setup, pairs, optimizer, rate, steps=1, cache=False)
+        real = real.sort_values("pair")
+        scale = float(np.abs(real["delta_chosen"]).max())
+        np.testing.assert_allclose(
+            pred["first_step_chosen"], real["delta_chosen"], rtol=0, atol=0.05 * scale
+        )

@@ -22,6 +22,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from ge_utils.data import sentiment_pairs
+from ge_utils.logprobs import directional_logps
 from ge_utils.losses import get_loss
 from ge_utils.models import load_model
 from ge_utils.stats import fast_gradient_stats
@@ -29,7 +30,6 @@ from ge_utils.trl_integration import (
     METRIC_NAMES,
     ProbeBatch,
     attach_entanglement_metrics,
-    directional_logps,
     tokenize_probe,
 )
 

@@ -15,7 +15,7 @@ Conventions used across the package:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -236,3 +236,62 @@ def sequence_logprobs(
     if average:
         total = total / batch.response_lengths.to(total.dtype)
     return total
+
+
+class _Logps(nn.Module):
+    """Summed response log-probs of a batch as a module call (for ``functional_call``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        return sequence_logprobs(self.inner, batch)
+
+
+def directional_logps(
+    model: nn.Module,
+    batch: SequenceBatch,
+    at: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, g . v)``: summed response log-probs ``u`` (B,) of ``batch`` with the named
+    parameters of ``model`` set to ``at``, and their exact directional derivatives along
+    ``direction`` (same names), without changing the model or any ``.grad``.
+
+    Forward-mode AD (one forward, attention through PyTorch's math kernel, which supports it);
+    where the model has an operation without a forward-mode derivative, one reverse-mode
+    gradient per sequence instead. Eval mode."""
+    wrapper = _Logps(model)
+    names = list(at)
+
+    def call(values: Sequence[torch.Tensor]) -> torch.Tensor:
+        params = {"inner." + n: v for n, v in zip(names, values, strict=True)}
+        return torch.func.functional_call(wrapper, params, (batch,))
+
+    primals = tuple(at[n] for n in names)
+    tangents = tuple(direction[n].to(at[n].dtype) for n in names)
+    with eval_mode(model):
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                u, du = torch.func.jvp(call, (primals,), (tangents,))
+            return u.detach(), du.detach()
+        except (NotImplementedError, RuntimeError):
+            pass
+        leaves = [p.detach().requires_grad_(True) for p in primals]
+        u = call(leaves)
+        dots = []
+        for i in range(len(u)):
+            grads = torch.autograd.grad(
+                u[i], leaves, retain_graph=i + 1 < len(u), allow_unused=True
+            )
+            dots.append(
+                sum(
+                    (g.double() * t.double()).sum()
+                    for g, t in zip(grads, tangents, strict=True)
+                    if g is not None
+                )
+            )
+        return u.detach(), torch.stack([torch.as_tensor(d) for d in dots]).to(u.dtype)

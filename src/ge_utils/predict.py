@@ -24,6 +24,11 @@ the first-order change of the chosen log-prob under a plain step of size ``eta``
 loss, ``pred_delta_chosen = eta (d_w |g_w|^2 - d_l <g_w, g_l>)``; the same divided by
 ``|g_w|^2``; the cosine ``<g_w, g_l> / (|g_w| |g_l|)``; and ``<g_w, g_l> / min(|g_w|^2, |g_l|^2)``.
 
+**Batch-aware gradient condition** (:func:`first_step_predictions`): ``first_step_chosen``, the
+first-order change of the chosen log-prob along the first update of DPO on the whole set with
+the optimizer actually used. Unlike the per-pair scores it needs the set and the optimizer (and
+one training step's compute), so ``--scores`` does not offer it.
+
 Each score is turned into a *displacement score* (higher = the chosen log-prob more likely
 falls) by the sign in :data:`SCORES`. Skill is measured against the realized change
 ``Delta u_w`` of each pair: AUROC for the event ``Delta u_w < 0`` (Mann-Whitney form, equal to
@@ -39,7 +44,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,7 @@ from ge_utils.claims import Estimate, bootstrap_interval
 from ge_utils.gradients import ParamSpec, diagnose_pairs
 from ge_utils.logprobs import (
     SequenceBatch,
+    directional_logps,
     eval_mode,
     hidden_states,
     response_ids,
@@ -90,6 +96,7 @@ SCORES: dict[str, Score] = {
         Score("pred_delta_chosen_over_norm2", "gradient", -1, "-(same)/|g_w|^2"),
         Score("cosine", "gradient", 1, "cos(g_w, g_l)"),
         Score("inner_over_min_norm2", "gradient", 1, "<g_w,g_l>/min(|g_w|^2,|g_l|^2)"),
+        Score("first_step_chosen", "batch", -1, "-g_w . Delta theta_1 (batch)"),
         Score("ches", "ches", 1, "CHES"),
         Score("ln_ches", "ches", 1, "LN-CHES"),
         Score("last_hidden_inner", "baselines", 1, "<h_w(T), h_l(T)>"),
@@ -454,6 +461,85 @@ def scored_pairs(
     return cached_run(_cache_root(cache), params, run)["scores"]
 
 
+def _outcome_config(
+    setup: PredictionSetup, n: int, optimizer: str, lr: float, steps: int
+) -> TrainConfig:
+    """DPO on the whole set of ``n`` pairs as one batch per step (micro-batches of
+    ``setup.batch_size``), evaluated after every step."""
+    if n == 0:
+        raise ValueError("no pairs to train on")
+    return TrainConfig(
+        steps=steps, batch_size=setup.batch_size, grad_accum=math.ceil(n / setup.batch_size),
+        lr=lr, optimizer=optimizer, seed=setup.seed, template=setup.template, loss="dpo",
+        loss_params={"beta": setup.beta}, eval_every=1, stats_method="none", progress=False,
+    )  # fmt: skip
+
+
+def first_step_changes(
+    model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainConfig
+) -> pd.DataFrame:
+    """The first-order change of every pair's chosen and rejected log-prob along the first
+    update of ``cfg`` on ``pairs`` (``pred = grad u . Delta theta_1``, exact, by forward mode at
+    the starting weights, :func:`ge_utils.logprobs.directional_logps`). The update is the one the
+    training code computes (:func:`ge_utils.training.preference_optimization`, one step); the
+    model's trainable parameters are then restored, so ``model`` is left as it was. Columns
+    ``pair``, ``first_step_chosen``, ``first_step_rejected`` (nats)."""
+    if not pairs:
+        raise ValueError("no pairs to train on")
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    preference_optimization(model, tokenizer, pairs, pairs[:1], replace(cfg, steps=1))
+    now = dict(model.named_parameters())
+    delta = {n: now[n].detach() - theta0[n] for n in theta0}
+    with torch.no_grad():
+        for n, value in theta0.items():
+            now[n].copy_(value)
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
+    for start in range(0, len(pairs), cfg.batch_size):
+        part = pairs[start : start + cfg.batch_size]
+        for side, parts in out.items():
+            batch = tokenize(
+                tokenizer, [p.prompt for p in part], [getattr(p, side) for p in part],
+                cfg.template,
+            ).to(device)  # fmt: skip
+            parts.append(directional_logps(model, batch, theta0, delta)[1].cpu())
+    table = pd.DataFrame({"pair": range(len(pairs))})
+    for side, parts in out.items():
+        table[f"first_step_{side}"] = torch.cat(parts).double().numpy()
+    return table
+
+
+def first_step_predictions(
+    setup: PredictionSetup,
+    pairs: Sequence[Any],
+    optimizer: str,
+    lr: float,
+    cache: bool = True,
+) -> pd.DataFrame:
+    """The batch-aware gradient condition: :func:`first_step_changes` for the first update of
+    :func:`realized_changes` (DPO on the whole set, ``optimizer`` at ``lr``), from the same
+    starting model; cached by every input.
+
+    ``pred_i = grad u_w^i . Delta theta_1``. For plain SGD, ``Delta theta_1 = -lr grad L`` with
+    ``L = (1/N) sum_j l_j``, so ``pred_i = (lr/N) sum_j (d_w^j <g_w^i, g_w^j> - d_l^j <g_w^i,
+    g_l^j>)``: the per-pair condition (the ``j = i`` term, weight ``1/N``) plus every other
+    pair's cross terms. For AdamW, the first step is ``-lr (grad L / (|grad L| + eps) +
+    wd theta)`` per coordinate, a sign step. Its cost is one training step and one forward-mode
+    pass over the pairs.
+    """
+    cfg = _outcome_config(setup, len(pairs), optimizer, lr, steps=1)
+    params = {
+        "what": "first_step", **asdict(setup), "train": config_dict(cfg),
+        "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
+    }  # fmt: skip
+
+    def run() -> dict[str, pd.DataFrame]:
+        loaded = _load(setup, pairs)
+        return {"pred": first_step_changes(loaded.model, loaded.tokenizer, pairs, cfg)}
+
+    return cached_run(_cache_root(cache), params, run)["pred"]
+
+
 def realized_changes(
     setup: PredictionSetup,
     pairs: Sequence[Any],
@@ -470,14 +556,7 @@ def realized_changes(
     logp_rejected, delta_chosen, delta_rejected`` (change from step 0, nats); cached by every
     input.
     """
-    n = len(pairs)
-    if n == 0:
-        raise ValueError("no pairs to train on")
-    cfg = TrainConfig(
-        steps=steps, batch_size=setup.batch_size, grad_accum=math.ceil(n / setup.batch_size),
-        lr=lr, optimizer=optimizer, seed=setup.seed, template=setup.template, loss="dpo",
-        loss_params={"beta": setup.beta}, eval_every=1, stats_method="none", progress=False,
-    )  # fmt: skip
+    cfg = _outcome_config(setup, len(pairs), optimizer, lr, steps)
     params = {
         "what": "outcome", **asdict(setup), "train": config_dict(cfg),
         "pairs": pairs_digest(pairs), "version": CACHE_VERSION,

@@ -78,7 +78,13 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ge_utils.gradients import classify_cases, condition_table
-from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs
+from ge_utils.logprobs import (
+    SequenceBatch,
+    concat_batches,
+    directional_logps,
+    eval_mode,
+    sequence_logprobs,
+)
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
 from ge_utils.stats import Factor, GhostRecorder, PairStats, fast_gradient_stats
 from ge_utils.stats.recorder import group_rows
@@ -233,62 +239,6 @@ def _rng_untouched() -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
-
-
-class _Logps(nn.Module):
-    """Summed response log-probs of a batch as a module call (for ``functional_call``)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, batch: SequenceBatch) -> Tensor:
-        return sequence_logprobs(self.inner, batch)
-
-
-def directional_logps(
-    model: nn.Module, batch: SequenceBatch, at: dict[str, Tensor], direction: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
-    """``(u, g . v)``: summed response log-probs ``u`` (B,) of ``batch`` with the named
-    parameters of ``model`` set to ``at``, and their exact directional derivatives along
-    ``direction`` (same names), without changing the model or any ``.grad``.
-
-    Forward-mode AD (one forward, attention through PyTorch's math kernel, which supports it);
-    where the model has an operation without a forward-mode derivative, one reverse-mode
-    gradient per sequence instead. Eval mode."""
-    wrapper = _Logps(model)
-    names = list(at)
-
-    def call(values: Sequence[Tensor]) -> Tensor:
-        params = {"inner." + n: v for n, v in zip(names, values, strict=True)}
-        return torch.func.functional_call(wrapper, params, (batch,))
-
-    primals = tuple(at[n] for n in names)
-    tangents = tuple(direction[n].to(at[n].dtype) for n in names)
-    with eval_mode(model):
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
-                u, du = torch.func.jvp(call, (primals,), (tangents,))
-            return u.detach(), du.detach()
-        except (NotImplementedError, RuntimeError):
-            pass
-        leaves = [p.detach().requires_grad_(True) for p in primals]
-        u = call(leaves)
-        dots = []
-        for i in range(len(u)):
-            grads = torch.autograd.grad(
-                u[i], leaves, retain_graph=i + 1 < len(u), allow_unused=True
-            )
-            dots.append(
-                sum(
-                    (g.double() * t.double()).sum()
-                    for g, t in zip(grads, tangents, strict=True)
-                    if g is not None
-                )
-            )
-        return u.detach(), torch.stack([torch.as_tensor(d) for d in dots]).to(u.dtype)
 
 
 def _mean(values: Sequence[float]) -> float:
