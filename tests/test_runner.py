@@ -110,6 +110,7 @@ def test_yaml_file_overrides_and_p_wins(project):
         (["toy", "-p", "n", "2.5"], "toy: parameter 'n' expects int, got float 2.5"),
         (["nope"], "unknown notebook 'nope'; available: toy"),
         (["toy", "-f", "missing.yaml"], "parameters file 'missing.yaml' does not exist"),
+        (["toy", "--jobs", "0"], "--jobs must be >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(project, args, message):
@@ -119,6 +120,53 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(project, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert message in lines[0]
     assert not (project / "out").exists() and not (project / "res").exists()
+
+
+def test_jobs_run_at_once_and_wait_for_what_they_reuse(project):
+    """With ``--jobs 2`` notebooks run in two processes, each kernel with its share of the CPU
+    threads; ``late`` (metadata ``ge_book.after: [early]``) starts only once ``early`` is done,
+    while ``toy`` runs beside ``early``."""
+    nbdir = project / "notebooks"
+    report = (
+        "from ge_utils.claims import ClaimReport\nr = ClaimReport()\n"
+        "r.guarantee('{claim}', {test}, 'ordering', 'files')\nprint(r)"
+    )
+    make_notebook(
+        nbdir / "early.ipynb",
+        "import os, pathlib, time\ntime.sleep(3)\n"
+        "pathlib.Path('early.done').write_text(os.environ.get('OMP_NUM_THREADS', ''))\n"
+        + report.format(claim="early ran", test="True"),
+    )
+    make_notebook(
+        nbdir / "late.ipynb",
+        "import pathlib\n"
+        + report.format(claim="early was done", test="pathlib.Path('early.done').exists()"),
+    )
+    nb = nbformat.read(nbdir / "late.ipynb", as_version=4)
+    nb.metadata["ge_book"] = {"after": ["early"]}
+    nbformat.write(nb, nbdir / "late.ipynb")
+    env_threads = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        proc = run(project, "late", "toy", "early", "--jobs", "2", timeout=300)
+    finally:
+        if env_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    assert proc.returncode == 0, proc.stderr
+    started = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("running")]
+    assert started == ["toy", "early", "late"]  # late waited although listed first
+    for name in ("late", "toy", "early"):
+        claims = json.loads((project / "res" / f"{name}.json").read_text())["claims"]
+        assert [c["verdict"] for c in claims] == ["holds"], name
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (nbdir / "early.done").read_text() == threads
+    device = json.loads((project / "res" / "early.json").read_text())["provenance"]["device"]
+    assert f"({threads} thread" in device
+
+    nb.metadata["ge_book"] = {"after": ["nowhere"]}
+    nbformat.write(nb, nbdir / "late.ipynb")
+    proc = run(project, "late", "--jobs", "2")
+    assert proc.returncode == 2
+    assert "late: metadata ge_book.after must list other notebooks" in proc.stderr
 
 
 def test_failing_cell_keeps_previous_outputs(project):

@@ -25,11 +25,14 @@ class RunnerError(Exception):
 
 @dataclass
 class NotebookSpec:
-    """A source notebook and its declared parameters (name -> default value)."""
+    """A source notebook, its declared parameters (name -> default value) and the notebooks it
+    runs after when several run at once (``metadata.ge_book.after`` of the notebook: those
+    whose cached training runs it reuses)."""
 
     name: str
     path: Path
     defaults: dict[str, Any]
+    after: tuple[str, ...] = ()
 
 
 def discover(notebooks_dir: Path) -> dict[str, Path]:
@@ -69,7 +72,14 @@ def load_spec(name: str, notebooks_dir: Path) -> NotebookSpec:
     if name not in available:
         known = ", ".join(available) or "none"
         raise RunnerError(f"unknown notebook {name!r}; available: {known}")
-    return NotebookSpec(name, available[name], declared_parameters(available[name]))
+    path = available[name]
+    after = nbformat.read(path, as_version=4).metadata.get("ge_book", {}).get("after", [])
+    if not isinstance(after, list) or any(a not in available or a == name for a in after):
+        raise RunnerError(
+            f"{name}: metadata ge_book.after must list other notebooks of {str(notebooks_dir)!r}, "
+            f"got {after!r}"
+        )
+    return NotebookSpec(name, path, declared_parameters(path), tuple(after))
 
 
 def load_profiles(notebooks_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:

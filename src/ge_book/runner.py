@@ -189,6 +189,65 @@ def refresh_source(spec: NotebookSpec) -> None:
     atomic_write_text(spec.path, nbformat.writes(nb))
 
 
+def _report(res: dict[str, Any], args: argparse.Namespace) -> None:
+    held = sum(c.get("verdict") == "holds" for c in res["claims"])
+    print(
+        f"{res['notebook']}: {res['provenance']['wall_time_s']} s, "
+        f"{held}/{len(res['claims'])} claims hold -> {args.out_dir / res['notebook']}.ipynb",
+        file=sys.stderr,
+    )
+
+
+def _execute_in_worker(
+    spec: NotebookSpec, parameters: dict[str, Any], threads: int, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`execute` in a worker process whose kernels use ``threads`` CPU threads (unless
+    ``OMP_NUM_THREADS`` is set), without a progress bar."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # as the provenance records
+    return execute(spec, parameters, progress=False, **kwargs)
+
+
+def _run_parallel(
+    plan: list[tuple[NotebookSpec, dict[str, Any]]], args: argparse.Namespace, kwargs: dict
+) -> None:
+    """Run the plan in ``args.jobs`` worker processes, the CPU threads shared among them. A
+    notebook starts once those it runs after (``NotebookSpec.after``, when in the plan) are
+    done, so it finds their training runs in the cache. After a failure nothing new starts;
+    the running notebooks finish and the first error is raised."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    planned = {spec.name for spec, _ in plan}
+    pending, done = list(plan), set()
+    running: dict[Future, str] = {}
+    error: RunnerError | None = None
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        while running or (pending and error is None):
+            ready = [
+                (s, p) for s, p in pending if all(a in done or a not in planned for a in s.after)
+            ]
+            while error is None and ready and len(running) < args.jobs:
+                spec, params = ready.pop(0)
+                pending.remove((spec, params))
+                print(f"running {spec.name} at profile {args.profile}", file=sys.stderr)
+                running[pool.submit(_execute_in_worker, spec, params, threads, **kwargs)] = (
+                    spec.name
+                )
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    _report(future.result(), args)
+                    done.add(name)
+                except RunnerError as exc:
+                    error = error or exc
+    if error is not None:
+        raise error
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("notebooks", nargs="*", help="notebook names (file stems); default all")
     parser.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)}")
@@ -225,10 +284,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--archive-dir", default=str(ARCHIVE_DIR), type=Path)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="notebooks run at once, each in its own process, the CPU threads shared among them "
+        "(a notebook waits for those whose cached runs it reuses: metadata ge_book.after)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.jobs < 1:
+            raise RunnerError(f"--jobs must be >= 1, got {args.jobs}")
         available = discover(args.notebooks_dir)
         names = args.notebooks or list(available)
         if not names:
@@ -263,20 +331,22 @@ def main(args: argparse.Namespace) -> int:
         overrides = parse_overrides(args.pairs, args.parameters_file)
         repo = book_repository(args.book_dir)
         plan = [(s, resolve_parameters(s, args.profile, profiles, overrides)) for s in specs]
-        for spec, params in plan:
-            print(f"running {spec.name} at profile {args.profile}", file=sys.stderr)
-            res = execute(
-                spec, params, args.out_dir, args.results_dir, not args.no_progress, repo,
-                args.archive_dir, args.archive,
-            )
-            held = sum(c.get("verdict") == "holds" for c in res["claims"])
-            print(
-                f"{spec.name}: {res['provenance']['wall_time_s']} s, "
-                f"{held}/{len(res['claims'])} claims hold -> {args.out_dir / spec.name}.ipynb",
-                file=sys.stderr,
-            )
+        jobs = dict(
+            out_dir=args.out_dir, results_dir=args.results_dir, repo=repo,
+            archive_dir=args.archive_dir, archive=args.archive,
+        )  # fmt: skip
+        if args.jobs == 1:
+            for spec, params in plan:
+                print(f"running {spec.name} at profile {args.profile}", file=sys.stderr)
+                _report(execute(spec, params, progress=not args.no_progress, **jobs), args)
+        else:
+            _run_parallel(plan, args, jobs)
         write_pages(
-            args.out_dir, args.results_dir, list(available), args.notebooks_dir, args.book_dir,
+            args.out_dir,
+            args.results_dir,
+            list(available),
+            args.notebooks_dir,
+            args.book_dir,
             archive_dir=args.archive_dir,
         )
     except RunnerError as exc:
