@@ -188,7 +188,7 @@ def test_score_pairs_columns_and_gradient_scores(tiny_model, tokenizer):
 
 def test_templated_pairs_cycle_families_and_load_as_jsonl(tmp_path):
     pairs = templated_pairs(25, seed=3)
-    assert [p.family for p in pairs[:5]] == list(TEMPLATED)
+    assert [p.family for p in pairs[: len(TEMPLATED)]] == list(TEMPLATED)
     assert all(p.chosen != p.rejected for p in pairs)
     assert templated_pairs(25, seed=3) == pairs
     for p in pairs:  # the chosen response states the statement's true sentiment
@@ -201,6 +201,13 @@ def test_templated_pairs_cycle_families_and_load_as_jsonl(tmp_path):
     ]
     with pytest.raises(ValueError, match="n must be in"):
         templated_pairs(10_000)
+    weighted = templated_pairs(8, seed=3, families=["paper", "paper", "suffix"])
+    assert [p.family for p in weighted] == ["paper", "paper", "suffix"] * 2 + ["paper"] * 2
+    assert weighted[0].chosen.endswith(" sentiment based on my judgement.")
+    assert weighted[0].rejected.endswith(" sentiment based on my judgement.")
+    for bad in ([], ["sampled"], ["nope"]):
+        with pytest.raises(ValueError, match="families must name templated families"):
+            templated_pairs(4, families=bad)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 "Predict it before you train" chapter).
 
 The synthetic sentiment pairs differ only in the label word, so every pair looks alike to a
-ranking. This set mixes six families over the same statements (:func:`ge_utils.data.statements`;
+ranking. This set mixes seven families over the same statements (:func:`ge_utils.data.statements`;
 every word comes from the synthetic vocabulary, so the tiny word-level models read it too):
 
+- ``paper``: the paper's long configuration (``Positive sentiment based on my judgement.``), in
+  which DPO lowers the chosen log-prob (the pitfall chapter);
 - ``config``: the paper's response configurations (``single``, ``single_bare``, ``short``,
   ``long``), one drawn per pair;
 - ``suffix``: a suffix of 0 to 9 words (:func:`ge_utils.data.suffix_of_length`);
@@ -46,7 +48,7 @@ from ge_utils.data import (
 )
 from ge_utils.io import atomic_write_text
 
-TEMPLATED = ("config", "suffix", "length", "paraphrase", "low_overlap")
+TEMPLATED = ("paper", "config", "suffix", "length", "paraphrase", "low_overlap")
 FAMILIES = (*TEMPLATED, "sampled")
 FRAMES = (
     "{L}.",
@@ -71,6 +73,8 @@ class VariedPair:
 
 def _templated(family: str, statement: str, label: str, rng: random.Random) -> tuple[str, str]:
     good, bad = label, LABELS[1 - LABELS.index(label)]
+    if family == "paper":
+        return good + CONFIG_SUFFIXES["long"], bad + CONFIG_SUFFIXES["long"]
     if family == "config":
         suffix = CONFIG_SUFFIXES[rng.choice(sorted(CONFIG_SUFFIXES))]
         return good + suffix, bad + suffix
@@ -90,16 +94,21 @@ def _templated(family: str, statement: str, label: str, rng: random.Random) -> t
     raise ValueError(f"unknown templated family {family!r}; known: {', '.join(TEMPLATED)}")
 
 
-def templated_pairs(n: int, seed: int = 0) -> list[VariedPair]:
-    """``n`` pairs, the templated families in turn (as even as ``n`` allows), over shuffled
-    statements with their true labels; deterministic for a ``seed``."""
+def templated_pairs(n: int, seed: int = 0, families: Sequence[str] = TEMPLATED) -> list[VariedPair]:
+    """``n`` pairs, the ``families`` in turn (a name listed twice gets twice the pairs), over
+    shuffled statements with their true labels; deterministic for a ``seed``."""
     pool = statements(seed)
     if not 0 <= n <= len(pool):
         raise ValueError(f"n must be in 0..{len(pool)}, got {n}")
+    unknown = [f for f in families if f not in TEMPLATED]
+    if not families or unknown:
+        raise ValueError(
+            f"families must name templated families ({', '.join(TEMPLATED)}); got {families!r}"
+        )
     rng = random.Random(seed)
     out = []
     for i, (statement, label) in enumerate(pool[:n]):
-        family = TEMPLATED[i % len(TEMPLATED)]
+        family = families[i % len(families)]
         chosen, rejected = _templated(family, statement, label, rng)
         out.append(
             VariedPair(PROMPT_TEMPLATE.format(statement=statement), chosen, rejected, family)
@@ -198,10 +207,11 @@ def varied_pairs(
     n_prompts: int = 0,
     seed: int = 0,
     template: str = "none",
+    families: Sequence[str] = TEMPLATED,
 ) -> tuple[list[VariedPair], SampledSet | None]:
-    """``n_templated`` templated pairs, then (with a model and ``n_prompts > 0``) the kept
-    sampled pairs, from prompts disjoint from the templated ones."""
-    pairs = templated_pairs(n_templated, seed)
+    """``n_templated`` templated pairs (``families`` in turn), then (with a model and
+    ``n_prompts > 0``) the kept sampled pairs, from prompts disjoint from the templated ones."""
+    pairs = templated_pairs(n_templated, seed, families)
     sampled = None
     if n_prompts > 0:
         if model is None or tokenizer is None:
