@@ -8,7 +8,7 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export JUPYTER_PREFER_ENV_PATH=1
-python -m ge_utils run --profile "${1:-default}"
+python -m ge_utils run --profile "${1:-default}" --jobs 2  # two chapters at once, one per core
 rm -rf _build
 jupyter-book build -W -n --keep-going .
 echo "book built: $(pwd)/_build/html/index.html"
