@@ -431,6 +431,14 @@ def _load(setup: PredictionSetup, pairs: Sequence[Any]):
     return loaded
 
 
+def _cache_key(what: str, setup: PredictionSetup, pairs: Sequence[Any], **extra: Any) -> dict:
+    """Every input of a cached computation: its kind, the setup, the pairs, the rest."""
+    return {
+        "what": what, **asdict(setup), **extra, "pairs": pairs_digest(pairs),
+        "version": CACHE_VERSION,
+    }  # fmt: skip
+
+
 def _cache_root(cache: bool) -> Path | None:
     from ge_utils.models import cache_dir
 
@@ -443,10 +451,7 @@ def scored_pairs(
     """Every score (:func:`score_pairs`, ``scores='all'``) of ``pairs`` on the freshly loaded
     model, DPO with ``setup.beta`` and the model as its own reference (``d_w = d_l = beta/2``),
     predicted changes for a plain step of size ``eta``; cached by every input."""
-    params = {
-        "what": "scores", **asdict(setup), "eta": eta, "pairs": pairs_digest(pairs),
-        "version": CACHE_VERSION,
-    }  # fmt: skip
+    params = _cache_key("scores", setup, pairs, eta=eta)
 
     def run() -> dict[str, pd.DataFrame]:
         loaded = _load(setup, pairs)
@@ -528,10 +533,7 @@ def first_step_predictions(
     pass over the pairs.
     """
     cfg = _outcome_config(setup, len(pairs), optimizer, lr, steps=1)
-    params = {
-        "what": "first_step", **asdict(setup), "train": config_dict(cfg),
-        "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
-    }  # fmt: skip
+    params = _cache_key("first_step", setup, pairs, train=config_dict(cfg))
 
     def run() -> dict[str, pd.DataFrame]:
         loaded = _load(setup, pairs)
@@ -557,10 +559,7 @@ def realized_changes(
     input.
     """
     cfg = _outcome_config(setup, len(pairs), optimizer, lr, steps)
-    params = {
-        "what": "outcome", **asdict(setup), "train": config_dict(cfg),
-        "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
-    }  # fmt: skip
+    params = _cache_key("outcome", setup, pairs, train=config_dict(cfg))
 
     def run() -> dict[str, pd.DataFrame]:
         loaded = _load(setup, pairs)
