@@ -6,8 +6,10 @@
         # DIR holds a model's config and tokenizer only: random weights of that architecture
         # (same cost as the trained ones) where the weights cannot be copied
 
-Each measurement runs in its own interpreter so its peak memory is its own: max RSS above that of
-the loaded model and batch on the CPU, peak allocated CUDA memory above the same on a GPU.
+Each measurement runs in its own interpreter so its peak memory is its own: max RSS above the RSS
+of the loaded model (every weight read once first: a memory-mapped checkpoint is otherwise paged
+in by the first method's forward and counted as its memory) and batch on the CPU, peak allocated
+CUDA memory above the same on a GPU.
 Ratios are to the floor (one plain forward+backward of the same 2B sequences) and to brute force
 (the authors' method: one backward per sequence, flattened gradient vectors). The brute-force
 run also reports the largest relative difference between the two methods' statistics.
@@ -22,7 +24,15 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import benchmark_pairs, load, peak_rss_mb, run_isolated, timed
+from benchmarks.common import (
+    benchmark_pairs,
+    load,
+    page_in,
+    peak_rss_mb,
+    rss_mb,
+    run_isolated,
+    timed,
+)
 from ge_utils.logprobs import concat_batches, sequence_logprobs, token_logprobs, tokenize
 from ge_utils.losses import get_loss
 from ge_utils.stats import exact_gradient_stats, fast_gradient_stats, tokenwise_inner
@@ -65,7 +75,9 @@ def load_model_for_bench(name: str, random_init: str | None, device: str):
 
 
 class Memory:
-    """Peak memory (MB) of what runs after construction: CUDA allocations or process RSS."""
+    """Peak memory (MB) of what runs after construction, above what is held at construction:
+    CUDA allocations, or the process's peak RSS above its RSS then (the model paged in first,
+    :func:`benchmarks.common.page_in`)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -74,7 +86,7 @@ class Memory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
         else:
-            self.base = peak_rss_mb()
+            self.base = rss_mb()
 
     def extra_mb(self) -> float:
         if self.cuda:
@@ -96,6 +108,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     head = [model.get_output_embeddings().weight]
     dpo = get_loss("dpo")
+    page_in(model)
     memory = Memory(args.device)
 
     def floor():

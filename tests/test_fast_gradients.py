@@ -319,6 +319,22 @@ def test_tokenwise_all_parameters_matches_brute_force(tiny_model, side):
     torch.testing.assert_close(got.sum(), stats["inner"][0], rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_tokenwise_chunks_give_the_same_matrix(tiny_model, chunk):
+    """Copies processed ``chunk`` at a time (rejected factors kept, chosen chunks multiplied
+    with them): the same matrix as all copies at once, and as brute force."""
+    c, r = batches()
+    c, r = c.select([0]), r.select([0])
+    whole = tokenwise_inner(tiny_model, c, r, chunk=64)
+    got = tokenwise_inner(tiny_model, c, r, chunk=chunk)
+    torch.testing.assert_close(got, whole, rtol=1e-10, atol=1e-12 * whole.abs().max())
+    expected = brute_token_grads(tiny_model, c) @ brute_token_grads(tiny_model, r).T
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
+    norms = tokenwise_inner(tiny_model, c, c, chunk=chunk).diagonal()
+    brute = brute_token_grads(tiny_model, c).pow(2).sum(1)
+    torch.testing.assert_close(norms, brute, rtol=1e-8, atol=0)
+
+
 def test_tokenwise_with_a_parameter_subset(tiny_model):
     c, r = batches()
     c, r = c.select([1]), r.select([1])
@@ -352,6 +368,9 @@ def test_tokenwise_rejects_bad_arguments(tiny_model):
         tokenwise_inner(tiny_model, c, r)
     with pytest.raises(ValueError, match="params must be None"):
         tokenwise_inner(tiny_model, c.select([0]), r.select([0]), scope="head", params=["x"])
+    for chunk in (0, 1.5, True):
+        with pytest.raises(ValueError, match="chunk"):
+            tokenwise_inner(tiny_model, c.select([0]), r.select([0]), chunk=chunk)
 
 
 def test_recorder_recovers_stats_from_a_scaled_training_backward(tiny_model):
@@ -555,6 +574,39 @@ def test_directional_derivatives_from_kept_factors_equal_autograd(name):
         [v[n].flatten() for n, _ in named]
     )
     torch.testing.assert_close(rec.directional(v), expected, rtol=1e-10, atol=1e-12)
+
+
+def random_factor(kind, n, t, gen):
+    """A factor of ``n`` sequences with ``t`` rows of a (6, 3) parameter."""
+    right = torch.randn(n, t, 3, generator=gen, dtype=torch.float64)
+    if kind == "outer":
+        return factors.Factor.outer(torch.randn(n, t, 6, generator=gen, dtype=torch.float64), right)
+    if kind == "onehot":
+        return factors.Factor.onehot(torch.randint(0, 6, (n, t), generator=gen), right)
+    return factors.Factor.dense(torch.randn(n, 18, generator=gen, dtype=torch.float64))
+
+
+KINDS = [("outer", "outer"), ("onehot", "onehot"), ("onehot", "outer"), ("outer", "onehot")]
+
+
+@pytest.mark.parametrize("kinds", [*KINDS, ("dense", "dense")])
+def test_factor_grid_equals_the_products_of_every_pair(kinds):
+    """``factor_grid(u, v)``: every sequence of u with every sequence of v (different counts and
+    lengths), the same as ``factor_inner`` on the N_u N_v index pairs of the concatenation."""
+    gen = torch.Generator().manual_seed(11)
+    u, v = random_factor(kinds[0], 3, 4, gen), random_factor(kinds[1], 2, 5, gen)
+    got = factors.factor_grid(u, v)
+    assert got.shape == (3, 2) and got.dtype == torch.float64
+    for i in range(3):
+        for j in range(2):
+            one = factors.factor_inner(u, v, torch.tensor([i]), torch.tensor([j]))
+            torch.testing.assert_close(got[i, j], one[0], rtol=1e-12, atol=1e-12)
+
+
+def test_factor_grid_refuses_to_mix_dense_and_factored_uses():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(TypeError, match="cannot mix"):
+        factors.factor_grid(random_factor("dense", 2, 3, gen), random_factor("outer", 2, 3, gen))
 
 
 def test_directional_derivatives_of_a_model_equal_autograd(tiny_model):

@@ -106,6 +106,40 @@ def factor_inner(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
     return prod.sum((1, 2), dtype=acc_dtype(prod))
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(N, T, D) rows stacked as (N T, D)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _left_grid(u: Factor, v: Factor) -> Tensor:
+    """(N_u T, N_v S) products of every left row of ``u`` with every left row of ``v``."""
+    if u.ids is not None and v.ids is not None:
+        return (u.ids.reshape(-1, 1) == v.ids.reshape(1, -1)).to(u.right.dtype)
+    if u.ids is None and v.ids is None:
+        return _rows(u.left) @ _rows(v.left).T
+    if u.ids is not None:  # one-hot x dense: the dense rows read at the token ids
+        return _left_grid(v, u).T
+    return _rows(u.left)[:, v.ids.reshape(-1)]
+
+
+def factor_grid(u: Factor, v: Factor) -> Tensor:
+    """(N_u, N_v) inner products ``<grad of use u on sequence i, grad of use v on sequence j>``
+    for EVERY i of ``u`` and j of ``v`` (accumulated in float64); the two uses of one parameter
+    may come from different forwards. One product of all stacked rows per side instead of one
+    per pair: ``sum_{t, s} (left_i[t] . left_j[s]) (right_i[t] . right_j[s])`` read off the
+    (N_u T, N_v S) block products, the same terms as :func:`factor_inner` on the
+    ``N_u N_v`` index pairs."""
+    if u.vec is not None or v.vec is not None:
+        if u.vec is None or v.vec is None:
+            raise TypeError("cannot mix materialized and factored uses of one parameter")
+        dtype = acc_dtype(u.vec)
+        return u.vec.to(dtype) @ v.vec.to(dtype).T
+    n_u, t = u.right.shape[:2]
+    n_v, s = v.right.shape[:2]
+    prod = _left_grid(u, v) * (_rows(u.right) @ _rows(v.right).T)
+    return prod.reshape(n_u, t, n_v, s).sum((1, 3), dtype=acc_dtype(prod))
+
+
 def factor_dot(u: Factor, direction: Tensor) -> Tensor:
     """(N,) inner products ``<grad_i, v>`` of each sequence's gradient of use ``u`` with one
     direction ``v`` of the parameter (its own shape), accumulated in float64:

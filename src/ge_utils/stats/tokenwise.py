@@ -7,23 +7,51 @@ from torch import Tensor, nn
 
 from ge_utils.logprobs import (
     SequenceBatch,
-    concat_batches,
     eval_mode,
     hidden_states,
     target_positions,
     token_logprobs,
     unwrap_model,
 )
+from ge_utils.stats.factors import Factor, factor_grid
 from ge_utils.stats.params import ParamSpec
 from ge_utils.stats.recorder import GhostRecorder
 
+Uses = dict[str, list[Factor]]  # parameter name -> per-copy factors of each of its uses
 
-def _replicate(batch: SequenceBatch, n: int) -> SequenceBatch:
+
+def _one_token_copies(batch: SequenceBatch, first: int, stop: int) -> SequenceBatch:
+    """Copies ``first .. stop - 1`` of a one-row batch, copy k keeping only response token k in
+    its response mask (so it predicts, and back-propagates, that token alone)."""
+    cols = batch.response_mask[0].nonzero().flatten()[first:stop]
+    n = len(cols)
+    response = torch.zeros((n, batch.input_ids.shape[1]), dtype=torch.bool, device=cols.device)
+    response[torch.arange(n, device=cols.device), cols] = True
     return SequenceBatch(
-        batch.input_ids.expand(n, -1).clone(),
-        batch.attention_mask.expand(n, -1).clone(),
-        batch.response_mask.expand(n, -1).clone(),
+        batch.input_ids.expand(n, -1).clone(), batch.attention_mask.expand(n, -1).clone(), response
     )
+
+
+def _token_factors(model: nn.Module, params: ParamSpec, copies: SequenceBatch) -> Uses:
+    """Per-copy gradient factors of each copy's one response log-prob: one forward and one
+    backward to the layer outputs (``.grad`` untouched)."""
+    with GhostRecorder(model, params, batch=copies, keep_factors=True) as rec:
+        rec.backward(token_logprobs(model, copies).sum())
+        return {rec.names[pid]: uses for pid, uses in rec.uses.items()}
+
+
+def _grid(u: Uses, v: Uses) -> Tensor:
+    """(copies of u, copies of v) float64 inner products of the gradients whose factors are
+    ``u`` and ``v``: every pair of uses of each parameter (tied weights add cross terms)."""
+    total = None
+    for name, uses in u.items():
+        for a in uses:
+            for b in v.get(name, []):
+                grid = factor_grid(a, b).cpu()
+                total = grid if total is None else total + grid
+    if total is None:
+        raise ValueError("no parameter of the set takes part in these log-probs")
+    return total
 
 
 def tokenwise_inner(
@@ -32,6 +60,7 @@ def tokenwise_inner(
     rejected: SequenceBatch,
     scope: str = "all",
     params: ParamSpec = None,
+    chunk: int = 16,
 ) -> Tensor:
     """(T_w, T_l) float64 matrix of ``<grad log p(y_w,s), grad log p(y_l,t)>`` for ONE pair
     (one-row batches); T_w, T_l are the response lengths.
@@ -41,11 +70,16 @@ def tokenwise_inner(
     so the matrix is ``(H_w H_l^T) * (G_w G_l^T)``. With tied embeddings this is the output use
     of the shared matrix only. ``params`` must be None.
 
-    ``scope='all'``: over the parameter set, exact, from one forward and one backward over
-    ``T_w + T_l`` copies of the two sequences, copy k back-propagating only its own token: the
-    cost of a training step on a batch of ``T_w + T_l`` sequences plus ``T_w T_l`` Gram products
-    per layer (``T^2 (P + Q)`` each, T the padded length); no gradient vector is stored. Brute
-    force needs ``T_w + T_l`` backward passes and as many full gradient vectors.
+    ``scope='all'``: over the parameter set, exact, from forwards and backwards of
+    ``T_w + T_l`` copies of the two sequences, copy k back-propagating only its own token
+    (``chunk`` copies at a time): the cost of a training step on a batch of ``T_w + T_l``
+    sequences plus, per layer, the products of the stacked rows of every chosen copy with every
+    rejected copy (:func:`~ge_utils.stats.factors.factor_grid`, ``T_w T_l T^2 (P + Q)``, T the
+    padded length). The rejected copies go first and only their per-layer factors are kept
+    (layer inputs and output gradients); then each chunk of chosen copies is multiplied with
+    them and dropped. Peak memory: one chunk's forward and backward plus the rejected factors;
+    no gradient vector is stored. Brute force needs ``T_w + T_l`` backward passes and as many
+    full gradient vectors.
     """
     if len(chosen) != 1 or len(rejected) != 1:
         raise ValueError("tokenwise_inner takes one chosen and one rejected sequence")
@@ -53,23 +87,22 @@ def tokenwise_inner(
         raise ValueError(f"scope must be 'head' or 'all', got {scope!r}")
     if scope == "head" and params is not None:
         raise ValueError("scope='head' is the output layer; params must be None")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     with eval_mode(model):
         if scope == "head":
             return _tokenwise_head(model, chosen, rejected)
         t_w, t_l = int(chosen.response_lengths[0]), int(rejected.response_lengths[0])
-        joint = concat_batches(_replicate(chosen, t_w), _replicate(rejected, t_l))
-        with GhostRecorder(model, params, batch=joint) as rec:
-            per_token = token_logprobs(model, joint)
-            picked = torch.cat(
-                [
-                    per_token[:t_w][joint.response_mask[:t_w]].reshape(t_w, t_w).diagonal(),
-                    per_token[t_w:][joint.response_mask[t_w:]].reshape(t_l, t_l).diagonal(),
-                ]
-            )
-            ii = torch.arange(t_w).repeat_interleave(t_l)
-            rec.expect(tokens=(ii, t_w + torch.arange(t_l).repeat(t_w)))
-            rec.backward(picked.sum())
-            return rec.results()["tokens"].reshape(t_w, t_l)
+        kept = [
+            _token_factors(model, params, _one_token_copies(rejected, k, k + chunk))
+            for k in range(0, t_l, chunk)
+        ]
+        rows = []
+        for k in range(0, t_w, chunk):
+            mine = _token_factors(model, params, _one_token_copies(chosen, k, k + chunk))
+            rows.append(torch.cat([_grid(mine, other) for other in kept], dim=1))
+            del mine
+        return torch.cat(rows).double()
 
 
 @torch.no_grad()
