@@ -119,6 +119,65 @@ def test_training_unchanged_and_metrics_logged(tmp_path, setting):
         assert np.allclose(pred, real, rtol=0.2, atol=max(0.02 * np.abs(real).max(), 2e-5))
 
 
+def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
+    """``every=1``: each step's probe forward and backward runs right after the previous
+    update and is also that step's "after" (one probe pass a step, one plain forward at the
+    end); the realized log-probs equal a recomputation at the parameters after each step;
+    training stays bit-identical."""
+    from transformers import TrainerCallback
+
+    import ge_utils.trl_integration as integration
+    from ge_utils.logprobs import concat_batches, sequence_logprobs
+
+    calls = {"factors": 0, "forward": 0}
+    for name, key in (("_logps_and_factors", "factors"), ("_eval_logps", "forward")):
+        original = getattr(integration, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(integration, name, counted)
+
+    class Snapshot(TrainerCallback):
+        def __init__(self):
+            self.params: list[dict[str, torch.Tensor]] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(123)
+        trainer = _trainer(tmp_path / str(on), max_steps=3, gradient_checkpointing=False)
+        snapshot = Snapshot()
+        trainer.add_callback(snapshot)
+        callback = attach_entanglement_metrics(trainer, probe=PROBE, every=1) if on else None
+        trainer.train()
+        runs[on] = (trainer, callback, snapshot.params)
+    (off, _, _), (on, callback, snapshots) = runs[False], runs[True]
+    p_off, p_on = _params(off), _params(on)
+    assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
+    assert calls == {"factors": 3, "forward": 1}  # step 1's before, 2 chained, step 3's after
+    probe = callback.probe_frame().sort_values(["step", "pair"])
+    assert sorted(set(probe["step"])) == [1, 2, 3]
+    batch = tokenize_probe(on, PROBE)
+    joint = concat_batches(batch.chosen, batch.rejected)
+    model = load_model("tiny-llama", device="cpu").model.eval()
+    n = len(PROBE)
+    for step, params in enumerate(snapshots, start=1):
+        model.load_state_dict(params)
+        with torch.no_grad():
+            u = sequence_logprobs(model, joint).numpy()
+        rows = probe[probe["step"] == step]
+        for side, part in (("chosen", u[:n]), ("rejected", u[n:])):
+            after = (rows[f"logp_{side}"] + rows[f"real_delta_{side}"]).to_numpy()
+            np.testing.assert_allclose(after, part, rtol=0, atol=1e-4)
+            if step < 3:  # the next step starts where this one ended
+                nxt = probe[probe["step"] == step + 1][f"logp_{side}"].to_numpy()
+                np.testing.assert_allclose(nxt, after, rtol=0, atol=1e-4)
+
+
 def test_statistics_match_trl_and_brute_force(tmp_path):
     """Per-pair log-probs equal TRL's logged ``logps/*`` (same tokens, same parameters); at step
     1 the policy is its reference, so DPO's coefficients are beta / 2; the statistics of a

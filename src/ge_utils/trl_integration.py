@@ -43,7 +43,11 @@ extra training step. The probe costs, at each measured step, one forward and one
 probe pairs just before the optimizer step (in eval mode, to the layer outputs only: ``.grad``
 untouched), whose per-layer factors (inputs and output gradients) give the exact prediction
 ``g . Delta theta`` once the update is known (for a linear layer ``sum_t g_t^T Delta W a_t``),
-and one forward after the step; where the recorder cannot handle the model, a forward-mode pass
+and one forward after the step. When the next step is measured too, that step's forward and
+backward of the probe run right after this step's update instead (the parameters do not change
+until the next optimizer step) and their log-probs are this step's "after": measuring every step
+costs one forward, one backward and the contraction per step. Where the recorder cannot handle
+the model, a forward-mode pass
 (:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
 (small for LoRA, large for a full fine-tune), into which the update is then computed.
 
@@ -428,6 +432,7 @@ class EntanglementCallback(TrainerCallback):
         self._step: _StepRecorder | None = None
         self._ref_hook = self._hook_reference()
         self._before: _ProbeBefore | None = None
+        self._next: _ProbeBefore | None = None  # the next step's, from this step's after-pass
         self._seconds = 0.0
         self._pairs: list[pd.DataFrame] = []
         self._probes: list[pd.DataFrame] = []
@@ -568,7 +573,8 @@ class EntanglementCallback(TrainerCallback):
             if rows:
                 self._log_batch(pd.DataFrame(rows))
             if self.probe is not None:
-                self._before = self._probe_before()
+                chained, self._next = self._next, None
+                self._before = chained if chained is not None else self._probe_before()
         self._seconds = time.perf_counter() - start
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -576,8 +582,9 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step + 1
         start = time.perf_counter()
         if before is not None:
+            chain = self.measures(step + 1) and step < state.max_steps
             with _rng_untouched():
-                self._probe_step(before, step)
+                self._probe_step(before, step, chain)
         if self.measures(step):
             self._seconds += time.perf_counter() - start
             self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
@@ -656,19 +663,30 @@ class EntanglementCallback(TrainerCallback):
             return _ProbeBefore(theta0, mine, joint)
         return _ProbeBefore(theta0, mine, joint, *found)
 
-    def _probe_step(self, probe: _ProbeBefore, step: int) -> None:
-        mine, theta0 = probe.mine, probe.theta0
+    def _probe_step(self, probe: _ProbeBefore, step: int, chain: bool = False) -> None:
+        """After the optimizer step: the probe's predicted and realized changes. With ``chain``
+        (the next step is measured too) the realized change comes from the next step's
+        before-pass, run now: the parameters do not change between this optimizer step and the
+        next, so one forward and backward of the probe serves both steps."""
+        mine, joint = probe.mine, probe.joint
         records = []
         if mine:
             policy = self._policy()
             now = {n: p.detach() for n, p in self._trainable().items()}
             if probe.recorder is not None:
                 before = probe.logps
-                pred = probe.recorder.directional(_Update(now, theta0))
+                pred = probe.recorder.directional(_Update(now, probe.theta0))
             else:
-                delta = {n: now[n] - theta0[n] for n in theta0}
-                before, pred = directional_logps(policy, probe.joint, theta0, delta)
-            after = _eval_logps(policy, probe.joint)
+                delta = {n: now[n] - probe.theta0[n] for n in probe.theta0}
+                before, pred = directional_logps(policy, joint, probe.theta0, delta)
+        probe.theta0, probe.recorder = {}, None  # used up: freed before the next step's copy
+        if chain:
+            self._next = self._probe_before()
+        if mine:
+            if self._next is not None and self._next.logps is not None:
+                after = self._next.logps
+            else:
+                after = _eval_logps(policy, joint)
             n = len(mine)
             for k, i in enumerate(mine):
                 rec = {"step": step, "pair": i}
