@@ -5,13 +5,20 @@
 
 Same model (float32, CPU), same pairs, TRL at its best CPU settings (no bf16, no gradient
 checkpointing, reference log-probs each step, its default), AdamW lr 5e-6, beta 0.1, a probe
-set of ``--probe`` pairs. Side by side in one run: the integration measures every second step
-(``every=2``), so measured and plain steps alternate under the same machine load (a shared
-machine's load changes over minutes and swamps separate runs). Reported: the median seconds of
-plain and of measured steps (step 1 warms up and is left out), their ratio, which is the cost of
-logging every step, and the cost of measuring every N steps, ``1 + (ratio - 1) / N``. A
-separate run without the integration is timed too, as a check that the plain steps of the
-side-by-side run cost what TRL alone costs.
+set of ``--probe`` pairs. A shared machine's load changes over minutes and swamps separate runs,
+so measured and plain steps alternate within each run, under the same load:
+
+- **every step**: blocks of ``--block`` measured steps and ``--block`` plain ones (three of
+  each; the first two blocks warm up and are left out). Within a block each step after the
+  first starts from the probe pass its predecessor ran right after its update, as when every
+  step is measured; those steps are compared with the plain ones. Once with the batch
+  statistics alone, once with the probe too.
+- **every N steps**: measured and plain steps alternate one by one; a measured step then runs
+  its own probe passes before and after its update, as with any ``every`` above 1. The cost of
+  measuring every N steps is ``1 + (ratio - 1) / N``.
+
+Reported: medians of step seconds (step 1 warms up and is left out) and their ratios. A run of
+TRL alone checks that the plain steps cost what TRL alone costs.
 """
 
 from __future__ import annotations
@@ -19,38 +26,74 @@ from __future__ import annotations
 import argparse
 import statistics
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from benchmarks.common import benchmark_pairs, trl_step_times
 
 
-def run(model_name: str, pairs, probe, steps: int, every: int | None) -> list[float]:
-    """Seconds of each optimizer step (step 1 first); ``every=None``: without the integration."""
+def run(model_name: str, pairs, probe, steps: int, measures: Callable[[int], bool] | None):
+    """Seconds of each optimizer step (step 1 first); ``measures(step)``: whether the
+    integration measures that step (None: no integration); ``probe=None``: batch statistics
+    only."""
     from ge_utils.trl_integration import attach_entanglement_metrics
 
     def attach(trainer) -> None:
-        if every is not None:
-            attach_entanglement_metrics(trainer, probe=probe, every=every)
+        if measures is not None:
+            callback = attach_entanglement_metrics(trainer, probe=probe, every=1)
+            callback.measures = measures
 
-    return trl_step_times(model_name, pairs, steps, logging_steps=every, setup=attach)
+    torch.manual_seed(0)
+    return trl_step_times(model_name, pairs, steps, logging_steps=1, setup=attach)
 
 
-def bench(model_name: str, n_pairs: int, n_probe: int, steps: int, every: int) -> None:
+def split(
+    times: list[float], measures: Callable[[int], bool], steady: bool, start: int = 2
+) -> tuple[float, float]:
+    """Median seconds of the plain and of the measured steps ``start``, ``start + 1``, ...
+    (with ``steady``, only measured steps whose predecessor was measured too)."""
+    plain, measured = [], []
+    for step, t in enumerate(times, start=1):
+        if step < start:
+            continue
+        if not measures(step):
+            plain.append(t)
+        elif not steady or measures(step - 1):
+            measured.append(t)
+    return statistics.median(plain), statistics.median(measured)
+
+
+def bench(model_name: str, n_pairs: int, n_probe: int, block: int, every: int) -> None:
     pairs = benchmark_pairs(n_pairs)
     probe = benchmark_pairs(n_pairs + n_probe)[n_pairs:]
-    torch.manual_seed(0)
-    alone = statistics.median(run(model_name, pairs, probe, steps, None)[1:])
-    times = run(model_name, pairs, probe, steps, 2)
-    plain = statistics.median(times[2::2])  # steps 3, 5, ...
-    measured = statistics.median(times[1::2])  # steps 2, 4, ...
+    print(f"model {model_name}, {n_pairs} pairs a step, probe {n_probe} pairs")
+
+    def in_block(step: int) -> bool:
+        return (step - 2) // block % 2 == 0
+
+    steps, start = 2 + 6 * block, 2 + 2 * block
+    print(
+        f"  every step: blocks of {block} measured and {block} plain steps, {steps} steps, "
+        f"from step {start} (the first blocks warm up)"
+    )
+    for label, with_probe in (("stats", None), ("stats + probe", probe)):
+        times = run(model_name, pairs, with_probe, steps, in_block)
+        plain, measured = split(times, in_block, steady=True, start=start)
+        print(
+            f"{label:>16}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
+            f"ratio {measured / plain:5.2f}x"
+        )
+    times = run(model_name, pairs, probe, 13, lambda step: step % 2 == 0)
+    plain, measured = split(times, lambda step: step % 2 == 0, steady=False)
     ratio = measured / plain
-    print(f"model {model_name}, {n_pairs} pairs a step, probe {n_probe} pairs, {steps} steps")
-    print(f"{'TRL DPOTrainer alone':>38}: {alone:8.3f} s/step (median)")
-    print(f"{'side by side: plain steps':>38}: {plain:8.3f} s/step (median)")
-    print(f"{'side by side: measured steps':>38}: {measured:8.3f} s/step (median)")
-    print(f"{'ratio, measuring every step':>38}: {ratio:8.2f}x")
-    print(f"{f'ratio, measuring every {every} steps':>38}: {1 + (ratio - 1) / every:8.2f}x")
+    print("  every other step (each measured step with its own probe passes), 13 steps")
+    print(
+        f"{'stats + probe':>16}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
+        f"ratio {ratio:5.2f}x; measuring every {every} steps: {1 + (ratio - 1) / every:5.2f}x"
+    )
+    alone = statistics.median(run(model_name, pairs, None, 7, None)[1:])
+    print(f"{'TRL alone':>16}: {alone:7.3f} s/step (median of steps 2..7, a separate run)")
 
 
 def main() -> None:
@@ -58,14 +101,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--probe", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=7, help="steps per run of --model")
+    parser.add_argument("--block", type=int, default=4, help="measured (and plain) steps a block")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    bench("tiny-llama", args.pairs, args.probe, steps=41, every=args.every)
+    bench("tiny-llama", args.pairs, args.probe, 10, args.every)
     if not args.quick:
-        bench(args.model, args.pairs, args.probe, steps=args.steps, every=args.every)
+        bench(args.model, args.pairs, args.probe, args.block, args.every)
 
 
 if __name__ == "__main__":
