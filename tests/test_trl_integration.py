@@ -178,6 +178,19 @@ def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
                 np.testing.assert_allclose(nxt, after, rtol=0, atol=1e-4)
 
 
+def test_probe_every_follows_the_probe_on_its_own_steps(tmp_path):
+    """``probe_every=2`` with ``every=1``: the batch statistics at every step, the probe at
+    steps 2 and 4 only (each with its own passes), and its metrics logged at those steps."""
+    trainer = _trainer(tmp_path, max_steps=4, logging_steps=1, gradient_checkpointing=False)
+    callback = attach_entanglement_metrics(trainer, probe=PROBE, every=1, probe_every=2)
+    trainer.train()
+    assert sorted(set(callback.pairs_frame()["step"])) == [1, 2, 3, 4]
+    assert sorted(set(callback.probe_frame()["step"])) == [2, 4]
+    logs = {h["step"]: h for h in trainer.state.log_history if "ge/inner" in h}
+    assert sorted(logs) == [1, 2, 3, 4]
+    assert [s for s, h in logs.items() if "ge/probe_sign_agree" in h] == [2, 4]
+
+
 def test_statistics_match_trl_and_brute_force(tmp_path):
     """Per-pair log-probs equal TRL's logged ``logps/*`` (same tokens, same parameters); at step
     1 the policy is its reference, so DPO's coefficients are beta / 2; the statistics of a
@@ -368,6 +381,10 @@ def test_clear_errors(tmp_path):
         attach_entanglement_metrics(trainer, probe=bad)
     with pytest.raises(ValueError, match="every"):
         attach_entanglement_metrics(trainer, every=0)
+    with pytest.raises(ValueError, match="probe_every must be a positive integer"):
+        attach_entanglement_metrics(trainer, probe=PROBE, probe_every=True)
+    with pytest.raises(ValueError, match="probe_every needs a probe"):
+        attach_entanglement_metrics(trainer, probe_every=2)
     with pytest.raises(TypeError, match="unsupported trainer"):
         attach_entanglement_metrics(object())
     with pytest.raises(TypeError, match="MarginLoss"):

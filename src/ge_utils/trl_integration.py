@@ -16,7 +16,8 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
   of a plain gradient step on each pair, :func:`ge_utils.gradients.condition_table`) and
   ``ge/n_pairs``; ``g = grad log pi(y|x)`` over the trainable parameters (LoRA adapters only
   for a PEFT model), at the parameters before the step's update;
-- over a fixed probe set of pairs (optional): ``ge/probe_pred_delta_chosen`` /
+- over a fixed probe set of pairs (optional; at the same steps, or at every ``probe_every``-th
+  step): ``ge/probe_pred_delta_chosen`` /
   ``ge/probe_pred_delta_rejected`` (mean first-order prediction ``g . Delta theta`` with the
   step's actual update ``Delta theta``, so it is honest under AdamW, weight decay and clipping
   included), ``ge/probe_real_delta_chosen`` / ``ge/probe_real_delta_rejected`` (mean realized
@@ -385,7 +386,10 @@ class EntanglementCallback(TrainerCallback):
     logging steps (``logging_strategy="steps"``, plus the first step with
     ``logging_first_step``). ``probe``: pairs (records with prompt/chosen/rejected, a Dataset or
     DataFrame, or a :class:`ProbeBatch`) followed across each computed step; None: no probe
-    metrics. ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
+    metrics. ``probe_every``: follow the probe at every ``probe_every``-th optimizer step
+    instead (e.g. the batch statistics at every step, which cost little, and the probe, which
+    costs a forward and a backward of its pairs, every tenth); None: at the steps measured.
+    ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
     sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
     micro-batch of each process (None: all). ``in_backward``: record the statistics in the
     trainer's own backward where possible (see the module docstring); False: a separate pass at
@@ -404,12 +408,16 @@ class EntanglementCallback(TrainerCallback):
         loss: MarginLoss | None = None,
         max_pairs: int | None = None,
         in_backward: bool = True,
+        probe_every: int | None = None,
     ):
         _check_trainer(trainer, loss)
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
-        if every is not None and every < 1:
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        for name, value in (("every", every), ("probe_every", probe_every)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if probe_every is not None and probe is None:
+            raise ValueError("probe_every needs a probe set (probe=...)")
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs!r}")
         if every is None and str(getattr(trainer.args, "logging_strategy", "steps")) not in (
@@ -421,6 +429,7 @@ class EntanglementCallback(TrainerCallback):
             )
         self.trainer = trainer
         self.every = every
+        self.probe_every = probe_every
         self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
         self.max_pairs = max_pairs
         self.probe: ProbeBatch | None = None
@@ -512,6 +521,14 @@ class EntanglementCallback(TrainerCallback):
         every = max(1, int(every if every >= 1 else math.ceil(state.max_steps * every)))
         return step % every == 0 or (step == 1 and bool(args.logging_first_step))
 
+    def probes(self, step: int) -> bool:
+        """Whether the probe is followed across optimizer step ``step``."""
+        if self.probe is None:
+            return False
+        if self.probe_every is not None:
+            return step % self.probe_every == 0
+        return self.measures(step)
+
     # -- the model as the trainer sees it --------------------------------------------------
 
     def _policy(self) -> nn.Module:
@@ -562,17 +579,18 @@ class EntanglementCallback(TrainerCallback):
             self._step.close()
             recorded = self._step.seconds + time.perf_counter() - start
             self._step = None
-        if not self.measures(step):
+        if not (self.measures(step) or self.probes(step)):
             return
         start = time.perf_counter() - recorded
         with _rng_untouched():
-            records = []
-            for micro in captured:
-                records += self._batch_records(micro, step)
-            rows = _gather(records)
-            if rows:
-                self._log_batch(pd.DataFrame(rows))
-            if self.probe is not None:
+            if self.measures(step):
+                records = []
+                for micro in captured:
+                    records += self._batch_records(micro, step)
+                rows = _gather(records)
+                if rows:
+                    self._log_batch(pd.DataFrame(rows))
+            if self.probes(step):
                 chained, self._next = self._next, None
                 self._before = chained if chained is not None else self._probe_before()
         self._seconds = time.perf_counter() - start
@@ -582,10 +600,10 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step + 1
         start = time.perf_counter()
         if before is not None:
-            chain = self.measures(step + 1) and step < state.max_steps
+            chain = self.probes(step + 1) and step < state.max_steps
             with _rng_untouched():
                 self._probe_step(before, step, chain)
-        if self.measures(step):
+        if self.measures(step) or self.probes(step):
             self._seconds += time.perf_counter() - start
             self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
 
@@ -706,8 +724,6 @@ class EntanglementCallback(TrainerCallback):
             torch.tensor(frame["pred_delta_rejected"].values),
         ).numpy()
         self._probes.append(frame)
-        if not self.measures(step):
-            return
         metrics = self.trainer._metrics["train"]
         for side in ("chosen", "rejected"):
             for kind in ("pred", "real"):
@@ -855,11 +871,18 @@ def attach_entanglement_metrics(
     loss: MarginLoss | None = None,
     max_pairs: int | None = None,
     in_backward: bool = True,
+    probe_every: int | None = None,
 ) -> EntanglementCallback:
     """Build an :class:`EntanglementCallback` for ``trainer``, add it to the trainer's
     callbacks, and return it. Call before ``trainer.train()``, on every process."""
     callback = EntanglementCallback(
-        trainer, probe, every=every, loss=loss, max_pairs=max_pairs, in_backward=in_backward
+        trainer,
+        probe,
+        every=every,
+        loss=loss,
+        max_pairs=max_pairs,
+        in_backward=in_backward,
+        probe_every=probe_every,
     )
     trainer.add_callback(callback)
     return callback
