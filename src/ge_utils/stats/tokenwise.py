@@ -40,17 +40,15 @@ def _token_factors(model: nn.Module, params: ParamSpec, copies: SequenceBatch) -
         return {rec.names[pid]: uses for pid, uses in rec.uses.items()}
 
 
-def _grid(u: Uses, v: Uses) -> Tensor:
-    """(copies of u, copies of v) float64 inner products of the gradients whose factors are
-    ``u`` and ``v``: every pair of uses of each parameter (tied weights add cross terms)."""
-    total = None
+def _grid(u: Uses, v: Uses, shape: tuple[int, int]) -> Tensor:
+    """``shape`` = (copies of u, copies of v) float64 inner products of the gradients whose
+    factors are ``u`` and ``v``: every pair of uses of each parameter (tied weights add cross
+    terms); zero where no parameter of the set takes part."""
+    total = torch.zeros(shape, dtype=torch.float64)
     for name, uses in u.items():
         for a in uses:
             for b in v.get(name, []):
-                grid = factor_grid(a, b).cpu()
-                total = grid if total is None else total + grid
-    if total is None:
-        raise ValueError("no parameter of the set takes part in these log-probs")
+                total += factor_grid(a, b).double().cpu()
     return total
 
 
@@ -93,16 +91,17 @@ def tokenwise_inner(
         if scope == "head":
             return _tokenwise_head(model, chosen, rejected)
         t_w, t_l = int(chosen.response_lengths[0]), int(rejected.response_lengths[0])
-        kept = [
-            _token_factors(model, params, _one_token_copies(rejected, k, k + chunk))
-            for k in range(0, t_l, chunk)
-        ]
+        kept = []
+        for k in range(0, t_l, chunk):
+            copies = _one_token_copies(rejected, k, k + chunk)
+            kept.append((_token_factors(model, params, copies), len(copies)))
         rows = []
         for k in range(0, t_w, chunk):
-            mine = _token_factors(model, params, _one_token_copies(chosen, k, k + chunk))
-            rows.append(torch.cat([_grid(mine, other) for other in kept], dim=1))
-            del mine
-        return torch.cat(rows).double()
+            copies = _one_token_copies(chosen, k, k + chunk)
+            mine = _token_factors(model, params, copies)
+            rows.append(torch.cat([_grid(mine, v, (len(copies), n)) for v, n in kept], dim=1))
+            del mine  # freed before the next chunk's forward
+        return torch.cat(rows)
 
 
 @torch.no_grad()
