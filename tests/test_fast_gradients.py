@@ -335,6 +335,17 @@ def test_tokenwise_chunks_give_the_same_matrix(tiny_model, chunk):
     torch.testing.assert_close(norms, brute, rtol=1e-8, atol=0)
 
 
+def test_tokenwise_over_parameters_that_take_no_part_is_zero(tiny_model):
+    c, r = batches()
+    c, r = c.select([0]), r.select([0])
+    tiny_model.unused = nn.Linear(2, 2).double()  # in the model, not in its forward
+    try:
+        got = tokenwise_inner(tiny_model, c, r, params=["unused.weight", "unused.bias"])
+    finally:
+        del tiny_model.unused
+    assert got.shape == (len(CHOSEN[0]), len(REJECTED[0])) and not got.any()
+
+
 def test_tokenwise_with_a_parameter_subset(tiny_model):
     c, r = batches()
     c, r = c.select([1]), r.select([1])
