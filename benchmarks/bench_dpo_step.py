@@ -7,13 +7,16 @@ Same model (float32, CPU), same pairs, same batch (8 pairs = 16 sequences), same
 (AdamW, lr 5e-6, beta 0.1). TRL runs at its best CPU settings (no bf16, no gradient
 checkpointing), once computing reference log-probs every step (its default) and once with
 ``precompute_ref_log_probs`` (as ge_utils always does). The median step time after the first
-step is reported.
+step is reported. A loaded machine's speed drifts over minutes, so the four configurations run
+in turn for ``--rounds`` rounds (the order reversed every other round) and each ratio is the
+median, with the range, of the per-round ratios (after a short untimed run of each).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 
@@ -45,21 +48,34 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     model = "tiny-llama" if args.quick else args.model
     torch.manual_seed(0)
     pairs = benchmark_pairs(args.pairs)
-    rows = {
-        "ge_utils": ours(model, pairs, args.steps, record_stats=False),
-        "ge_utils + every pair's gradient stats": ours(model, pairs, args.steps, True),
-        "TRL DPOTrainer (ref each step)": trl(model, pairs, args.steps, precompute=False),
-        "TRL DPOTrainer (precomputed ref)": trl(model, pairs, args.steps, precompute=True),
+    configs: dict[str, Callable[[int], float]] = {
+        "ge_utils": lambda n: ours(model, pairs, n, record_stats=False),
+        "ge_utils + every pair's gradient stats": lambda n: ours(model, pairs, n, True),
+        "TRL DPOTrainer (ref each step)": lambda n: trl(model, pairs, n, precompute=False),
+        "TRL DPOTrainer (precomputed ref)": lambda n: trl(model, pairs, n, precompute=True),
     }
-    base = rows["ge_utils"]
-    print(f"model {model}, {args.pairs} pairs a step, median of steps 2..{args.steps}")
-    for name, sec in rows.items():
-        print(f"{name:>40}: {sec:7.2f} s/step  ({sec / base:.2f}x ge_utils)")
+    for run in configs.values():  # a short untimed run of each: first-call costs paid
+        run(2)
+    secs: dict[str, list[float]] = {name: [] for name in configs}
+    for k in range(args.rounds):
+        for name in list(configs)[:: 1 if k % 2 == 0 else -1]:
+            secs[name].append(configs[name](args.steps))
+    print(
+        f"model {model}, {args.pairs} pairs a step, median of steps 2..{args.steps}, "
+        f"{args.rounds} rounds"
+    )
+    for name, times in secs.items():
+        ratios = [t / b for t, b in zip(times, secs["ge_utils"], strict=True)]
+        print(
+            f"{name:>40}: {statistics.median(times):7.2f} s/step  "
+            f"{statistics.median(ratios):.2f}x ge_utils [{min(ratios):.2f}, {max(ratios):.2f}]"
+        )
 
 
 if __name__ == "__main__":

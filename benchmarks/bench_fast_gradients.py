@@ -11,7 +11,11 @@ of the loaded model (every weight read once first: a memory-mapped checkpoint is
 in by the first method's forward and counted as its memory) and batch on the CPU, peak allocated
 CUDA memory above the same on a GPU.
 Ratios are to the floor (one plain forward+backward of the same 2B sequences) and to brute force
-(the authors' method: one backward per sequence, flattened gradient vectors). The brute-force
+(the authors' method: one backward per sequence, flattened gradient vectors). Each time ratio is
+given twice: from those separate runs, and measured again in one interpreter with the two
+methods called in turn (``--repeat`` rounds after a warm-up round), which both see the same load:
+the median and range of the per-round ratios (a loaded machine's drift over minutes moves the
+first figure, hardly the second). The brute-force
 run also reports the largest relative difference between the two methods' statistics.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable
 
@@ -94,62 +99,77 @@ class Memory:
         return peak_rss_mb() - self.base
 
 
+class Setup:
+    """The model, the batch and every method of :data:`METHODS` as a call, on ``args``'s
+    model and device (seeded, every weight read first)."""
+
+    def __init__(self, args: argparse.Namespace):
+        torch.manual_seed(0)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = args.device
+        model, tok = load_model_for_bench(args.model, args.random_init, args.device)
+        pairs = benchmark_pairs(args.pairs)
+        prompts = [p.prompt for p in pairs]
+        c = tokenize(tok, prompts, [p.chosen for p in pairs]).to(args.device)
+        r = tokenize(tok, prompts, [p.rejected for p in pairs]).to(args.device)
+        pick = int(c.response_lengths.argmax()) if args.tok_pair < 0 else args.tok_pair
+        c1, r1 = c.select([pick]), r.select([pick])
+        params = [p for p in model.parameters() if p.requires_grad]
+        head = [model.get_output_embeddings().weight]
+        dpo = get_loss("dpo")
+        page_in(model)
+        self.model, self.c, self.r, self.c1, self.r1 = model, c, r, c1, r1
+
+        def floor():
+            model.zero_grad(set_to_none=True)
+            sequence_logprobs(model, concat_batches(c, r)).sum().backward()
+
+        def train(stats: bool):
+            model.zero_grad(set_to_none=True)
+            ref = (torch.zeros(len(c), device=args.device), torch.zeros(len(r), device=args.device))
+            preference_microstep(model, dpo, c, r, ref, len(c), record_stats=stats)
+
+        def tok_brute(plist):
+            """One backward per response token; the per-token gradients stored as matrix rows."""
+            rows = {}
+            for name, batch in (("w", c1), ("l", r1)):
+                lp = token_logprobs(model, batch)[0][batch.response_mask[0]]
+                rows[name] = torch.empty(len(lp), sum(p.numel() for p in plist), device=args.device)
+                for t in range(len(lp)):
+                    rows[name][t] = flat_grad(lp[t], plist)
+            return rows["w"] @ rows["l"].T
+
+        self.fns: dict[str, Callable[[], object]] = {
+            "floor": floor,
+            "fast": lambda: fast_gradient_stats(model, c, r),
+            "brute": lambda: exact_gradient_stats(model, c, r),
+            "train": lambda: train(False),
+            "train_stats": lambda: train(True),
+            "tok_head_fast": lambda: tokenwise_inner(model, c1, r1, scope="head"),
+            "tok_head_brute": lambda: tok_brute(head),
+            "tok_all_fast": lambda: tokenwise_inner(model, c1, r1, scope="all"),
+            "tok_all_brute": lambda: tok_brute(params),
+        }
+
+    def synced(self, method: str) -> Callable[[], None]:
+        """``method`` as a call that returns once the device has finished it."""
+
+        def call() -> None:
+            self.fns[method]()
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        return call
+
+
 def measure(method: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model_for_bench(args.model, args.random_init, args.device)
-    pairs = benchmark_pairs(args.pairs)
-    prompts = [p.prompt for p in pairs]
-    c = tokenize(tok, prompts, [p.chosen for p in pairs]).to(args.device)
-    r = tokenize(tok, prompts, [p.rejected for p in pairs]).to(args.device)
-    pick = int(c.response_lengths.argmax()) if args.tok_pair < 0 else args.tok_pair
-    c1, r1 = c.select([pick]), r.select([pick])
-    params = [p for p in model.parameters() if p.requires_grad]
-    head = [model.get_output_embeddings().weight]
-    dpo = get_loss("dpo")
-    page_in(model)
+    setup = Setup(args)
+    c, r, c1, r1 = setup.c, setup.r, setup.c1, setup.r1
     memory = Memory(args.device)
-
-    def floor():
-        model.zero_grad(set_to_none=True)
-        sequence_logprobs(model, concat_batches(c, r)).sum().backward()
-
-    def train(stats: bool):
-        model.zero_grad(set_to_none=True)
-        ref = (torch.zeros(len(c), device=args.device), torch.zeros(len(r), device=args.device))
-        preference_microstep(model, dpo, c, r, ref, len(c), record_stats=stats)
-
-    def tok_brute(plist):
-        """One backward per response token; the per-token gradients stored as matrix rows."""
-        rows = {}
-        for name, batch in (("w", c1), ("l", r1)):
-            lp = token_logprobs(model, batch)[0][batch.response_mask[0]]
-            rows[name] = torch.empty(len(lp), sum(p.numel() for p in plist), device=args.device)
-            for t in range(len(lp)):
-                rows[name][t] = flat_grad(lp[t], plist)
-        return rows["w"] @ rows["l"].T
-
-    fns: dict[str, Callable[[], object]] = {
-        "floor": floor,
-        "fast": lambda: fast_gradient_stats(model, c, r),
-        "brute": lambda: exact_gradient_stats(model, c, r),
-        "train": lambda: train(False),
-        "train_stats": lambda: train(True),
-        "tok_head_fast": lambda: tokenwise_inner(model, c1, r1, scope="head"),
-        "tok_head_brute": lambda: tok_brute(head),
-        "tok_all_fast": lambda: tokenwise_inner(model, c1, r1, scope="all"),
-        "tok_all_brute": lambda: tok_brute(params),
-    }
-
-    def synced() -> None:
-        fns[method]()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     out = {
         "method": method,
-        "seconds": timed(synced, repeat=args.repeat, warmup=1),
+        "seconds": timed(setup.synced(method), repeat=args.repeat, warmup=1),
         "extra_mb": memory.extra_mb(),
         "tokens": [int(c.input_ids.shape[1]), int(r.input_ids.shape[1])],
         "response_tokens": [int(c1.response_lengths[0]), int(r1.response_lengths[0])],
@@ -158,12 +178,30 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         else f"cpu x{torch.get_num_threads()}",
     }
     if method == "brute":  # agreement of the two methods, outside the timed region
+        model = setup.model
         exact, fast = exact_gradient_stats(model, c, r), fast_gradient_stats(model, c, r)
         out["max_rel_diff"] = max(
             float(((fast[k] - exact[k]).abs() / exact[k].abs().max()).max())
             for k in ("norm2_chosen", "norm2_rejected", "inner")
         )
     return out
+
+
+def alternate(pair: str, args: argparse.Namespace) -> dict:
+    """Time ratio ``num / den`` (``pair`` = "num,den") measured in one interpreter, the two
+    methods called in turn (``--repeat`` rounds, order num-den then den-num, after one untimed
+    call of each), so that both see the same load: the median and range of the per-round
+    ratios."""
+    setup = Setup(args)
+    num, den = (setup.synced(m) for m in pair.split(","))
+    ratios = []
+    for k in range(args.repeat + 1):
+        pair_times = {}
+        for name, fn in (("num", num), ("den", den)) if k % 2 else (("den", den), ("num", num)):
+            pair_times[name] = timed(fn, repeat=1, warmup=0)
+        if k > 0:  # round 0 warms both up
+            ratios.append(pair_times["num"] / pair_times["den"])
+    return {"pair": pair, "ratios": ratios, "median": statistics.median(ratios)}
 
 
 def main() -> None:
@@ -180,11 +218,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke check")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", metavar="NUM,DEN", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.model, args.random_init = "tiny-llama", None
     if args.measure:
         print(json.dumps(measure(args.measure, args)))
+        return
+    if args.alternate:
+        print(json.dumps(alternate(args.alternate, args)))
         return
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -226,9 +268,17 @@ def main() -> None:
         ("token-wise head: per-token backward / fast", "tok_head_brute", "tok_head_fast"),
         ("token-wise all: per-token gradients / fast", "tok_all_brute", "tok_all_fast"),
     ]
+    print(
+        f"\n{'ratio':<44} {'time':>7} {'alternating':>22} {'memory':>7}\n"
+        f"{'':<44} {'':>7} {'median [min, max]':>22}"
+    )
     for label, num, den in ratios:
         if num in t and den in t:
-            print(f"{label:<44} time {t[num] / t[den]:6.2f}x  memory {mb[num] / mb[den]:6.2f}x")
+            alt = run_isolated(
+                "benchmarks.bench_fast_gradients", "--alternate", f"{num},{den}", *forwarded
+            )
+            spread = f"{alt['median']:.2f}x [{min(alt['ratios']):.2f}, {max(alt['ratios']):.2f}]"
+            print(f"{label:<44} {t[num] / t[den]:6.2f}x {spread:>22} {mb[num] / mb[den]:6.2f}x")
     if "brute" in res:
         print(f"max relative difference fast vs brute force: {res['brute']['max_rel_diff']:.1e}")
 

@@ -5,14 +5,15 @@
 
 Same model (float32, CPU), same pairs, TRL at its best CPU settings (no bf16, no gradient
 checkpointing, reference log-probs each step, its default), AdamW lr 5e-6, beta 0.1, a probe
-set of ``--probe`` pairs. A shared machine's load changes over minutes and swamps separate runs,
-so measured and plain steps alternate within each run, under the same load:
+set of ``--probe`` pairs (several sizes: ``--probe 1 2 4``). A shared machine's load changes
+over minutes and swamps separate runs, so measured and plain steps alternate within each run,
+under the same load:
 
 - **every step**: blocks of ``--block`` measured steps and ``--block`` plain ones (three of
   each; the first two blocks warm up and are left out). Within a block each step after the
   first starts from the probe pass its predecessor ran right after its update, as when every
   step is measured; those steps are compared with the plain ones. Once with the batch
-  statistics alone, once with the probe too.
+  statistics alone, then with the probe too (once per probe size).
 - **every N steps**: measured and plain steps alternate one by one; a measured step then runs
   its own probe passes before and after its update, as with any ``every`` above 1. The cost of
   measuring every N steps is ``1 + (ratio - 1) / N``.
@@ -64,10 +65,12 @@ def split(
     return statistics.median(plain), statistics.median(measured)
 
 
-def bench(model_name: str, n_pairs: int, n_probe: int, block: int, every: int) -> None:
+def bench(model_name: str, n_pairs: int, n_probes: list[int], block: int, every: int) -> None:
     pairs = benchmark_pairs(n_pairs)
-    probe = benchmark_pairs(n_pairs + n_probe)[n_pairs:]
-    print(f"model {model_name}, {n_pairs} pairs a step, probe {n_probe} pairs")
+    probes = {n: benchmark_pairs(n_pairs + n)[n_pairs:] for n in sorted(n_probes)}
+    probe = probes[max(probes)]
+    sizes = ", ".join(map(str, probes))
+    print(f"model {model_name}, {n_pairs} pairs a step, probe of {sizes} pairs")
 
     def in_block(step: int) -> bool:
         return (step - 2) // block % 2 == 0
@@ -77,30 +80,36 @@ def bench(model_name: str, n_pairs: int, n_probe: int, block: int, every: int) -
         f"  every step: blocks of {block} measured and {block} plain steps, {steps} steps, "
         f"from step {start} (the first blocks warm up)"
     )
-    for label, with_probe in (("stats", None), ("stats + probe", probe)):
+    runs = [("stats", None)] + [(f"stats + probe {n}", p) for n, p in probes.items()]
+    for label, with_probe in runs:
         times = run(model_name, pairs, with_probe, steps, in_block)
         plain, measured = split(times, in_block, steady=True, start=start)
         print(
-            f"{label:>16}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
+            f"{label:>18}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
             f"ratio {measured / plain:5.2f}x"
         )
     times = run(model_name, pairs, probe, 13, lambda step: step % 2 == 0)
     plain, measured = split(times, lambda step: step % 2 == 0, steady=False)
     ratio = measured / plain
-    print("  every other step (each measured step with its own probe passes), 13 steps")
     print(
-        f"{'stats + probe':>16}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
+        f"  every other step (each measured step with its own probe passes), 13 steps, "
+        f"probe {max(probes)}"
+    )
+    print(
+        f"{'stats + probe':>18}: plain {plain:7.3f} s, measured {measured:7.3f} s (median)  "
         f"ratio {ratio:5.2f}x; measuring every {every} steps: {1 + (ratio - 1) / every:5.2f}x"
     )
     alone = statistics.median(run(model_name, pairs, None, 7, None)[1:])
-    print(f"{'TRL alone':>16}: {alone:7.3f} s/step (median of steps 2..7, a separate run)")
+    print(f"{'TRL alone':>18}: {alone:7.3f} s/step (median of steps 2..7, a separate run)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--probe", type=int, default=4)
+    parser.add_argument(
+        "--probe", type=int, nargs="+", default=[4], help="probe pairs (several: one run each)"
+    )
     parser.add_argument("--block", type=int, default=4, help="measured (and plain) steps a block")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
