@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -122,8 +123,9 @@ def test_training_unchanged_and_metrics_logged(tmp_path, setting):
 def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
     """``every=1``: each step's probe forward and backward runs right after the previous
     update and is also that step's "after" (one probe pass a step, one plain forward at the
-    end); the realized log-probs equal a recomputation at the parameters after each step;
-    training stays bit-identical."""
+    end); the realized log-probs equal a recomputation at the parameters after each step, the
+    predicted changes ``grad u . Delta theta`` one by autograd (the parameter copies reuse one
+    memory); training stays bit-identical."""
     from transformers import TrainerCallback
 
     import ge_utils.trl_integration as integration
@@ -142,9 +144,17 @@ def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
     class Snapshot(TrainerCallback):
         def __init__(self):
             self.params: list[dict[str, torch.Tensor]] = []
+            self.buffers: list[set[int]] = []  # where the integration's parameter copies live
+            self.integration = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            if self.integration is not None:
+                held = self.integration._theta_buffer.values()
+                self.buffers.append({t.data_ptr() for t in held})
 
     runs = {}
     for on in (False, True):
@@ -153,9 +163,13 @@ def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
         snapshot = Snapshot()
         trainer.add_callback(snapshot)
         callback = attach_entanglement_metrics(trainer, probe=PROBE, every=1) if on else None
+        snapshot.integration = callback
         trainer.train()
-        runs[on] = (trainer, callback, snapshot.params)
-    (off, _, _), (on, callback, snapshots) = runs[False], runs[True]
+        runs[on] = (trainer, callback, snapshot)
+    (off, _, _), (on, callback, snapshot) = runs[False], runs[True]
+    snapshots = snapshot.params
+    assert len(snapshot.buffers) == 3 and snapshot.buffers[0]
+    assert snapshot.buffers[1] == snapshot.buffers[0] == snapshot.buffers[2]
     p_off, p_on = _params(off), _params(on)
     assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
     assert calls == {"factors": 3, "forward": 1}  # step 1's before, 2 chained, step 3's after
@@ -165,7 +179,7 @@ def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
     joint = concat_batches(batch.chosen, batch.rejected)
     model = load_model("tiny-llama", device="cpu").model.eval()
     n = len(PROBE)
-    for step, params in enumerate(snapshots, start=1):
+    for step, (start, params) in enumerate(itertools.pairwise(snapshots), start=1):
         model.load_state_dict(params)
         with torch.no_grad():
             u = sequence_logprobs(model, joint).numpy()
@@ -176,6 +190,24 @@ def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
             if step < 3:  # the next step starts where this one ended
                 nxt = probe[probe["step"] == step + 1][f"logp_{side}"].to_numpy()
                 np.testing.assert_allclose(nxt, after, rtol=0, atol=1e-4)
+        model.load_state_dict(start)  # grad u_i at the step's start, dotted with its update
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        u0 = sequence_logprobs(model, joint)
+        pred = []
+        for i in range(len(u0)):
+            grads = torch.autograd.grad(u0[i], trainable, retain_graph=True, allow_unused=True)
+            pred.append(
+                sum(
+                    float((g * (params[k] - start[k])).sum())
+                    for k, g in zip(names, grads, strict=True)
+                    if g is not None
+                )
+            )
+        for side, part in (("chosen", pred[:n]), ("rejected", pred[n:])):
+            np.testing.assert_allclose(
+                rows[f"pred_delta_{side}"].to_numpy(), part, rtol=1e-3, atol=1e-7
+            )
 
 
 def test_probe_every_follows_the_probe_on_its_own_steps(tmp_path):

@@ -50,7 +50,8 @@ until the next optimizer step) and their log-probs are this step's "after": meas
 costs one forward, one backward and the contraction per step. Where the recorder cannot handle
 the model, a forward-mode pass
 (:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
-(small for LoRA, large for a full fine-tune), into which the update is then computed.
+(small for LoRA, large for a full fine-tune), into which the update is then computed; that
+memory is kept from the first probed step on and reused (until :meth:`detach`).
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
@@ -442,6 +443,7 @@ class EntanglementCallback(TrainerCallback):
         self._ref_hook = self._hook_reference()
         self._before: _ProbeBefore | None = None
         self._next: _ProbeBefore | None = None  # the next step's, from this step's after-pass
+        self._theta_buffer: dict[str, Tensor] = {}  # memory for the parameter copies, kept
         self._seconds = 0.0
         self._pairs: list[pd.DataFrame] = []
         self._probes: list[pd.DataFrame] = []
@@ -508,6 +510,7 @@ class EntanglementCallback(TrainerCallback):
             self.trainer.compute_loss = original
         with contextlib.suppress(ValueError):
             self.trainer.remove_callback(self)
+        self._theta_buffer, self._before, self._next = {}, None, None
 
     # -- when ------------------------------------------------------------------------------
 
@@ -536,6 +539,26 @@ class EntanglementCallback(TrainerCallback):
 
     def _trainable(self) -> dict[str, Tensor]:
         return {n: p for n, p in self._policy().named_parameters() if p.requires_grad}
+
+    def _copy_trainable(self) -> dict[str, Tensor]:
+        """A copy of the trainable parameters, written into the same memory at every probed
+        step (allocated at the first, or again when a parameter's name, shape, dtype or device
+        changed): a fresh copy of SmolLM2-135M took 0.13 s on the 2-core CPU, mostly page
+        faults, against 0.04 s into kept memory. The previous copy is used up by then
+        (:class:`_Update` turned it into that step's update and it was read)."""
+        now = {n: p.detach() for n, p in self._trainable().items()}
+        held = self._theta_buffer
+
+        def fits(name: str, p: Tensor) -> bool:
+            b = held.get(name)
+            return b is not None and (b.shape, b.dtype, b.device) == (p.shape, p.dtype, p.device)
+
+        if held.keys() != now.keys() or not all(fits(n, p) for n, p in now.items()):
+            self._theta_buffer = {n: p.clone() for n, p in now.items()}
+        else:
+            for n, p in now.items():
+                held[n].copy_(p)
+        return dict(self._theta_buffer)
 
     def _reference(self, micro: _MicroBatch, keep: list[int], c: SequenceBatch, r: SequenceBatch):
         """Reference log-probs (B,) of the kept pairs: the batch's precomputed columns, those the
@@ -666,7 +689,7 @@ class EntanglementCallback(TrainerCallback):
         """Just before the optimizer step: a copy of the trainable parameters and, where the
         recorder handles the model, this process's probe log-probs with the per-layer factors
         of their gradients (:func:`_logps_and_factors`)."""
-        theta0 = {n: p.detach().clone() for n, p in self._trainable().items()}
+        theta0 = self._copy_trainable()
         accel = self.trainer.accelerator
         rank, world = int(accel.process_index), int(accel.num_processes)
         mine = list(range(rank, len(self.probe), world))
@@ -697,7 +720,7 @@ class EntanglementCallback(TrainerCallback):
             else:
                 delta = {n: now[n] - probe.theta0[n] for n in probe.theta0}
                 before, pred = directional_logps(policy, joint, probe.theta0, delta)
-        probe.theta0, probe.recorder = {}, None  # used up: freed before the next step's copy
+        probe.theta0, probe.recorder = {}, None  # used up: its memory takes the next copy
         if chain:
             self._next = self._probe_before()
         if mine:
