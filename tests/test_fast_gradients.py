@@ -729,3 +729,54 @@ def test_all_pairs_targets_are_computed_as_one_block():
     rows, cols = _as_grid(a.repeat_interleave(4), b.flip(0).repeat(3))
     assert rows == slice(0, 3) and torch.equal(cols, b.flip(0))
     assert _as_grid(a.repeat_interleave(4), torch.cat([b.repeat(2), b.flip(0)])) is None
+
+
+def _recorded(model, joint, group, targets=None, loss=None):
+    """The recorder's results over ``joint`` with ``group``: the pair products (or ``targets``)
+    of ``sum_i u_i``, or with ``loss`` (of the log-probs) its training backward, scaled back."""
+    with GhostRecorder(model, batch=joint, group=group, keep_outputs=loss is None) as rec:
+        if targets is not None:
+            rec.expect(**targets)
+        u = sequence_logprobs(model, joint)
+        if loss is None:
+            rec.backward(u.sum())
+            return rec.results()
+        value = loss(u)
+        (coef,) = torch.autograd.grad(value, u, retain_graph=True)
+        value.backward()
+        return rec.results(coef)
+
+
+@pytest.mark.parametrize("group", [2, 3, 64])
+def test_layers_reduced_together_equal_layer_by_layer(tiny_model, group, monkeypatch):
+    """``group > 1``: the factors of equal shapes (every layer's Gram products batched, dense
+    gradients stacked, a shared input multiplied once) give the statistics of ``group=1`` and of
+    brute force: pair products, every pair of a grid, and a training backward scaled back."""
+    monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)  # every linear layer as Gram products
+    c, r = batches("left")
+    joint = concat_batches(c, r)
+    n = len(joint)
+    grid = {"all": (torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n))}
+    exact = exact_gradient_stats(tiny_model, c, r)
+    for targets, loss in ((None, None), (grid, None), (None, lambda u: (u * u).sum() / 7)):
+        one = _recorded(tiny_model, joint, 1, targets, loss)
+        tiny_model.zero_grad()
+        together = _recorded(tiny_model, joint, group, targets, loss)
+        tiny_model.zero_grad()
+        assert set(together) == set(one)
+        for key in one:
+            torch.testing.assert_close(together[key], one[key], rtol=1e-12, atol=0)
+    together = _recorded(tiny_model, joint, group)
+    assert_stats_close(together, exact, 1e-8, keys=PAIR_KEYS)
+    torch.testing.assert_close(
+        _recorded(tiny_model, joint, group, grid)["all"].reshape(n, n).diagonal()[:3],
+        exact["norm2_chosen"],
+        rtol=1e-8,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("group", [0, -2, 1.5, True, "4"])
+def test_bad_group_raises(tiny_model, group):
+    with pytest.raises(ValueError, match="group must be a positive integer"):
+        GhostRecorder(tiny_model, group=group)

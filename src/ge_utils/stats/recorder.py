@@ -3,10 +3,13 @@ inner products of their per-sequence gradient factors (:mod:`ge_utils.stats.laye
 each layer's factors are; :mod:`ge_utils.stats.factors` how two factors multiply).
 
 For parameters used once, each layer's contribution is reduced in its backward hook, so memory
-stays bounded by one layer's factors. A parameter used several times in one forward (tied
-input/output embeddings, a module called twice) keeps its factors until :meth:`results`, which
-adds every cross term ``<grad of use u, grad of use v>``: the per-sequence gradient is the sum
-over its uses. Layers fed the same input (q, k, v; gate, up) share its Gram matrix.
+stays bounded by one layer's factors; or, with ``group > 1`` (the default off the CPU), once
+``group`` layers of the same shapes have been recorded, in one batched product per Gram matrix
+for all of them (fewer kernel launches, those layers' rows held meanwhile). A parameter used
+several times in one forward (tied input/output embeddings, a module called twice) keeps its
+factors until :meth:`results`, which adds every cross term ``<grad of use u, grad of use v>``:
+the per-sequence gradient is the sum over its uses. Layers fed the same input (q, k, v; gate,
+up) share its Gram matrix.
 
 Forward hooks of the user's that change a module's output, and gradient checkpointing
 (reentrant or not), are handled: the recorder's hook runs first and sees the module's own
@@ -30,7 +33,6 @@ from ge_utils.stats.factors import (
     as_index,
     factor_dot,
     factor_inner,
-    gram,
     take,
 )
 from ge_utils.stats.factors import materialize as _materialize
@@ -38,6 +40,7 @@ from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.record import PAIR_KEYS, PairStats
 
 TINY_COEFFICIENT = 1e-12  # |dLoss/du_i| below this: sequence i's unit statistics are NaN
+DEVICE_GROUP = 16  # layers reduced together by default on a GPU (or any device but the CPU)
 Node = torch.autograd.graph.Node
 GradientEdge = torch.autograd.graph.GradientEdge
 
@@ -63,6 +66,16 @@ class GhostRecorder:
     With ``keep_factors=True`` nothing is reduced and no products are expected: every use's
     factors are kept, and :meth:`directional` gives each sequence's directional derivative
     ``grad f_i . v`` along any direction ``v`` of the parameters, known after the backward.
+
+    ``group``: how many layers are reduced together. Each layer's Gram products take about 25
+    small operations, as many kernel launches on a GPU, where a small model's statistics are
+    bound by launches rather than flops. With ``group=k`` the factors of a layer are held until
+    k layers with factors of the same shapes (e.g. every ``q_proj``) have been recorded, and
+    each Gram matrix of all of them is then one batched product: about k times fewer
+    launches, for the memory of those layers' rows and one copy of them (stacking). Default
+    (None): 1 on the CPU (each layer reduced in its backward hook: least memory, and there the
+    copies cost more than the saved calls), :data:`DEVICE_GROUP` on any other device. The
+    result does not depend on ``group`` beyond rounding.
     """
 
     def __init__(
@@ -72,7 +85,12 @@ class GhostRecorder:
         keep_outputs: bool = True,
         batch: SequenceBatch | None = None,
         keep_factors: bool = False,
+        group: int | None = None,
     ):
+        if group is not None and (type(group) is not int or group < 1):
+            raise ValueError(f"group must be a positive integer or None, got {group!r}")
+        self.group = group
+        self._pending: dict[tuple, list[Factor]] = {}  # outer factors awaiting a group's reduction
         self.named = parameter_set(model, params)
         frozen = [n for n, p in self.named if not p.requires_grad]
         if frozen:
@@ -83,7 +101,8 @@ class GhostRecorder:
         self._index: dict[str, tuple[Index, Index]] = {}
         self._grid: dict[str, tuple[Index, Index]] = {}  # targets that are all pairs of a x b
         self.totals: dict[str, Tensor] = {}
-        self._gram_cache: dict[tuple[str | None, str], tuple[Tensor, Tensor]] = {}
+        # the last Gram matrices per (target, side): the row tensors they came from, (U, K, T, S)
+        self._gram_cache: dict[tuple[str | None, str], tuple[tuple[Tensor, ...], Tensor]] = {}
         self._fused: list[str] = []
         self.gram_reuses = 0  # Gram matrices shared by layers with one input (q, k, v; gate, up)
         # for backward(): the autograd edges of the recorded outputs (not the tensors, whose
@@ -249,22 +268,40 @@ class GhostRecorder:
         if keep or pid in self.shared:
             self.uses[pid].append(use)
             return
-        if not use.is_outer:
+        if use.ids is not None:  # one-hot (an embedding): one such layer, reduced now
             for key, (ii, jj) in self._index.items():
                 self._accumulate(key, factor_inner(use, use, ii, jj))
             return
+        rows = (use.vec,) if use.vec is not None else (use.left, use.right)
+        kind = (*((t.shape, t.dtype) for t in rows), rows[0].device)
+        pending = self._pending.setdefault(kind, [])
+        pending.append(use)
+        group = self.group or (1 if rows[0].device.type == "cpu" else DEVICE_GROUP)
+        if len(pending) >= group:
+            self._reduce(self._pending.pop(kind))
+
+    def _reduce(self, uses: list[Factor]) -> None:
+        """Add the products of factors of one kind and equal shapes (one or more layers) to
+        the totals."""
+        if uses[0].vec is not None:  # dense: (L, N, D) per-sequence gradients
+            vec = _stack([u.vec for u in uses])
+            for key, (ii, jj) in self._index.items():
+                prod = _take_rows(vec, ii) * _take_rows(vec, jj)
+                self._accumulate(key, prod.sum(2, dtype=acc_dtype(prod)).sum(0))
+            return
         if self._fused:
-            per_seq = self._outer_inner(use, None)  # (N,) every |grad f_i|^2 of this layer
+            per_seq = self._outer_inner(uses, None)  # (N,) every |grad f_i|^2 of these layers
             for key in self._fused:
                 self._accumulate(key, take(per_seq, self._index[key][0]))
         for key in self._index.keys() - set(self._fused):
-            self._accumulate(key, self._outer_inner(use, key))
+            self._accumulate(key, self._outer_inner(uses, key))
 
-    def _outer_inner(self, use: Factor, key: str | None) -> Tensor:
-        """(K,) inner products of an outer factor for the rows of ``key`` (None: every sequence
-        with itself). Layers that share an input (q, k, v; gate, up) reuse its Gram matrix."""
-        prod = self._gram_of(use.left, key, "left") * self._gram_of(use.right, key, "right")
-        return prod.sum((1, 2), dtype=acc_dtype(prod))
+    def _outer_inner(self, uses: list[Factor], key: str | None) -> Tensor:
+        """(K,) inner products, summed over ``uses`` (outer factors of equal shapes), for the
+        rows of ``key`` (None: every sequence with itself)."""
+        left = self._grams([u.left for u in uses], key, "left")
+        prod = left * self._grams([u.right for u in uses], key, "right")
+        return prod.sum((2, 3), dtype=acc_dtype(prod)).sum(0)
 
     def _accumulate(self, key: str, value: Tensor) -> None:
         if key in self.totals:
@@ -272,31 +309,52 @@ class GhostRecorder:
         else:
             self.totals[key] = value.clone()
 
-    def _gram_of(self, t: Tensor, key: str | None, side: str) -> Tensor:
-        """``gram(t[ii], t[jj])`` for the rows of ``key`` (None: all with themselves), reused
-        when the previous call for ``(key, side)`` saw the same rows (same storage and shape).
-        The cache holds that tensor, so its storage cannot be freed and handed to a different
-        tensor while the entry lives."""
-        held = self._gram_cache.get((key, side))
-        if held is not None and held[0].data_ptr() == t.data_ptr() and held[0].shape == t.shape:
+    def _grams(self, ts: list[Tensor], key: str | None, side: str) -> Tensor:
+        """(L, K, T, S) ``gram(t[ii], t[jj])`` of each of ``ts`` (L row tensors of one shape)
+        for the rows of ``key`` (None: all with themselves), computed as one batched product.
+        A tensor seen by the previous call for ``(key, side)`` (same storage and shape), or
+        twice in ``ts``, is multiplied once: layers fed one input (q, k, v; gate, up) share its
+        Gram matrix. The cache holds those tensors, so their storage cannot be freed and
+        handed to a different tensor while the entry lives."""
+        held, held_grams = self._gram_cache.get((key, side), ((), None))
+        fresh: list[Tensor] = []
+        where: list[tuple[bool, int]] = []  # per tensor: (from the cache, its position)
+        for t in ts:
+            if (j := _position(held, t)) is not None:
+                where.append((True, j))
+            elif (j := _position(fresh, t)) is not None:
+                where.append((False, j))
+            else:
+                fresh.append(t)
+                where.append((False, len(fresh) - 1))
+                continue
             self.gram_reuses += 1
-            return held[1]
+        if fresh:
+            computed = self._gram_rows(fresh, key)
+            self._gram_cache[(key, side)] = (tuple(fresh), computed)
+            if len(fresh) == len(ts):  # each tensor once, in order: no gathering
+                return computed
+        parts = [held_grams[j] if cached else computed[j] for cached, j in where]
+        return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+
+    def _gram_rows(self, ts: list[Tensor], key: str | None) -> Tensor:
+        """(U, K, T, S) Gram matrices of the rows of ``key`` of each tensor of ``ts``."""
+        x = _stack(ts)  # (U, N, T, D)
         if key in self._grid:  # every row of a with every row of b: one product, no row copies
-            a, b = (take(t, idx) for idx in self._grid[key])
-            (n_a, rows_a, d), (n_b, rows_b, _) = a.shape, b.shape
-            block = a.reshape(-1, d) @ b.reshape(-1, d).T  # (n_a rows_a, n_b rows_b)
-            product = block.reshape(n_a, rows_a, n_b, rows_b).transpose(1, 2)
-            product = product.reshape(n_a * n_b, rows_a, rows_b)
-        else:
-            ii, jj = self._index[key] if key is not None else (slice(None), slice(None))
-            product = gram(take(t, ii), take(t, jj))
-        self._gram_cache[(key, side)] = (t, product)
-        return product
+            a, b = (_take_rows(x, idx) for idx in self._grid[key])
+            (u, n_a, rows_a, d), (_, n_b, rows_b, _) = a.shape, b.shape
+            block = torch.matmul(a.reshape(u, -1, d), b.reshape(u, -1, d).transpose(1, 2))
+            product = block.reshape(u, n_a, rows_a, n_b, rows_b).transpose(2, 3)
+            return product.reshape(u, n_a * n_b, rows_a, rows_b)
+        ii, jj = self._index[key] if key is not None else (slice(None), slice(None))
+        return torch.matmul(_take_rows(x, ii), _take_rows(x, jj).transpose(2, 3))
 
     def results(self, scale: Tensor | None = None) -> dict[str, Tensor]:
         """The requested inner products (float64 (K,) each, on the CPU), summed over the
         parameter set; with ``scale`` (N,), the coefficients ``c`` of the backward
         ``sum_i c_i f_i``, divided by ``c[ii] * c[jj]`` (NaN where ``|c| < TINY_COEFFICIENT``)."""
+        for shapes in list(self._pending):
+            self._reduce(self._pending.pop(shapes))
         self._gram_cache.clear()
         out = {k: torch.zeros(len(ii), dtype=torch.float64) for k, (ii, _) in self.targets.items()}
         for key, total in self.totals.items():
@@ -398,7 +456,7 @@ class GhostRecorder:
         self.calls.clear()
         self.param_calls.clear()
         self.targets, self._index, self.totals, self._gram_cache = {}, {}, {}, {}
-        self._grid = {}
+        self._grid, self._pending = {}, {}
         self._fused = []
         self._recorded, self.gram_reuses = False, 0
 
@@ -425,6 +483,24 @@ def _as_grid(ii: Tensor, jj: Tensor) -> tuple[Index, Index] | None:
     if torch.equal(ii, a.repeat_interleave(n_b)) and torch.equal(jj, b.repeat(len(a))):
         return as_index(a), as_index(b)
     return None
+
+
+def _position(ts: tuple[Tensor, ...] | list[Tensor], t: Tensor) -> int | None:
+    """Where ``t`` (the same storage and shape) is in ``ts``, or None."""
+    return next(
+        (j for j, s in enumerate(ts) if s.data_ptr() == t.data_ptr() and s.shape == t.shape),
+        None,
+    )
+
+
+def _stack(ts: list[Tensor]) -> Tensor:
+    """``torch.stack(ts)``; a view, not a copy, of a single tensor."""
+    return ts[0][None] if len(ts) == 1 else torch.stack(ts)
+
+
+def _take_rows(x: Tensor, idx: Index) -> Tensor:
+    """Sequences ``idx`` (dim 1) of stacked per-sequence values ``x`` (U, N, ...)."""
+    return x[:, idx] if isinstance(idx, slice) else x.index_select(1, idx.to(x.device))
 
 
 def group_rows(t: Tensor, row_seq: Tensor, n_seq: int) -> Tensor:
