@@ -780,3 +780,21 @@ def test_layers_reduced_together_equal_layer_by_layer(tiny_model, group, monkeyp
 def test_bad_group_raises(tiny_model, group):
     with pytest.raises(ValueError, match="group must be a positive integer"):
         GhostRecorder(tiny_model, group=group)
+
+
+def test_fast_gradient_stats_passes_its_group_to_the_recorder(tiny_model, monkeypatch):
+    import ge_utils.stats.strategies as strategies
+
+    seen = []
+
+    class Spy(GhostRecorder):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("group"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "GhostRecorder", Spy)
+    c, r = batches("left")
+    exact = exact_gradient_stats(tiny_model, c, r)
+    assert_stats_close(fast_gradient_stats(tiny_model, c, r, group=5), exact, 1e-8)
+    assert_stats_close(fast_gradient_stats(tiny_model, c, r), exact, 1e-8)
+    assert seen == [5, None]

@@ -120,13 +120,17 @@ class ExactStats(StatsComputer):
 class FastStats(StatsComputer):
     """One forward and one backward over the 2B sequences with a
     :class:`~ge_utils.stats.recorder.GhostRecorder`; in a training step, the training backward
-    itself (output gradients scaled by ``c``, divided out)."""
+    itself (output gradients scaled by ``c``, divided out). ``group``: the recorder's number of
+    layers reduced together (None: its default for the device)."""
+
+    def __init__(self, group: int | None = None):
+        self.group = group
 
     def pair_stats(self, model, chosen, rejected, params=None) -> PairStats:
         _check_pairs(chosen, rejected)
         joint = concat_batches(chosen, rejected)
         with eval_mode(model):
-            with GhostRecorder(model, params, batch=joint) as rec:
+            with GhostRecorder(model, params, batch=joint, group=self.group) as rec:
                 u = sequence_logprobs(model, joint)
                 rec.backward(u.sum())
                 stats = rec.pair_stats()
@@ -137,7 +141,8 @@ class FastStats(StatsComputer):
         _check_pairs(chosen, rejected)
         joint = concat_batches(chosen, rejected)
         b = len(chosen)
-        with GhostRecorder(model, params, keep_outputs=False, batch=joint) as rec:
+        recorder = GhostRecorder(model, params, keep_outputs=False, batch=joint, group=self.group)
+        with recorder as rec:
             u = sequence_logprobs(model, joint)
             loss = _scalar(loss_of_logps(u[:b], u[b:]))
             (coef,) = torch.autograd.grad(loss, u, retain_graph=True)
@@ -148,12 +153,17 @@ class FastStats(StatsComputer):
 
 
 def fast_gradient_stats(
-    model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch, params: ParamSpec = None
+    model: nn.Module,
+    chosen: SequenceBatch,
+    rejected: SequenceBatch,
+    params: ParamSpec = None,
+    group: int | None = None,
 ) -> PairStats:
     """Same result as :func:`ge_utils.stats.exact.exact_gradient_stats`, from one forward and one
     backward over the 2B sequences (``get_strategy("fast")``). Eval mode; parameter ``.grad``
-    fields are left untouched."""
-    return FastStats().pair_stats(model, chosen, rejected, params)
+    fields are left untouched. ``group``: layers reduced together
+    (:class:`~ge_utils.stats.recorder.GhostRecorder`; None: 1 on the CPU, more elsewhere)."""
+    return FastStats(group).pair_stats(model, chosen, rejected, params)
 
 
 def training_step_stats(
