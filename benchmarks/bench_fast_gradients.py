@@ -15,8 +15,13 @@ Ratios are to the floor (one plain forward+backward of the same 2B sequences) an
 given twice: from those separate runs, and measured again in one interpreter with the two
 methods called in turn (``--repeat`` rounds after a warm-up round), which both see the same load:
 the median and range of the per-round ratios (a loaded machine's drift over minutes moves the
-first figure, hardly the second). The brute-force
-run also reports the largest relative difference between the two methods' statistics.
+first figure, hardly the second). The brute-force run also reports the largest relative
+difference between the two methods' statistics.
+
+``kernels``: what one call launches (``benchmarks.common.kernel_count``: CUDA kernels on a GPU;
+on the CPU the operations that would each be one), the figure that bounds a small model's
+statistics on a GPU. ``fast_grouped`` is ``fast`` with the recorder's GPU default of layers
+reduced together (``ge_utils.stats.recorder.DEVICE_GROUP``), forced on any device.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 from benchmarks.common import (
     benchmark_pairs,
+    kernel_count,
     load,
     page_in,
     peak_rss_mb,
@@ -41,11 +47,13 @@ from benchmarks.common import (
 from ge_utils.logprobs import concat_batches, sequence_logprobs, token_logprobs, tokenize
 from ge_utils.losses import get_loss
 from ge_utils.stats import exact_gradient_stats, fast_gradient_stats, tokenwise_inner
+from ge_utils.stats.recorder import DEVICE_GROUP
 from ge_utils.training import preference_microstep
 
 METHODS = [
     "floor",
     "fast",
+    "fast_grouped",
     "brute",
     "train",
     "train_stats",
@@ -143,6 +151,7 @@ class Setup:
         self.fns: dict[str, Callable[[], object]] = {
             "floor": floor,
             "fast": lambda: fast_gradient_stats(model, c, r),
+            "fast_grouped": lambda: fast_gradient_stats(model, c, r, group=DEVICE_GROUP),
             "brute": lambda: exact_gradient_stats(model, c, r),
             "train": lambda: train(False),
             "train_stats": lambda: train(True),
@@ -171,6 +180,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
         "method": method,
         "seconds": timed(setup.synced(method), repeat=args.repeat, warmup=1),
         "extra_mb": memory.extra_mb(),
+        "kernels": kernel_count(setup.synced(method), args.device),
         "tokens": [int(c.input_ids.shape[1]), int(r.input_ids.shape[1])],
         "response_tokens": [int(c1.response_lengths[0]), int(r1.response_lengths[0])],
         "device": torch.cuda.get_device_name()
@@ -256,13 +266,15 @@ def main() -> None:
         f"\nmodel {args.model} ({weights}) on {first['device']}, {args.pairs} pairs, padded "
         f"lengths {first['tokens']}, token-wise pair {first['response_tokens']} response tokens"
     )
-    print(f"{'method':>15} {'seconds':>9} {'extra MB':>9}")
+    print(f"{'method':>15} {'seconds':>9} {'extra MB':>9} {'kernels':>8}")
     for m in methods:
-        print(f"{m:>15} {res[m]['seconds']:9.3f} {res[m]['extra_mb']:9.1f}")
+        print(f"{m:>15} {res[m]['seconds']:9.3f} {res[m]['extra_mb']:9.1f} {res[m]['kernels']:8d}")
     t = {k: v["seconds"] for k, v in res.items()}
     mb = {k: max(v["extra_mb"], 1.0) for k, v in res.items()}
     ratios = [
         ("fast stats / floor (fwd+bwd)", "fast", "floor"),
+        (f"fast, {DEVICE_GROUP} layers together / floor", "fast_grouped", "floor"),
+        (f"fast, {DEVICE_GROUP} layers together / fast", "fast_grouped", "fast"),
         ("brute force / fast stats", "brute", "fast"),
         ("training step with stats / without", "train_stats", "train"),
         ("token-wise head: per-token backward / fast", "tok_head_brute", "tok_head_fast"),

@@ -68,6 +68,36 @@ def page_in(model) -> None:
         p.detach().sum()
 
 
+VIEW_OPS = frozenset(
+    "aten::" + op
+    for op in (
+        "as_strided view reshape _unsafe_view transpose t permute slice select narrow expand "
+        "squeeze unsqueeze detach alias resolve_conj resolve_neg empty empty_strided "
+        "promote_types result_type"
+    ).split()
+)
+
+
+def kernel_count(fn: Callable[[], object], device: str) -> int:
+    """How many kernels one call of ``fn`` launches: on CUDA, the kernels the profiler saw;
+    on the CPU, the ATen operations that run no other operation and are not views or
+    allocations (what would be a kernel launch each on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type.name == "CUDA")
+    return sum(
+        1
+        for e in events
+        if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEW_OPS
+    )
+
+
 def run_isolated(module: str, *args: str) -> dict:
     """Run ``python -m module`` in a fresh interpreter (so peak memory is its own); it prints
     JSON on its last line."""
