@@ -9,8 +9,8 @@ set of ``--probe`` pairs (several sizes: ``--probe 1 2 4``). A shared machine's 
 over minutes and swamps separate runs, so measured and plain steps alternate within each run,
 under the same load:
 
-- **every step**: blocks of ``--block`` measured steps and ``--block`` plain ones (three of
-  each; the first two blocks warm up and are left out). Within a block each step after the
+- **every step**: blocks of ``--block`` measured steps and ``--block`` plain ones (``--rounds``
+  + 1 of each; the first two blocks warm up and are left out). Within a block each step after the
   first starts from the probe pass its predecessor ran right after its update, as when every
   step is measured; those steps are compared with the plain ones. Once with the batch
   statistics alone, then with the probe too (once per probe size).
@@ -65,7 +65,9 @@ def split(
     return statistics.median(plain), statistics.median(measured)
 
 
-def bench(model_name: str, n_pairs: int, n_probes: list[int], block: int, every: int) -> None:
+def bench(
+    model_name: str, n_pairs: int, n_probes: list[int], block: int, rounds: int, every: int
+) -> None:
     pairs = benchmark_pairs(n_pairs)
     probes = {n: benchmark_pairs(n_pairs + n)[n_pairs:] for n in sorted(n_probes)}
     probe = probes[max(probes)]
@@ -75,7 +77,7 @@ def bench(model_name: str, n_pairs: int, n_probes: list[int], block: int, every:
     def in_block(step: int) -> bool:
         return (step - 2) // block % 2 == 0
 
-    steps, start = 2 + 6 * block, 2 + 2 * block
+    steps, start = 2 + 2 * block * (rounds + 1), 2 + 2 * block
     print(
         f"  every step: blocks of {block} measured and {block} plain steps, {steps} steps, "
         f"from step {start} (the first blocks warm up)"
@@ -111,13 +113,14 @@ def main() -> None:
         "--probe", type=int, nargs="+", default=[4], help="probe pairs (several: one run each)"
     )
     parser.add_argument("--block", type=int, default=4, help="measured (and plain) steps a block")
+    parser.add_argument("--rounds", type=int, default=2, help="measured blocks after the first")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    bench("tiny-llama", args.pairs, args.probe, 10, args.every)
+    bench("tiny-llama", args.pairs, args.probe, 10, args.rounds, args.every)
     if not args.quick:
-        bench(args.model, args.pairs, args.probe, args.block, args.every)
+        bench(args.model, args.pairs, args.probe, args.block, args.rounds, args.every)
 
 
 if __name__ == "__main__":
