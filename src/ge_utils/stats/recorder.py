@@ -67,15 +67,15 @@ class GhostRecorder:
     factors are kept, and :meth:`directional` gives each sequence's directional derivative
     ``grad f_i . v`` along any direction ``v`` of the parameters, known after the backward.
 
-    ``group``: how many layers are reduced together. Each layer's Gram products take about 25
+    ``group``: how many layers are reduced together. Each layer's Gram products take some 20
     small operations, as many kernel launches on a GPU, where a small model's statistics are
     bound by launches rather than flops. With ``group=k`` the factors of a layer are held until
     k layers with factors of the same shapes (e.g. every ``q_proj``) have been recorded, and
     each Gram matrix of all of them is then one batched product: about k times fewer
-    launches, for the memory of those layers' rows and one copy of them (stacking). Default
-    (None): 1 on the CPU (each layer reduced in its backward hook: least memory, and there the
-    copies cost more than the saved calls), :data:`DEVICE_GROUP` on any other device. The
-    result does not depend on ``group`` beyond rounding.
+    launches for the reductions, for the memory of those layers' rows and one copy of them
+    (stacking). Default (None): 1 on the CPU (each layer reduced in its backward hook: least
+    memory, and there the copies cost more than the saved calls), :data:`DEVICE_GROUP` on any
+    other device. The result does not depend on ``group`` beyond rounding.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class GhostRecorder:
         if group is not None and (type(group) is not int or group < 1):
             raise ValueError(f"group must be a positive integer or None, got {group!r}")
         self.group = group
-        self._pending: dict[tuple, list[Factor]] = {}  # outer factors awaiting a group's reduction
+        self._pending: dict[tuple, list[Factor]] = {}  # factors awaiting their group's reduction
         self.named = parameter_set(model, params)
         frozen = [n for n, p in self.named if not p.requires_grad]
         if frozen:
@@ -353,8 +353,8 @@ class GhostRecorder:
         """The requested inner products (float64 (K,) each, on the CPU), summed over the
         parameter set; with ``scale`` (N,), the coefficients ``c`` of the backward
         ``sum_i c_i f_i``, divided by ``c[ii] * c[jj]`` (NaN where ``|c| < TINY_COEFFICIENT``)."""
-        for shapes in list(self._pending):
-            self._reduce(self._pending.pop(shapes))
+        for kind in list(self._pending):
+            self._reduce(self._pending.pop(kind))
         self._gram_cache.clear()
         out = {k: torch.zeros(len(ii), dtype=torch.float64) for k, (ii, _) in self.targets.items()}
         for key, total in self.totals.items():
