@@ -68,20 +68,20 @@ def page_in(model) -> None:
         p.detach().sum()
 
 
-VIEW_OPS = frozenset(
+NO_KERNEL_OPS = frozenset(
     "aten::" + op
     for op in (
-        "as_strided view reshape _unsafe_view transpose t permute slice select narrow expand "
-        "squeeze unsqueeze detach alias resolve_conj resolve_neg empty empty_strided "
-        "promote_types result_type"
+        "as_strided view reshape _reshape_alias _unsafe_view transpose t permute slice select "
+        "narrow expand squeeze unsqueeze detach alias resolve_conj resolve_neg empty "
+        "empty_strided empty_like resize_ promote_types result_type is_same_size to"
     ).split()
 )
 
 
 def kernel_count(fn: Callable[[], object], device: str) -> int:
     """How many kernels one call of ``fn`` launches: on CUDA, the kernels the profiler saw;
-    on the CPU, the ATen operations that run no other operation and are not views or
-    allocations (what would be a kernel launch each on a GPU)."""
+    on the CPU, the ATen operations that compute (not views, allocations or a cast to the
+    same type) and call no other such operation (what would be one kernel each on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -91,11 +91,11 @@ def kernel_count(fn: Callable[[], object], device: str) -> int:
     events = prof.events()
     if cuda:
         return sum(1 for e in events if e.device_type.name == "CUDA")
-    return sum(
-        1
-        for e in events
-        if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEW_OPS
-    )
+
+    def computes(e) -> bool:
+        return e.name.startswith("aten::") and e.name not in NO_KERNEL_OPS
+
+    return sum(1 for e in events if computes(e) and not any(map(computes, e.cpu_children)))
 
 
 def run_isolated(module: str, *args: str) -> dict:
