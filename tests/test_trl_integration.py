@@ -472,3 +472,44 @@ def test_two_processes_agree_with_one(tmp_path):
             x, y = np.asarray(xs, dtype=float), np.asarray(b[frame][key], dtype=float)
             assert np.allclose(x, y, rtol=1e-4, atol=1e-4), (frame, key)
     assert a["probe"]["pair"] == b["probe"]["pair"] == [0, 1, 2, 3, 4] * 3
+
+
+def test_layers_reduced_together_as_on_a_gpu(tmp_path, monkeypatch):
+    """The recorder's default off the CPU (``DEVICE_GROUP`` layers reduced together) forced
+    here: the statistics recorded in TRL's backward (the fused head's share included, with
+    gradient accumulation) and the training loop's equal those of the CPU default, and training
+    is unchanged."""
+    import ge_utils.stats.recorder as recorder
+    from ge_utils.training import TrainConfig, preference_optimization
+
+    sizes: dict[bool, set[int]] = {False: set(), True: set()}
+    reduce = recorder.GhostRecorder._reduce
+    runs = {}
+    for forced in (False, True):
+
+        def spy(self, uses, forced=forced):
+            sizes[forced].add(len(uses))
+            return reduce(self, uses)
+
+        monkeypatch.setattr(recorder.GhostRecorder, "_reduce", spy)
+        if forced:
+            monkeypatch.setattr(recorder, "default_group", lambda device: recorder.DEVICE_GROUP)
+        torch.manual_seed(123)
+        trainer = _trainer(
+            tmp_path / str(forced), max_steps=2, logging_steps=1, gradient_accumulation_steps=2
+        )
+        callback = attach_entanglement_metrics(trainer)
+        trainer.train()
+        lm = load_model("tiny-llama", device="cpu")
+        cfg = TrainConfig(
+            steps=2, batch_size=2, lr=1e-4, eval_every=10**6, train_stats=True, progress=False
+        )
+        ours = preference_optimization(lm.model, lm.tokenizer, TRAIN, TRAIN[:1], cfg).pairs
+        runs[forced] = callback.pairs_frame(), _params(trainer), ours[ours["split"] == "train"]
+    (trl_1, p_1, ours_1), (trl_k, p_k, ours_k) = runs[False], runs[True]
+    assert sizes[False] == {1} and max(sizes[True]) > 1  # the layers were reduced together
+    assert all(torch.equal(p_1[k], p_k[k]) for k in p_1)
+    assert len(trl_1) == len(trl_k) == 16 and len(ours_1) == len(ours_k) > 0
+    for one, together in ((trl_1, trl_k), (ours_1, ours_k)):
+        for col in ("grad_inner", "grad_norm2_chosen", "grad_norm2_rejected"):
+            np.testing.assert_allclose(together[col], one[col], rtol=1e-5)
