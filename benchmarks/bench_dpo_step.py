@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import benchmark_pairs, load, trl_step_times
+from benchmarks.common import at_least, benchmark_pairs, load, trl_step_times
 from ge_utils.training import TrainConfig, preference_optimization
 
 
@@ -46,9 +46,9 @@ def trl(model_name: str, pairs, steps: int, precompute: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=at_least(1), default=8)
+    parser.add_argument("--steps", type=at_least(2), default=4)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     model = "tiny-llama" if args.quick else args.model

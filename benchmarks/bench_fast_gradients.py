@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import (
+    at_least,
     benchmark_pairs,
     kernel_count,
     load,
@@ -220,8 +221,8 @@ def main() -> None:
     parser.add_argument("--random-init", metavar="DIR", help="config+tokenizer folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pairs", type=at_least(1), default=8)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument(
         "--tok-pair", type=int, default=-1, help="pair for the token-wise runs (-1: longest)"
     )

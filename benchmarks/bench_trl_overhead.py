@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import benchmark_pairs, trl_step_times
+from benchmarks.common import at_least, benchmark_pairs, trl_step_times
 
 
 def run(model_name: str, pairs, probe, steps: int, measures: Callable[[int], bool] | None):
@@ -108,13 +108,21 @@ def bench(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--pairs", type=at_least(1), default=8)
     parser.add_argument(
-        "--probe", type=int, nargs="+", default=[4], help="probe pairs (several: one run each)"
+        "--probe",
+        type=at_least(1),
+        nargs="+",
+        default=[4],
+        help="probe pairs (several: one run each)",
     )
-    parser.add_argument("--block", type=int, default=4, help="measured (and plain) steps a block")
-    parser.add_argument("--rounds", type=int, default=2, help="measured blocks after the first")
-    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument(
+        "--block", type=at_least(2), default=4, help="measured (and plain) steps a block"
+    )
+    parser.add_argument(
+        "--rounds", type=at_least(1), default=2, help="measured blocks after the first"
+    )
+    parser.add_argument("--every", type=at_least(1), default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
