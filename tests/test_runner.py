@@ -217,6 +217,22 @@ def test_repository_notebooks_declare_valid_profiles():
             assert resolve_parameters(spec, profile, profiles, {})["profile"] == profile
 
 
+def test_every_repository_notebook_takes_a_device():
+    """``-p device cuda`` (the book on a GPU) resolves for every notebook at every profile, and
+    the device each ran on is in its provenance: every notebook declares ``device``, ``auto``
+    by default."""
+    from ge_book.parameters import PROFILES, discover, load_profiles, load_spec, resolve_parameters
+
+    nbdir = ROOT / "notebooks"
+    profiles = load_profiles(nbdir)
+    for name in discover(nbdir):
+        spec = load_spec(name, nbdir)
+        assert spec.defaults.get("device") == "auto", name
+        for profile in PROFILES:
+            resolved = resolve_parameters(spec, profile, profiles, {"device": "cuda"})
+            assert resolved["device"] == "cuda", (name, profile)
+
+
 def test_repository_profiles_fit_the_synthetic_statement_pool():
     """Training plus held-out pairs of the synthetic task never exceed its statements (disjoint
     statements), so no profile fails at its first data call."""

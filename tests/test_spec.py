@@ -46,7 +46,7 @@ CONFIG_CHANGES = {
 
 
 def test_every_spec_field_changes_the_cache_key():
-    base = ExperimentSpec()
+    base = ExperimentSpec(device="cpu")  # "auto" is "cuda" on a GPU machine (tests/test_devices.py)
     names = {f.name for f in dataclasses.fields(ExperimentSpec)} - {"po"}
     assert names == set(SPEC_CHANGES), "a new spec field needs a test value here"
     for name, value in SPEC_CHANGES.items():

@@ -158,6 +158,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def device_kind(device: str = "auto") -> str:
+    """The kind of device (``cpu``, ``cuda``, ``mps``) that ``device`` means on this machine: what
+    a cache key holds. ``auto`` is CUDA on one machine and the CPU on another, and the numbers
+    differ between the two, so a key holds what it resolved to (an unavailable device is not
+    checked here: the run that uses it fails)."""
+    return resolve_device(device).type if device == "auto" else torch.device(device).type
+
+
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     table = {
         "float32": torch.float32,

@@ -66,6 +66,7 @@ from ge_utils.logprobs import (
     tokenize,
 )
 from ge_utils.losses import MarginLoss, get_loss
+from ge_utils.models import cache_dir, device_kind, load_model
 from ge_utils.training import (
     TrainConfig,
     cached_run,
@@ -389,7 +390,8 @@ CACHE_VERSION = 2  # bump when a change of code changes cached scores or outcome
 @dataclass(frozen=True)
 class PredictionSetup:
     """What fixes the model a pair set is scored and trained on. Every field is part of the
-    cache key of :func:`scored_pairs` and :func:`realized_changes`.
+    cache key of :func:`scored_pairs` and :func:`realized_changes` (``device`` as the kind it
+    resolves to: :func:`ge_utils.models.device_kind`).
 
     ``sft_steps > 0``: the loaded model is first fine-tuned on the pairs' chosen responses
     (:func:`ge_utils.training.sft`, AdamW at ``sft_lr``, batches of ``batch_size``, seeded), the
@@ -405,6 +407,7 @@ class PredictionSetup:
     seed: int = 0
     sft_steps: int = 0
     sft_lr: float = 2e-5
+    device: str = "auto"
 
 
 def pairs_digest(pairs: Sequence[Any]) -> str:
@@ -416,12 +419,11 @@ def pairs_digest(pairs: Sequence[Any]) -> str:
 def _load(setup: PredictionSetup, pairs: Sequence[Any]):
     """The model of ``setup``, fine-tuned on the chosen responses of ``pairs`` when
     ``setup.sft_steps > 0`` (deterministic for a seed: every caller starts from the same one)."""
-    from ge_utils.models import load_model
-
     torch.manual_seed(setup.seed)
     loaded = load_model(
-        setup.model, dtype=setup.dtype, train_last_k=setup.train_last_k, seed=setup.seed
-    )
+        setup.model, dtype=setup.dtype, device=setup.device, train_last_k=setup.train_last_k,
+        seed=setup.seed,
+    )  # fmt: skip
     if setup.sft_steps > 0:
         cfg = TrainConfig(
             steps=setup.sft_steps, batch_size=setup.batch_size, lr=setup.sft_lr, seed=setup.seed,
@@ -434,14 +436,12 @@ def _load(setup: PredictionSetup, pairs: Sequence[Any]):
 def _cache_key(what: str, setup: PredictionSetup, pairs: Sequence[Any], **extra: Any) -> dict:
     """Every input of a cached computation: its kind, the setup, the pairs, the rest."""
     return {
-        "what": what, **asdict(setup), **extra, "pairs": pairs_digest(pairs),
-        "version": CACHE_VERSION,
+        "what": what, **asdict(setup), "device": device_kind(setup.device), **extra,
+        "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
     }  # fmt: skip
 
 
 def _cache_root(cache: bool) -> Path | None:
-    from ge_utils.models import cache_dir
-
     return cache_dir() / "predict" if cache else None
 
 

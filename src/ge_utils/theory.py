@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from ge_utils.gradients import classify_cases
+from ge_utils.models import resolve_device
 
 
 @dataclass
@@ -37,6 +38,11 @@ class HeadDraws:
     hidden: torch.Tensor
     token_a: torch.Tensor
     token_b: torch.Tensor
+
+    def to(self, device: torch.device | str) -> HeadDraws:
+        return HeadDraws(
+            *(t.to(device) for t in (self.weight, self.hidden, self.token_a, self.token_b))
+        )
 
 
 def random_head_draws(
@@ -88,7 +94,7 @@ def head_gradient_stats_autograd(draws: HeadDraws, include_hidden: bool = False)
     hidden = draws.hidden.clone().requires_grad_(include_hidden)
     inputs = (weight, hidden) if include_hidden else (weight,)
     logp = _log_probs(weight, hidden)
-    rows = torch.arange(logp.shape[0])
+    rows = torch.arange(logp.shape[0], device=logp.device)
     # Draws are independent, so the gradient of the sum holds every draw's own gradient.
     grads_a = torch.autograd.grad(logp[rows, draws.token_a].sum(), inputs, retain_graph=True)
     grads_b = torch.autograd.grad(logp[rows, draws.token_b].sum(), inputs)
@@ -106,7 +112,7 @@ def head_gradient_stats_autograd(draws: HeadDraws, include_hidden: bool = False)
 def head_gradient_stats_closed_form(draws: HeadDraws) -> dict:
     """The same statistics over ``W`` from the closed forms in the module docstring."""
     p = _log_probs(draws.weight, draws.hidden).exp()
-    rows = torch.arange(p.shape[0])
+    rows = torch.arange(p.shape[0], device=p.device)
     p_a, p_b = p[rows, draws.token_a], p[rows, draws.token_b]
     # Written without cancellation: 1 - p_a is the mass of the other tokens.
     rest = p.clone()
@@ -137,7 +143,7 @@ def realized_head_step(draws: HeadDraws, step: float = 1e-3) -> tuple[torch.Tens
         raise ValueError(f"step must be positive, got {step}")
     logp = _log_probs(draws.weight, draws.hidden)
     probs = logp.exp()
-    rows = torch.arange(len(draws.hidden))
+    rows = torch.arange(len(draws.hidden), device=probs.device)
     e_ab = torch.zeros_like(probs)
     e_ab[rows, draws.token_a] += 1.0
     e_ab[rows, draws.token_b] -= 1.0
@@ -162,6 +168,7 @@ def theorem1_table(
     seed: int = 0,
     chosen_boost: float = 0.0,
     step: float = 1e-3,
+    device: str = "auto",
 ) -> pd.DataFrame:
     """One row per random output layer and token pair, for each logit scale and setting.
 
@@ -175,8 +182,10 @@ def theorem1_table(
     ``case_h_moves`` (over ``W`` and ``h``), and ``realized_a``/``realized_b``: the realized
     log-prob changes of a plain gradient step of the output layer alone
     (:func:`realized_head_step` with ``step``). Draws are made in chunks of at most 2**25 weights
-    (256 MiB in float64) to bound memory.
+    (256 MiB in float64) to bound memory, on the CPU (the same draws on every device), and
+    computed on ``device`` (``auto``: CUDA when available).
     """
+    dev = resolve_device(device)
     chunk = max(1, min(256, 2**25 // (vocab_size * hidden_dim)))
     settings = {"random": 0.0} | ({"chosen boosted": chosen_boost} if chosen_boost > 0 else {})
     frames = []
@@ -186,7 +195,7 @@ def theorem1_table(
         for j, start in enumerate(range(0, n_draws, chunk)):
             n = min(chunk, n_draws - start)
             draw_seed = seed + 7919 * i + 104729 * k + j
-            draws = random_head_draws(n, vocab_size, hidden_dim, scale, draw_seed, boost)
+            draws = random_head_draws(n, vocab_size, hidden_dim, scale, draw_seed, boost).to(dev)
             auto = head_gradient_stats_autograd(draws)
             closed = head_gradient_stats_closed_form(draws)
             moving = head_gradient_stats_autograd(draws, include_hidden=True)
@@ -198,26 +207,24 @@ def theorem1_table(
             probs = _log_probs(draws.weight, draws.hidden).exp()
             realized_a, realized_b = realized_head_step(draws, step)
             top = probs.argmax(-1)
+            columns = {
+                "inner": auto["inner"],
+                "norm2_a": auto["norm2_a"],
+                "norm2_b": auto["norm2_b"],
+                "cosine": auto["inner"] / scale_ab,
+                "closed_form_error": err,
+                "p_a": closed["p_a"],
+                "p_b": closed["p_b"],
+                "top_is_a_or_b": (top == draws.token_a) | (top == draws.token_b),
+                "case": dpo_case(auto["norm2_a"], auto["norm2_b"], auto["inner"]),
+                "case_h_moves": dpo_case(moving["norm2_a"], moving["norm2_b"], moving["inner"]),
+                "realized_a": realized_a,
+                "realized_b": realized_b,
+            }
             frames.append(
                 pd.DataFrame(
-                    {
-                        "logit_scale": scale,
-                        "setting": setting,
-                        "inner": auto["inner"].numpy(),
-                        "norm2_a": auto["norm2_a"].numpy(),
-                        "norm2_b": auto["norm2_b"].numpy(),
-                        "cosine": (auto["inner"] / scale_ab).numpy(),
-                        "closed_form_error": err.numpy(),
-                        "p_a": closed["p_a"].numpy(),
-                        "p_b": closed["p_b"].numpy(),
-                        "top_is_a_or_b": ((top == draws.token_a) | (top == draws.token_b)).numpy(),
-                        "case": dpo_case(auto["norm2_a"], auto["norm2_b"], auto["inner"]).numpy(),
-                        "case_h_moves": dpo_case(
-                            moving["norm2_a"], moving["norm2_b"], moving["inner"]
-                        ).numpy(),
-                        "realized_a": realized_a.numpy(),
-                        "realized_b": realized_b.numpy(),
-                    }
+                    {"logit_scale": scale, "setting": setting}
+                    | {name: t.cpu().numpy() for name, t in columns.items()}
                 )
             )
     return pd.concat(frames, ignore_index=True)

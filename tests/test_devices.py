@@ -1,0 +1,80 @@
+"""Devices in cache keys: ``auto`` is keyed by the kind of device it resolves to on this
+machine, so a result computed on a GPU is never read back by a CPU run, and the reverse."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import ge_utils.boundary as boundary
+from ge_utils.models import device_kind
+from ge_utils.predict import PredictionSetup, _cache_key
+from ge_utils.spec import ExperimentSpec
+from ge_utils.training import params_hash
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """This process as seen on a machine with CUDA (nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_device_kind():
+    assert device_kind("cpu") == "cpu" and device_kind("cuda:1") == "cuda"
+    assert device_kind("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RuntimeError, match="gpu"):
+        device_kind("gpu")
+
+
+def test_device_kind_of_auto_on_a_gpu_machine(gpu_machine):
+    assert device_kind("auto") == "cuda" and device_kind("cpu") == "cpu"
+
+
+def _sweep_key(device: str, monkeypatch) -> dict:
+    seen = {}
+
+    def capture(folder, params, run):
+        seen.update(params)
+        return {"sweep": None}
+
+    monkeypatch.setattr(boundary, "cached_run", capture)
+    boundary.suffix_length_sweep("tiny-llama", None, [0, 1], device=device)
+    return seen
+
+
+def _keys(device: str, monkeypatch) -> list[str]:
+    """The cache keys of every keyed computation that takes a device, for ``device``."""
+    spec = ExperimentSpec(device=device)
+    setup = PredictionSetup("tiny-llama", device=device)
+    cell = boundary.Cell()
+    grid = boundary.GridSetup(device=device)
+    return [
+        params_hash(spec.key()),
+        params_hash(_cache_key("scores", setup, [])),
+        params_hash(boundary.cell_params(cell, grid, seed=0, trace=False)),
+        params_hash(_sweep_key(device, monkeypatch)),
+    ]
+
+
+def test_auto_shares_the_key_of_the_cpu_here(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto, cpu, cuda = (_keys(d, monkeypatch) for d in ("auto", "cpu", "cuda"))
+    assert auto == cpu
+    assert all(a != c for a, c in zip(auto, cuda, strict=True))
+
+
+def test_auto_shares_the_key_of_cuda_on_a_gpu_machine(gpu_machine, monkeypatch):
+    auto, cpu, cuda = (_keys(d, monkeypatch) for d in ("auto", "cpu", "cuda:0"))
+    assert auto == cuda
+    assert all(a != c for a, c in zip(auto, cpu, strict=True))
+
+
+def test_the_device_is_the_only_change(monkeypatch):
+    """The keys differ in the device alone: the rest of a spec keys as before."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = ExperimentSpec(seed=3)
+    key = spec.key()
+    assert key["device"] == "cpu"
+    assert {k: v for k, v in replace(spec, device="cuda").key().items() if k != "device"} == {
+        k: v for k, v in key.items() if k != "device"
+    }
