@@ -1,8 +1,9 @@
-"""Command line: ``python -m ge_utils {run,diagnose} ...``.
+"""Command line: ``python -m ge_utils {run,diagnose,compare} ...``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``main(args) -> int``; only the module of the chosen subcommand is imported. ``run`` is the
-notebook runner of the separate ``ge_book`` package (``pip install -e .[book]``).
+``main(args) -> int``; only the module of the chosen subcommand is imported. ``run`` (the
+notebook runner) and ``compare`` belong to the separate ``ge_book`` package
+(``pip install -e .[book]``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ BOOK_MODULES = ("ge_book", "papermill", "nbformat")
 SUBCOMMANDS = {
     "run": ("ge_book.runner", "execute notebooks with papermill under a profile"),
     "diagnose": ("ge_utils.diagnose", "gradient-entanglement statistics for a JSONL of pairs"),
+    "compare": ("ge_book.compare", "two runs' claim verdicts side by side (e.g. CPU and CUDA)"),
 }
 
 
