@@ -37,6 +37,7 @@ import torch
 from benchmarks.common import (
     at_least,
     benchmark_pairs,
+    in_turn,
     kernel_count,
     load,
     page_in,
@@ -205,13 +206,8 @@ def alternate(pair: str, args: argparse.Namespace) -> dict:
     ratios."""
     setup = Setup(args)
     num, den = (setup.synced(m) for m in pair.split(","))
-    ratios = []
-    for k in range(args.repeat + 1):
-        pair_times = {}
-        for name, fn in (("num", num), ("den", den)) if k % 2 else (("den", den), ("num", num)):
-            pair_times[name] = timed(fn, repeat=1, warmup=0)
-        if k > 0:  # round 0 warms both up
-            ratios.append(pair_times["num"] / pair_times["den"])
+    times = in_turn({"den": den, "num": num}, args.repeat)
+    ratios = [n / d for n, d in zip(times["num"], times["den"], strict=True)]
     return {"pair": pair, "ratios": ratios, "median": statistics.median(ratios)}
 
 

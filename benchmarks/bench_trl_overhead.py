@@ -20,6 +20,16 @@ under the same load:
 
 Reported: medians of step seconds (step 1 warms up and is left out) and their ratios. A run of
 TRL alone checks that the plain steps cost what TRL alone costs.
+
+First, for each probe size, what a probe costs and why (``--pieces`` prints only this): each
+piece of the probe timed alone against a plain forward of the same sequences, in turn
+(``--rounds`` + 1 rounds, the first warms up): the forward and backward that record the factors
+(``_logps_and_factors``), their contraction with an update (``GhostRecorder.directional``), the
+copy of the trainable parameters into kept memory; with the forward's floating-point operations
+(``torch.utils.flop_counter``) per second against this machine's rate on a large matrix product
+and the rate at which it streams memory: whether the probe is bound by arithmetic or by reading
+the weights. The probe is tokenized here as in ``ge_utils`` (TRL's tokenization of the same
+pairs may differ by a token).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import at_least, benchmark_pairs, trl_step_times
+from benchmarks.common import at_least, benchmark_pairs, in_turn, load, page_in, trl_step_times
 
 
 def run(model_name: str, pairs, probe, steps: int, measures: Callable[[int], bool] | None):
@@ -47,6 +57,71 @@ def run(model_name: str, pairs, probe, steps: int, measures: Callable[[int], boo
 
     torch.manual_seed(0)
     return trl_step_times(model_name, pairs, steps, logging_steps=1, setup=attach)
+
+
+def machine_rates() -> tuple[float, float]:
+    """This CPU's float32 rate on a 2048 x 2048 matrix product (FLOP/s) and the rate at which
+    it reads 256 MiB (bytes/s), medians of 5."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    big = torch.ones(2**26)
+    times = in_turn({"mm": lambda: a @ b, "read": big.sum}, 5)
+    return 2 * 2048**3 / statistics.median(times["mm"]), 2**28 / statistics.median(times["read"])
+
+
+def probe_pieces(model_name: str, n_probe: int, rounds: int) -> None:
+    """Print each piece of a probe of ``n_probe`` pairs against a forward of its sequences."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ge_utils.logprobs import concat_batches, eval_mode, sequence_logprobs, tokenize
+    from ge_utils.trl_integration import _logps_and_factors, _Update
+
+    model, tok = load(model_name)
+    page_in(model)
+    pairs = benchmark_pairs(100 + n_probe)[100:]
+    prompts = [p.prompt for p in pairs]
+    joint = concat_batches(
+        tokenize(tok, prompts, [p.chosen for p in pairs]),
+        tokenize(tok, prompts, [p.rejected for p in pairs]),
+    )
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    kept = {n: p.clone() for n, p in params.items()}
+    _, recorder = _logps_and_factors(model, joint)
+
+    def forward() -> None:
+        with eval_mode(model), torch.no_grad():
+            sequence_logprobs(model, joint)
+
+    def copy() -> None:
+        for n, p in params.items():
+            kept[n].copy_(p)
+
+    pieces = {
+        "a forward (the unit)": forward,
+        "forward + backward with factors": lambda: _logps_and_factors(model, joint),
+        "contraction with an update": lambda: recorder.directional(_Update(params, kept)),
+        "copy of the parameters": copy,
+    }
+    times = in_turn(pieces, rounds)
+    with FlopCounterMode(display=False) as flops:
+        forward()
+    unit = statistics.median(times["a forward (the unit)"])
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    tokens = int(joint.attention_mask.sum())
+    print(
+        f"probe of {n_probe} pair{'s' * (n_probe > 1)} ({len(joint)} sequences, {tokens} tokens, "
+        f"padded to {joint.input_ids.numel()}), each piece / a forward of them (median of "
+        f"{rounds} rounds):"
+    )
+    for name, seconds in times.items():
+        ratios = [t / u for t, u in zip(seconds, times["a forward (the unit)"], strict=True)]
+        ms = 1e3 * statistics.median(seconds)
+        print(f"{name:>34}: {ms:7.1f} ms  {statistics.median(ratios):5.2f}x")
+    mm_rate, read_rate = machine_rates()
+    print(
+        f"{'the forward':>34}: {flops.get_total_flops() / unit / 1e9:6.0f} GFLOP/s "
+        f"(a 2048^2 matrix product: {mm_rate / 1e9:.0f}); reads the weights at "
+        f"{weights / unit / 1e9:.1f} GB/s (memory streams at {read_rate / 1e9:.1f})"
+    )
 
 
 def split(
@@ -124,11 +199,16 @@ def main() -> None:
     )
     parser.add_argument("--every", type=at_least(1), default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
+    parser.add_argument("--pieces", action="store_true", help="only the probe's pieces")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    bench("tiny-llama", args.pairs, args.probe, 10, args.rounds, args.every)
-    if not args.quick:
-        bench(args.model, args.pairs, args.probe, args.block, args.rounds, args.every)
+    for model in ["tiny-llama"] + ([] if args.quick else [args.model]):
+        print(f"model {model}")
+        for n in sorted(args.probe):
+            probe_pieces(model, n, args.rounds)
+        if not args.pieces:
+            bench(model, args.pairs, args.probe, 10 if model == "tiny-llama" else args.block,
+                  args.rounds, args.every)  # fmt: skip
 
 
 if __name__ == "__main__":

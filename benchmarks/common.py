@@ -76,6 +76,20 @@ def rss_mb() -> float:
     return peak_rss_mb()
 
 
+def in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` in each of ``rounds`` rounds, called in turn (the order
+    reversed every other round) so that all see the machine's same load, after one untimed
+    round that warms them up."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(rounds + 1):
+        for name in names if k % 2 == 0 else names[::-1]:
+            seconds = timed(fns[name], repeat=1, warmup=0)
+            if k > 0:
+                times[name].append(seconds)
+    return times
+
+
 def page_in(model) -> None:
     """Read every parameter once: weights loaded from a memory-mapped checkpoint enter the
     process's resident memory only when first read (about 500 MB for SmolLM2-135M in float32),
