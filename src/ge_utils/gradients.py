@@ -55,8 +55,9 @@ __all__ = [
 
 def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor:
     """(B,) long case from the signs of the (predicted or realized) changes, each (B,): 1, 2, 3
-    or 4 (see the module docstring). A change of exactly 0 counts as "not up"."""
-    case = torch.full(delta_w.shape, 4, dtype=torch.long)
+    or 4 (see the module docstring), on their device. A change of exactly 0 counts as "not
+    up"."""
+    case = torch.full(delta_w.shape, 4, dtype=torch.long, device=delta_w.device)
     case[(delta_w > 0) & (delta_l <= 0)] = 1
     case[(delta_w <= 0) & (delta_l <= 0)] = 2
     case[(delta_w > 0) & (delta_l > 0)] = 3
