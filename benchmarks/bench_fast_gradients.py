@@ -260,8 +260,9 @@ def main() -> None:
     first = res[methods[0]]
     weights = "random weights" if args.random_init else "trained weights"
     print(
-        f"\nmodel {args.model} ({weights}) on {first['device']}, {args.pairs} pairs, padded "
-        f"lengths {first['tokens']}, token-wise pair {first['response_tokens']} response tokens"
+        f"\nmodel {args.random_init or args.model} ({weights}) on {first['device']}, "
+        f"{args.pairs} pairs, padded lengths {first['tokens']}, token-wise pair "
+        f"{first['response_tokens']} response tokens"
     )
     print(f"{'method':>15} {'seconds':>9} {'extra MB':>9} {'kernels':>8}")
     for m in methods:
