@@ -16,6 +16,8 @@ device=${DEVICE:-cuda}
 jobs=${JOBS:-2}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+# the checkout's packages, also where they are not installed (a machine with its own PyTorch)
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JUPYTER_PREFER_ENV_PATH=1 PYTHONUNBUFFERED=1
 python - "$device" <<'PY'
 import sys
