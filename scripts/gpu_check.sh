@@ -8,18 +8,20 @@
 #    (16 pairs), random weights, on the SmolLM2 architecture (and brute force) and on a ~1B Llama
 #    (OUT/bench-*.txt).
 # Logs and results go to OUT; the exit status is compare's (1: a verdict differs). DEVICE=cpu runs
-# the same on the CPU (a dry run of this script); JOBS (default 2) chapters run at once.
+# the same on the CPU (a dry run of this script); JOBS (default 2) chapters run at once; PYTHON
+# (default python3) is the interpreter.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bash scripts/gpu_check.sh OUT [CONFIGS]}")
 configs=${2:+$(realpath "$2")}
 device=${DEVICE:-cuda}
 jobs=${JOBS:-2}
+py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 # the checkout's packages, also where they are not installed (a machine with its own PyTorch)
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JUPYTER_PREFER_ENV_PATH=1 PYTHONUNBUFFERED=1
-python - "$device" <<'PY'
+"$py" - "$device" <<'PY'
 import sys
 
 import torch
@@ -35,19 +37,19 @@ print(f"torch {torch.__version__}, device {dev} ({name})")
 PY
 for dev in cpu "$device"; do
   start=$(date +%s)
-  python -m ge_utils run --profile smoke -p device "$dev" --jobs "$jobs" --no-progress \
+  "$py" -m ge_utils run --profile smoke -p device "$dev" --jobs "$jobs" --no-progress \
     --out-dir "$out/chapters-$dev" --results-dir "$out/results-$dev" 2>&1 \
     | grep -v "running over TCP" | tee "$out/run-$dev.txt"
   echo "smoke on $dev: $(($(date +%s) - start)) s" | tee -a "$out/run-$dev.txt"
 done
 status=0
-python -m ge_utils compare "$out/results-cpu" "$out/results-$device" | tee "$out/compare.txt" \
+"$py" -m ge_utils compare "$out/results-cpu" "$out/results-$device" | tee "$out/compare.txt" \
   || status=$?
 if [ -n "$configs" ]; then
   for shape in smollm2-135m llama-1b; do
     methods=floor,fast,fast_grouped
     if [ "$shape" = smollm2-135m ]; then methods=$methods,brute; fi
-    python -m benchmarks.bench_fast_gradients --device "$device" --random-init "$configs/$shape" \
+    "$py" -m benchmarks.bench_fast_gradients --device "$device" --random-init "$configs/$shape" \
       --pairs 16 --repeat 3 --methods "$methods" 2>&1 | tee "$out/bench-$shape.txt"
   done
 fi
