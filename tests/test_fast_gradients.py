@@ -481,7 +481,7 @@ def brute_layer_gradients(module, inputs, g):
 
 def factor_products(found):
     """(N, N) products of the factors returned by a layer function, summed over parameters."""
-    some = next(iter(found.values()))
+    some = next(iter(found.values())).resolved()
     n = len(some.vec if some.vec is not None else some.right)
     ii = torch.arange(n).repeat_interleave(n)
     jj = torch.arange(n).repeat(n)
@@ -774,6 +774,54 @@ def test_layers_reduced_together_equal_layer_by_layer(tiny_model, group, monkeyp
         rtol=1e-8,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("group", [1, 3, 64])
+def test_norm_layers_are_computed_together(tiny_model, group, monkeypatch):
+    """The norm rule defers ``sum_t g_t * x_hat_t``: with ``group=k`` the recorder computes
+    those of k norm layers in one call on their stacked rows (one call per layer for k = 1),
+    and the statistics stay those of brute force."""
+    sizes = []
+    compute = layers.NormSlope.__call__
+
+    def spy(self, x, g):
+        sizes.append(x.shape[0])  # layers stacked along the first axis
+        return compute(self, x, g)
+
+    monkeypatch.setattr(layers.NormSlope, "__call__", spy)
+    norms = sum(1 for m in tiny_model.modules() if layers._is_norm(m))
+    c, r = batches("left")
+    assert_stats_close(
+        _recorded(tiny_model, concat_batches(c, r), group),
+        exact_gradient_stats(tiny_model, c, r),
+        1e-8,
+        keys=PAIR_KEYS,
+    )
+    assert norms >= 3 and sum(sizes) == norms
+    assert len(sizes) == -(-norms // group) and max(sizes) == min(group, norms)
+
+
+def test_deferred_factor_products_equal_those_of_its_result():
+    """A deferred factor (here a norm's) gives the products, grids and directional
+    derivatives of the dense factor it resolves to."""
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    slope = layers.NormSlope("rms32", (5,), 1e-6)
+    deferred = factors.Factor.deferred(slope, x, g)
+    dense = deferred.resolved()
+    assert dense.make is None and dense.vec.shape == (3, 5)
+    torch.testing.assert_close(dense.vec, (g * slope.normalize(x)).sum(1), rtol=0, atol=0)
+    stacked = slope(torch.stack([x, x]), torch.stack([g, -g]))
+    torch.testing.assert_close(stacked, torch.stack([dense.vec, -dense.vec]))
+    ii, jj = torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0])
+    for a, b in ((deferred, deferred), (deferred, dense)):
+        torch.testing.assert_close(
+            factors.factor_inner(a, b, ii, jj), factors.factor_inner(dense, dense, ii, jj)
+        )
+        torch.testing.assert_close(factors.factor_grid(a, b), factors.factor_grid(dense, dense))
+    v = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(factors.factor_dot(deferred, v), dense.vec @ v)
+    assert factors.materialize(deferred) is deferred  # left for the recorder to batch
 
 
 @pytest.mark.parametrize("group", [0, -2, 1.5, True, "4"])

@@ -9,7 +9,9 @@ A layer's per-sequence gradient is kept in one of three forms (:class:`Factor`):
   instead of ``P Q`` memory per sequence ("ghost" products);
 - ``onehot``: ``left[i, t]`` is the one-hot row of token ``ids[i, t]`` (embeddings), so
   ``left_i[t] . left_j[s] = [ids_i[t] == ids_j[s]]``;
-- ``dense``: the materialized per-sequence gradient ``vec[i]`` (N, numel).
+- ``dense``: the materialized per-sequence gradient ``vec[i]`` (N, numel); or ``deferred``, a
+  dense gradient ``make(*inputs)`` not computed yet, so that the recorder can compute those of
+  several layers in one call (e.g. every norm layer's ``sum_t g_t * x_hat_t``).
 
 Two uses of one parameter (tied weights, modules called twice) must orient their factors alike
 (``left`` along the same axis of the weight), so that their cross terms
@@ -19,6 +21,7 @@ Products are formed in the factors' precision (at least float32) and summed in f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,8 @@ class Factor:
     ids: Tensor | None = None
     right: Tensor | None = None
     vec: Tensor | None = None
+    make: Callable[..., Tensor] | None = None
+    inputs: tuple[Tensor, ...] = ()
 
     @classmethod
     def outer(cls, left: Tensor, right: Tensor) -> Factor:
@@ -54,6 +59,19 @@ class Factor:
     def dense(cls, vec: Tensor) -> Factor:
         """``grad_i = vec[i]``; ``vec`` (N, numel)."""
         return cls(vec=vec)
+
+    @classmethod
+    def deferred(cls, make: Callable[..., Tensor], *inputs: Tensor) -> Factor:
+        """``grad_i = make(*inputs)[i]``, computed by :meth:`resolved`. ``make`` maps inputs
+        with any number of leading axes to per-sequence vectors with the same leading axes
+        (``(..., N, T, D) -> (..., N, numel)``), so that the deferred factors of several layers
+        with equal ``make`` (hashable: e.g. a frozen dataclass) and input shapes can be computed
+        in one call on their stacked inputs."""
+        return cls(make=make, inputs=inputs)
+
+    def resolved(self) -> Factor:
+        """A deferred factor computed (dense); any other returned as is."""
+        return self if self.make is None else Factor.dense(self.make(*self.inputs))
 
     @property
     def is_outer(self) -> bool:
@@ -97,6 +115,7 @@ def _left_gram(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
 def factor_inner(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
     """(K,) inner products ``<grad of use u on sequence ii[k], grad of use v on sequence jj[k]>``
     (accumulated in float64)."""
+    u, v = u.resolved(), v.resolved()
     if u.vec is not None or v.vec is not None:
         if u.vec is None or v.vec is None:
             raise TypeError("cannot mix materialized and factored uses of one parameter")
@@ -129,6 +148,7 @@ def factor_grid(u: Factor, v: Factor) -> Tensor:
     per pair: ``sum_{t, s} (left_i[t] . left_j[s]) (right_i[t] . right_j[s])`` read off the
     (N_u T, N_v S) block products, the same terms as :func:`factor_inner` on the
     ``N_u N_v`` index pairs."""
+    u, v = u.resolved(), v.resolved()
     if u.vec is not None or v.vec is not None:
         if u.vec is None or v.vec is None:
             raise TypeError("cannot mix materialized and factored uses of one parameter")
@@ -151,6 +171,7 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
 
     The products are formed in the factors' precision (``v`` cast to it), which costs one
     multiplication of the rows by ``V``, as a forward of the layer does."""
+    u = u.resolved()
     if u.vec is not None:
         v = direction.reshape(-1).to(u.vec.dtype)
         prod = u.vec * v
@@ -165,7 +186,8 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
 
 
 def materialize(u: Factor) -> Factor:
-    """``u`` as per-sequence gradients when that is cheaper and fits in memory, else ``u``.
+    """``u`` (outer) as per-sequence gradients when that is cheaper and fits in memory, else
+    ``u`` (any other factor, a deferred one included, as is).
 
     For N = 2B sequences of T rows and 3 products per pair, materializing costs about
     ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when

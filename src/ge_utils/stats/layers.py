@@ -168,19 +168,43 @@ class _Bare(nn.Module):
 _SLOPE_IS_NORMALIZED: dict[type, bool] = {}  # per RMSNorm class: checked once per process
 
 
-def _normalized(module: nn.Module, x: Tensor) -> Tensor | None:
-    """``x`` normalized as a norm module does before its elementwise affine map, so that the
+@dataclass(frozen=True)
+class NormSlope:
+    """``sum_t g_t * x_hat_t`` (the gradient of a norm's elementwise weight) for rows ``x``,
+    ``g`` (..., N, T, D) with any leading axes: (..., N, D), products in at least float32.
+    ``x_hat`` as the norm computes it before its affine map, in ``x``'s dtype: ``"layer"``
+    (``nn.LayerNorm``), ``"rms"`` (``nn.RMSNorm``) or ``"rms32"`` (``x / rms`` with the rms in
+    float32, as transformers' ``*RMSNorm`` classes). Hashable, so that the recorder can compute
+    the norms of several layers with equal settings in one call (:meth:`Factor.deferred`)."""
+
+    kind: str
+    shape: tuple[int, ...]
+    eps: float | None
+
+    def normalize(self, x: Tensor) -> Tensor:
+        if self.kind == "layer":
+            return nn.functional.layer_norm(x, self.shape, eps=self.eps)
+        if self.kind == "rms":
+            return nn.functional.rms_norm(x, self.shape, eps=self.eps)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def __call__(self, x: Tensor, g: Tensor) -> Tensor:
+        return (promote(g) * promote(self.normalize(x))).sum(-2)
+
+
+def _normalized(module: nn.Module, x: Tensor) -> NormSlope | None:
+    """How the norm ``module`` normalizes ``x`` before its elementwise affine map, so that the
     weight's gradient is ``sum_t g_t * x_hat_t`` (and a bias's ``sum_t g_t``). None when a class
     named ``*RMSNorm`` turns out not to be ``s(w) * x_hat`` with ``ds/dw = 1`` (checked once per
     class with a forward-mode derivative)."""
     forward = type(module).forward
     if forward is nn.LayerNorm.forward:
-        return nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return NormSlope("layer", tuple(module.normalized_shape), module.eps)
     if forward is nn.RMSNorm.forward:
-        return nn.functional.rms_norm(x, module.normalized_shape, eps=module.eps)
+        return NormSlope("rms", tuple(module.normalized_shape), module.eps)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    x32 = x.float()
-    x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    slope = NormSlope("rms32", tuple(x.shape[-1:]), float(eps))
     known = _SLOPE_IS_NORMALIZED.get(type(module))
     if known is None:
         weight = module.weight.detach()
@@ -191,15 +215,15 @@ def _normalized(module: nn.Module, x: Tensor) -> Tensor | None:
             return torch.func.functional_call(_Bare(module), {"inner.weight": w}, (x,))
 
         try:
-            _, slope = torch.func.jvp(forward_of, (weight,), (direction,))
+            _, derivative = torch.func.jvp(forward_of, (weight,), (direction,))
         except RuntimeError:  # forward-mode AD cannot run it: treat as unknown
             known = False
         else:
-            expected = (direction * x_hat).float()
+            expected = (direction * slope.normalize(x)).float()
             tol = 1e-3 * float(expected.abs().max())
-            known = bool(torch.allclose(slope.float(), expected, rtol=1e-3, atol=tol))
+            known = bool(torch.allclose(derivative.float(), expected, rtol=1e-3, atol=tol))
         _SLOPE_IS_NORMALIZED[type(module)] = known
-    return x_hat if known else None
+    return slope if known else None
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -215,15 +239,15 @@ def norm_factors(
     module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
 ) -> dict[str, Factor]:
     """``y = s(w) * x_hat + b`` (LayerNorm: ``x_hat = (x - mean) / std``; RMSNorm: ``x / rms``):
-    ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t``. An ``*RMSNorm`` class that
-    fails the slope check goes to :func:`small_module_factors`."""
-    x_hat = _normalized(module, x)
-    if x_hat is None:
+    ``grad_w f_i = sum_t g_t * x_hat_t`` (deferred: the recorder may compute several norm
+    layers' together), ``grad_b f_i = sum_t g_t``. An ``*RMSNorm`` class that fails the slope
+    check goes to :func:`small_module_factors`."""
+    slope = _normalized(module, x)
+    if slope is None:
         return small_module_factors(module, x, g, wanted)
-    g = promote(g)
     out = {}
     if "weight" in wanted and getattr(module, "weight", None) is not None:
-        out["weight"] = Factor.dense((g * promote(x_hat)).sum(1))
+        out["weight"] = Factor.deferred(slope, x, g)
     return out | _bias(module, g, wanted)
 
 

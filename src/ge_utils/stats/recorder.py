@@ -229,7 +229,7 @@ class GhostRecorder:
         for name, factor in found.items():
             pid = id(own[name])
             if self.keep_factors:
-                self.uses[pid].append(factor)
+                self.uses[pid].append(factor.resolved())
                 continue
             keep = repeated or pid in self.shared
             self._add(pid, factor if keep else _materialize(factor), keep=repeated)
@@ -261,19 +261,19 @@ class GhostRecorder:
         this forward (tied weights, repeated calls) whose cross terms are needed, or when every
         factor is kept (``keep_factors``)."""
         if self.keep_factors:
-            self.uses[pid].append(use)
+            self.uses[pid].append(use.resolved())
             return
         if not self.targets:
             raise RuntimeError("GhostRecorder.expect(...) must be called before the backward")
         if keep or pid in self.shared:
-            self.uses[pid].append(use)
+            self.uses[pid].append(use.resolved())
             return
         if use.ids is not None:  # one-hot (an embedding): one such layer, reduced now
             for key, (ii, jj) in self._index.items():
                 self._accumulate(key, factor_inner(use, use, ii, jj))
             return
-        rows = (use.vec,) if use.vec is not None else (use.left, use.right)
-        kind = (*((t.shape, t.dtype) for t in rows), rows[0].device)
+        rows = use.inputs or ((use.vec,) if use.vec is not None else (use.left, use.right))
+        kind = (use.make, *((t.shape, t.dtype) for t in rows), rows[0].device)
         pending = self._pending.setdefault(kind, [])
         pending.append(use)
         group = self.group or default_group(rows[0].device)
@@ -283,8 +283,13 @@ class GhostRecorder:
     def _reduce(self, uses: list[Factor]) -> None:
         """Add the products of factors of one kind and equal shapes (one or more layers) to
         the totals."""
-        if uses[0].vec is not None:  # dense: (L, N, D) per-sequence gradients
-            vec = _stack([u.vec for u in uses])
+        first = uses[0]
+        if first.make is not None:  # deferred: every layer's gradients in one call
+            columns = zip(*(u.inputs for u in uses), strict=True)  # each input over the layers
+            vec = first.make(*(_stack(list(rows)) for rows in columns))
+        else:
+            vec = _stack([u.vec for u in uses]) if first.vec is not None else None
+        if vec is not None:  # dense: (L, N, D) per-sequence gradients
             for key, (ii, jj) in self._index.items():
                 prod = _take_rows(vec, ii) * _take_rows(vec, jj)
                 self._accumulate(key, prod.sum(2, dtype=acc_dtype(prod)).sum(0))
