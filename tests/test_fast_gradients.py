@@ -640,6 +640,40 @@ def test_directional_derivatives_of_a_model_equal_autograd(tiny_model):
         plain.directional(v)
 
 
+def test_kept_rows_of_a_training_backward_give_their_directional_derivatives(tiny_model):
+    """``keep_rows``: in a backward of ``sum_i c_i u_i`` (a training loss) the pair statistics
+    are reduced as without it, and the kept sequences' factors give ``c_i grad u_i . v`` for
+    those sequences, in the order asked, also after the recorder is cleared for the next
+    backward."""
+    model, batch = tiny_model, concat_batches(*batches())
+    n = len(batch)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(2)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+    c = torch.linspace(-1.5, 2.0, n, dtype=torch.float64)
+    rows = [3, 0, n - 1]
+    with GhostRecorder(model, batch=batch, keep_factors=True) as every:
+        every.backward(sequence_logprobs(model, batch).sum())
+    unit = every.directional(v)
+    results = {}
+    for keep in (False, True):
+        with GhostRecorder(model, batch=batch) as rec:
+            if keep:
+                rec.keep_rows(rows)
+            rec.backward((c.to(torch.float32) * sequence_logprobs(model, batch)).sum())
+            results[keep] = rec.results(c)
+            if keep:
+                kept = rec.kept()
+                rec.clear()
+                with pytest.raises(RuntimeError, match="keep_factors=True or call keep_rows"):
+                    rec.kept()
+    for key in results[False]:
+        torch.testing.assert_close(results[True][key], results[False][key], rtol=0, atol=0)
+    torch.testing.assert_close(kept.directional(v) / c[rows], unit[rows], rtol=1e-6, atol=1e-9)
+    with GhostRecorder(model, batch=batch) as rec, pytest.raises(ValueError, match=">= 0"):
+        rec.keep_rows([])
+
+
 class ScaledLinear(nn.Module):
     """``y = s W x``: a layer type of the user's, unknown to the registry."""
 

@@ -73,6 +73,21 @@ class Factor:
         """A deferred factor computed (dense); any other returned as is."""
         return self if self.make is None else Factor.dense(self.make(*self.inputs))
 
+    def select(self, rows: Index) -> Factor:
+        """The factor of sequences ``rows`` only."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else take(t, rows)
+
+        return Factor(
+            pick(self.left),
+            pick(self.ids),
+            pick(self.right),
+            pick(self.vec),
+            self.make,
+            tuple(take(t, rows) for t in self.inputs),
+        )
+
     @property
     def is_outer(self) -> bool:
         return self.left is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,8 @@ class GhostRecorder:
     With ``keep_factors=True`` nothing is reduced and no products are expected: every use's
     factors are kept, and :meth:`directional` gives each sequence's directional derivative
     ``grad f_i . v`` along any direction ``v`` of the parameters, known after the backward.
+    :meth:`keep_rows` keeps the factors of some sequences only, while the statistics are
+    reduced as usual (e.g. a few pairs of a training batch, followed across the optimizer step).
 
     ``group``: how many layers are reduced together. Each layer's Gram products take some 20
     small operations, as many kernel launches on a GPU, where a small model's statistics are
@@ -97,6 +100,8 @@ class GhostRecorder:
             raise ValueError(f"parameter(s) in the set do not require grad: {', '.join(frozen)}")
         self.names = {id(p): n for n, p in self.named}
         self.uses: dict[int, list[Factor]] = defaultdict(list)  # kept for pairwise cross terms
+        self._kept: dict[int, list[Factor]] = defaultdict(list)  # the factors of kept_rows
+        self._keep_index: Tensor | None = None  # the sequences keep_rows asked for
         self.targets: dict[str, tuple[Tensor, Tensor]] = {}
         self._index: dict[str, tuple[Index, Index]] = {}
         self._grid: dict[str, tuple[Index, Index]] = {}  # targets that are all pairs of a x b
@@ -207,6 +212,7 @@ class GhostRecorder:
         if id(param) not in self.names:
             raise ValueError("add_use: the parameter is not in the recorder's parameter set")
         self._recorded = True
+        self._keep(id(param), factor)
         self._add(id(param), factor)
 
     def _record(
@@ -228,6 +234,7 @@ class GhostRecorder:
             self._busy = False
         for name, factor in found.items():
             pid = id(own[name])
+            self._keep(pid, factor)
             if self.keep_factors:
                 self.uses[pid].append(factor.resolved())
                 continue
@@ -247,6 +254,32 @@ class GhostRecorder:
         # over all sequences, read at their rows: fewer, larger products.
         fused = [k for k, (ii, jj) in self.targets.items() if torch.equal(ii, jj)]
         self._fused = fused if len(fused) > 1 else []
+
+    def keep_rows(self, rows: Tensor | list[int]) -> None:
+        """Before the backward: also keep the factors of sequences ``rows`` (in that order), so
+        that :meth:`kept` gives their directional derivatives along any direction known later,
+        at the cost of holding their rows of every layer."""
+        if self._recorded:
+            raise RuntimeError("keep_rows(...) must be called before the backward")
+        index = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if len(index) == 0 or int(index.min()) < 0:
+            raise ValueError(f"keep_rows needs sequence indices >= 0, got {rows!r}")
+        self._keep_index = index
+
+    def _keep(self, pid: int, factor: Factor) -> None:
+        if self._keep_index is not None:
+            self._kept[pid].append(factor.select(self._keep_index).resolved())
+
+    def kept(self) -> KeptFactors:
+        """The factors kept for directional derivatives: every sequence's (``keep_factors=True``)
+        or those of :meth:`keep_rows`. They outlive :meth:`clear`."""
+        if self.keep_factors:
+            return KeptFactors(self.named, self.uses, self.n_seq)
+        if self._keep_index is None:
+            raise RuntimeError(
+                "no factors kept: build the recorder with keep_factors=True or call keep_rows"
+            )
+        return KeptFactors(self.named, self._kept, len(self._keep_index))
 
     def expect_pairs(self, n_pairs: int) -> None:
         """Ask for ``norm2_chosen``, ``norm2_rejected`` and ``inner`` of sequences laid out as
@@ -376,28 +409,9 @@ class GhostRecorder:
         return out
 
     def directional(self, direction: Mapping[str, Tensor]) -> Tensor:
-        """(N,) float64 directional derivatives ``grad f_i . v = sum_p sum_uses <grad_p f_i of
-        that use, v_p>`` (CPU) of the sequences of the backward of ``sum_i f_i``, from the kept
-        factors (``keep_factors=True``); ``direction`` maps each parameter's name to ``v_p``
-        (its shape) and is read one parameter at a time, so a mapping that computes ``v_p`` on
-        access holds one of them at a time. Linear in the factors: the uses of a tied or
-        repeated parameter simply add up. See :func:`~ge_utils.stats.factors.factor_dot`."""
-        if not self.keep_factors:
-            raise RuntimeError("directional(...) needs a recorder built with keep_factors=True")
-        total: Tensor | None = None
-        for name, p in self.named:
-            uses = self.uses.get(id(p), [])
-            if not uses:
-                continue
-            v = direction[name]
-            for use in uses:
-                dot = factor_dot(use, v).double().cpu()
-                total = dot if total is None else total + dot
-        if total is None:
-            if self.n_seq is None:
-                raise RuntimeError("nothing was recorded and the recorder has no batch")
-            return torch.zeros(self.n_seq, dtype=torch.float64)
-        return total
+        """:meth:`KeptFactors.directional` of the kept factors (``keep_factors=True``, or the
+        sequences of :meth:`keep_rows`)."""
+        return self.kept().directional(direction)
 
     def pair_stats(
         self, coef_chosen: Tensor | None = None, coef_rejected: Tensor | None = None
@@ -457,6 +471,7 @@ class GhostRecorder:
     def clear(self) -> None:
         """Forget everything recorded (hooks stay): ready for another forward and backward."""
         self.uses.clear()
+        self._kept, self._keep_index = defaultdict(list), None  # a KeptFactors keeps the old
         self.outputs.clear()
         self.calls.clear()
         self.param_calls.clear()
@@ -475,6 +490,38 @@ class GhostRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class KeptFactors:
+    """Per-sequence gradient factors of every use of a parameter set, kept from a backward of
+    ``sum_i c_i f_i`` (``uses``: parameter id -> factors of its uses, for ``n`` sequences)."""
+
+    named: list[tuple[str, nn.Parameter]]
+    uses: Mapping[int, list[Factor]]
+    n: int | None
+
+    def directional(self, direction: Mapping[str, Tensor]) -> Tensor:
+        """(n,) float64 directional derivatives ``c_i grad f_i . v = sum_p sum_uses <grad_p of
+        that use on sequence i, v_p>`` (CPU; ``c_i = 1`` for a backward of ``sum_i f_i``);
+        ``direction`` maps each parameter's name to ``v_p`` (its shape) and is read one
+        parameter at a time, so a mapping that computes ``v_p`` on access holds one of them at a
+        time. Linear in the factors: the uses of a tied or repeated parameter simply add up. See
+        :func:`~ge_utils.stats.factors.factor_dot`."""
+        total: Tensor | None = None
+        for name, p in self.named:
+            uses = self.uses.get(id(p), [])
+            if not uses:
+                continue
+            v = direction[name]
+            for use in uses:
+                dot = factor_dot(use, v).double().cpu()
+                total = dot if total is None else total + dot
+        if total is None:
+            if self.n is None:
+                raise RuntimeError("nothing was recorded and the recorder has no batch")
+            return torch.zeros(self.n, dtype=torch.float64)
+        return total
 
 
 def _as_grid(ii: Tensor, jj: Tensor) -> tuple[Index, Index] | None:
