@@ -13,7 +13,9 @@ under the same load:
   + 1 of each; the first two blocks warm up and are left out). Within a block each step after the
   first starts from the probe pass its predecessor ran right after its update, as when every
   step is measured; those steps are compared with the plain ones. Once with the batch
-  statistics alone, then with the probe too (once per probe size).
+  statistics alone, then with the probe too (once per probe size), then with a probe of the
+  step's own first ``--batch-probe`` pairs (``probe=k``: factors kept from TRL's backward, one
+  forward after the update).
 - **every N steps**: measured and plain steps alternate one by one; a measured step then runs
   its own probe passes before and after its update, as with any ``every`` above 1. The cost of
   measuring every N steps is ``1 + (ratio - 1) / N``.
@@ -141,7 +143,13 @@ def split(
 
 
 def bench(
-    model_name: str, n_pairs: int, n_probes: list[int], block: int, rounds: int, every: int
+    model_name: str,
+    n_pairs: int,
+    n_probes: list[int],
+    block: int,
+    rounds: int,
+    every: int,
+    batch_probes: list[int],
 ) -> None:
     pairs = benchmark_pairs(n_pairs)
     probes = {n: benchmark_pairs(n_pairs + n)[n_pairs:] for n in sorted(n_probes)}
@@ -158,6 +166,7 @@ def bench(
         f"from step {start} (the first blocks warm up)"
     )
     runs = [("stats", None)] + [(f"stats + probe {n}", p) for n, p in probes.items()]
+    runs += [(f"stats + batch {k}", k) for k in sorted(batch_probes)]
     for label, with_probe in runs:
         times = run(model_name, pairs, with_probe, steps, in_block)
         plain, measured = split(times, in_block, steady=True, start=start)
@@ -197,6 +206,13 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=at_least(1), default=2, help="measured blocks after the first"
     )
+    parser.add_argument(
+        "--batch-probe",
+        type=at_least(1),
+        nargs="*",
+        default=[2],
+        help="pairs of each step's own batch to follow (probe=k; several: one run each)",
+    )
     parser.add_argument("--every", type=at_least(1), default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny model only")
     parser.add_argument("--pieces", action="store_true", help="only the probe's pieces")
@@ -208,7 +224,7 @@ def main() -> None:
             probe_pieces(model, n, args.rounds)
         if not args.pieces:
             bench(model, args.pairs, args.probe, 10 if model == "tiny-llama" else args.block,
-                  args.rounds, args.every)  # fmt: skip
+                  args.rounds, args.every, args.batch_probe)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -120,6 +120,36 @@ def test_training_unchanged_and_metrics_logged(tmp_path, setting):
         assert np.allclose(pred, real, rtol=0.2, atol=max(0.02 * np.abs(real).max(), 2e-5))
 
 
+def test_batch_probe_follows_the_steps_own_pairs(tmp_path):
+    """``probe=k``: the first k pairs of each probed step's first micro-batch. Training stays
+    bit-identical; their predicted changes, from the factors kept in the trainer's own backward
+    divided by the loss coefficients, equal those of a separate pass (``in_backward=False``),
+    so do their log-probs before the step (the training forward's against an eval pass), and
+    the predictions are close to the realized changes."""
+    runs = {}
+    for mode in ("off", "backward", "separate"):
+        torch.manual_seed(123)
+        trainer = _trainer(tmp_path / mode, gradient_accumulation_steps=2, learning_rate=1e-5)
+        callback = None
+        if mode != "off":
+            callback = attach_entanglement_metrics(trainer, probe=2, in_backward=mode == "backward")
+        trainer.train()
+        runs[mode] = (trainer, callback)
+    p_off = _params(runs["off"][0])
+    for mode in ("backward", "separate"):
+        p_on = _params(runs[mode][0])
+        assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
+    kept, separate = (runs[m][1].probe_frame() for m in ("backward", "separate"))
+    assert kept["step"].tolist() == [2, 2, 4, 4] and kept["pair"].tolist() == [0, 1, 0, 1]
+    logs = [h for h in runs["backward"][0].state.log_history if "loss" in h]
+    assert all(math.isfinite(h["ge/probe_pred_delta_chosen"]) for h in logs)
+    for side in ("chosen", "rejected"):
+        pred, real = kept[f"pred_delta_{side}"], kept[f"real_delta_{side}"]
+        assert np.allclose(pred, separate[f"pred_delta_{side}"], rtol=1e-3, atol=1e-6)
+        assert np.allclose(kept[f"logp_{side}"], separate[f"logp_{side}"], rtol=0, atol=1e-4)
+        assert np.allclose(pred, real, rtol=0.2, atol=max(0.02 * np.abs(real).max(), 2e-5))
+
+
 def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
     """``every=1``: each step's probe forward and backward runs right after the previous
     update and is also that step's "after" (one probe pass a step, one plain forward at the
@@ -417,6 +447,10 @@ def test_clear_errors(tmp_path):
         attach_entanglement_metrics(trainer, probe=PROBE, probe_every=True)
     with pytest.raises(ValueError, match="probe_every needs a probe"):
         attach_entanglement_metrics(trainer, probe_every=2)
+    with pytest.raises(ValueError, match="follows k >= 1 pairs"):
+        attach_entanglement_metrics(trainer, probe=0)
+    with pytest.raises(ValueError, match="disable_dropout=True"):
+        attach_entanglement_metrics(_trainer(tmp_path / "dropout", disable_dropout=False), probe=2)
     with pytest.raises(TypeError, match="unsupported trainer"):
         attach_entanglement_metrics(object())
     with pytest.raises(TypeError, match="MarginLoss"):

@@ -16,8 +16,9 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
   of a plain gradient step on each pair, :func:`ge_utils.gradients.condition_table`) and
   ``ge/n_pairs``; ``g = grad log pi(y|x)`` over the trainable parameters (LoRA adapters only
   for a PEFT model), at the parameters before the step's update;
-- over a fixed probe set of pairs (optional; at the same steps, or at every ``probe_every``-th
-  step): ``ge/probe_pred_delta_chosen`` /
+- over a fixed probe set of pairs, or with ``probe=k`` over the first k pairs of the step's own
+  batch (optional; at the same steps, or at every ``probe_every``-th step):
+  ``ge/probe_pred_delta_chosen`` /
   ``ge/probe_pred_delta_rejected`` (mean first-order prediction ``g . Delta theta`` with the
   step's actual update ``Delta theta``, so it is honest under AdamW, weight decay and clipping
   included), ``ge/probe_real_delta_chosen`` / ``ge/probe_real_delta_rejected`` (mean realized
@@ -47,8 +48,14 @@ untouched), whose per-layer factors (inputs and output gradients) give the exact
 and one forward after the step. When the next step is measured too, that step's forward and
 backward of the probe run right after this step's update instead (the parameters do not change
 until the next optimizer step) and their log-probs are this step's "after": measuring every step
-costs one forward, one backward and the contraction per step. Where the recorder cannot handle
-the model, a forward-mode pass
+costs one forward, one backward and the contraction per step. A batch probe (``probe=k``: the
+displacement of the pairs being trained on, the paper's object) needs neither: the recorder of
+the trainer's backward also keeps the factors of those k pairs of the step's first micro-batch
+(:meth:`ge_utils.stats.GhostRecorder.keep_rows`; they are ``c_i grad u_i``, divided by the loss
+coefficient ``c_i`` after the contraction), and their log-probs before the step are those of
+the training forward (hence ``disable_dropout=True``, TRL's default, is required); a step then
+costs the contraction, the copy and one forward of the 2k sequences after the update. Where
+the recorder cannot handle the model, a forward-mode pass
 (:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
 (small for LoRA, large for a full fine-tune), into which the update is then computed; that
 memory is kept from the first probed step on and reused (until :meth:`detach`).
@@ -93,7 +100,7 @@ from ge_utils.logprobs import (
 )
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
 from ge_utils.stats import Factor, GhostRecorder, PairStats, fast_gradient_stats
-from ge_utils.stats.recorder import group_rows
+from ge_utils.stats.recorder import TINY_COEFFICIENT, KeptFactors, group_rows
 
 PREFIX = "ge/"
 BATCH_METRICS = (
@@ -132,6 +139,20 @@ class _MicroBatch:
     inputs: Mapping[str, Tensor]
     ref: Tensor | None = None
     stats: PairStats | None = None  # recorded in the trainer's own backward (all 2B rows)
+    kept: _KeptPairs | None = None  # a batch probe's pairs, kept from that backward
+
+
+@dataclass
+class _KeptPairs:
+    """A batch probe's pairs of a micro-batch, from the trainer's own forward and backward:
+    their indices in the micro-batch, their log-probs ``logps`` (chosen rows first), the loss
+    coefficients ``coef`` of the backward (same rows) and the kept factors of their gradients
+    (each scaled by its coefficient)."""
+
+    pairs: list[int]
+    logps: Tensor
+    coef: Tensor
+    factors: KeptFactors
 
 
 @dataclass
@@ -170,6 +191,14 @@ def split_trl_batch(
     joint = SequenceBatch(ids, inputs["attention_mask"].long(), resp)
     b = ids.shape[0] // 2
     return joint.select(range(b)), joint.select(range(b, 2 * b))
+
+
+def _probe_pairs(inputs: Mapping[str, Tensor], k: int) -> list[int]:
+    """The first ``k`` pairs of a TRL preference batch whose chosen and rejected responses both
+    kept a token (a batch probe's pairs)."""
+    resp = inputs["completion_mask"].bool().any(1)
+    b = len(resp) // 2
+    return (resp[:b] & resp[b:]).nonzero().flatten()[:k].tolist()
 
 
 def _records(probe: Any) -> list[dict[str, Any]]:
@@ -283,10 +312,12 @@ class _StepRecorder:
     dropout, if any; TRL disables dropout by default).
     """
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, keep_pairs: int | None = None):
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         self.head = base.get_output_embeddings()
         self.rec = GhostRecorder(policy, keep_outputs=False)
+        self.keep_pairs = keep_pairs  # a batch probe: keep the factors of the first micro-batch's
+        self.keeping: list[int] | None = None  # pairs kept in the current micro-batch
         self.head_params = {
             name: p
             for name in ("weight", "bias")
@@ -325,14 +356,21 @@ class _StepRecorder:
         self.finish()
         self.micro, self.hidden, self.grad = micro, None, None
         self.rec.clear()
-        self.rec.expect_pairs(int(micro.inputs["input_ids"].shape[0]) // 2)
+        b = int(micro.inputs["input_ids"].shape[0]) // 2
+        self.rec.expect_pairs(b)
+        self.keeping = None
+        if self.keep_pairs:  # the first micro-batch of the step only
+            self.keeping = _probe_pairs(micro.inputs, self.keep_pairs)
+            self.keep_pairs = None
+            if self.keeping:
+                self.rec.keep_rows(self.keeping + [b + i for i in self.keeping])
 
     def finish(self) -> None:
         micro, self.micro = self.micro, None
         if micro is None or self.grad is None:
             return
         start = time.perf_counter()
-        micro.stats = self._stats(micro.inputs)
+        micro.stats = self._stats(micro)
         self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
@@ -341,8 +379,9 @@ class _StepRecorder:
         self.handle.remove()
 
     @torch.no_grad()
-    def _stats(self, inputs: Mapping[str, Tensor]) -> PairStats | None:
-        ids, mask = inputs["input_ids"], inputs["completion_mask"].bool()
+    def _stats(self, micro: _MicroBatch) -> PairStats | None:
+        """The micro-batch's pair statistics (and, for a batch probe, ``micro.kept``)."""
+        ids, mask = micro.inputs["input_ids"], micro.inputs["completion_mask"].bool()
         n = ids.shape[0]
         seq, pos = mask[:, 1:].nonzero(as_tuple=True)  # position t scores token t + 1
         h = self.hidden[seq, pos].float()
@@ -375,6 +414,11 @@ class _StepRecorder:
         u = torch.zeros(n, dtype=torch.float64, device=logp.device)
         u.index_add_(0, seq, logp.gather(1, y[:, None])[:, 0].double())
         b = n // 2
+        if self.keeping:
+            rows = torch.tensor(self.keeping + [b + i for i in self.keeping], device=u.device)
+            micro.kept = _KeptPairs(
+                self.keeping, u[rows].cpu(), coef[rows].double().cpu(), self.rec.kept()
+            )
         stats = self.rec.pair_stats(coef[:b], coef[b:])
         return stats.with_logps(u[:b], u[b:])
 
@@ -386,8 +430,10 @@ class EntanglementCallback(TrainerCallback):
     ``every``: compute at every ``every``-th optimizer step; None (default): at the trainer's
     logging steps (``logging_strategy="steps"``, plus the first step with
     ``logging_first_step``). ``probe``: pairs (records with prompt/chosen/rejected, a Dataset or
-    DataFrame, or a :class:`ProbeBatch`) followed across each computed step; None: no probe
-    metrics. ``probe_every``: follow the probe at every ``probe_every``-th optimizer step
+    DataFrame, or a :class:`ProbeBatch`) followed across each computed step; an int k: the first
+    k pairs (with both responses non-empty) of each probed step's first micro-batch on each
+    process, their own change across the step (``pair`` in :meth:`probe_frame`: the process's
+    rank times k plus the pair's position among them); None: no probe metrics. ``probe_every``: follow the probe at every ``probe_every``-th optimizer step
     instead (e.g. the batch statistics at every step, which cost little, and the probe, which
     costs a forward and a backward of its pairs, every tenth); None: at the steps measured.
     ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
@@ -419,6 +465,14 @@ class EntanglementCallback(TrainerCallback):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if probe_every is not None and probe is None:
             raise ValueError("probe_every needs a probe set (probe=...)")
+        batch_probe = isinstance(probe, int) and not isinstance(probe, bool)
+        if batch_probe and probe < 1:
+            raise ValueError(f"probe=k follows k >= 1 pairs of each batch, got {probe!r}")
+        if batch_probe and not getattr(trainer.args, "disable_dropout", True):
+            raise ValueError(
+                "probe=k (the batch's own pairs) needs disable_dropout=True (TRL's default): "
+                "their log-probs before the step are read off the training forward"
+            )
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs!r}")
         if every is None and str(getattr(trainer.args, "logging_strategy", "steps")) not in (
@@ -434,7 +488,8 @@ class EntanglementCallback(TrainerCallback):
         self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
         self.max_pairs = max_pairs
         self.probe: ProbeBatch | None = None
-        if probe is not None:
+        self.batch_probe: int | None = probe if batch_probe else None
+        if probe is not None and not batch_probe:
             self.probe = tokenize_probe(trainer, probe)
         self._captured: list[_MicroBatch] = []
         self._awaiting: _MicroBatch | None = None  # inside the trainer's compute_loss
@@ -526,7 +581,7 @@ class EntanglementCallback(TrainerCallback):
 
     def probes(self, step: int) -> bool:
         """Whether the probe is followed across optimizer step ``step``."""
-        if self.probe is None:
+        if self.probe is None and self.batch_probe is None:
             return False
         if self.probe_every is not None:
             return step % self.probe_every == 0
@@ -590,8 +645,10 @@ class EntanglementCallback(TrainerCallback):
     # -- events ----------------------------------------------------------------------------
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.in_backward and self.measures(state.global_step + 1):
-            self._step = _StepRecorder(self._policy())
+        step = state.global_step + 1
+        keep = self.batch_probe if self.probes(step) else None
+        if self.in_backward and (self.measures(step) or keep):
+            self._step = _StepRecorder(self._policy(), keep_pairs=keep)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         captured, self._captured = self._captured, []
@@ -613,7 +670,9 @@ class EntanglementCallback(TrainerCallback):
                 rows = _gather(records)
                 if rows:
                     self._log_batch(pd.DataFrame(rows))
-            if self.probes(step):
+            if self.probes(step) and self.batch_probe is not None:
+                self._before = self._batch_probe_before(captured[0])
+            elif self.probes(step):
                 chained, self._next = self._next, None
                 self._before = chained if chained is not None else self._probe_before()
         self._seconds = time.perf_counter() - start
@@ -623,7 +682,7 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step + 1
         start = time.perf_counter()
         if before is not None:
-            chain = self.probes(step + 1) and step < state.max_steps
+            chain = self.probe is not None and self.probes(step + 1) and step < state.max_steps
             with _rng_untouched():
                 self._probe_step(before, step, chain)
         if self.measures(step) or self.probes(step):
@@ -704,6 +763,25 @@ class EntanglementCallback(TrainerCallback):
             return _ProbeBefore(theta0, mine, joint)
         return _ProbeBefore(theta0, mine, joint, *found)
 
+    def _batch_probe_before(self, micro: _MicroBatch) -> _ProbeBefore:
+        """Just before the optimizer step, for ``probe=k``: a copy of the trainable parameters
+        and the first k pairs of the step's first micro-batch, with their log-probs and kept
+        factors from the trainer's own forward and backward (``micro.kept``), or, where those
+        were not recorded (a separate pass, :func:`_logps_and_factors`)."""
+        theta0 = self._copy_trainable()
+        kept = micro.kept
+        pairs = kept.pairs if kept is not None else _probe_pairs(micro.inputs, self.batch_probe)
+        rank = int(self.trainer.accelerator.process_index)
+        mine = [rank * self.batch_probe + j for j in range(len(pairs))]
+        if not pairs:
+            return _ProbeBefore(theta0, mine)
+        chosen, rejected = split_trl_batch(micro.inputs, check_empty=False)
+        joint = concat_batches(chosen.select(pairs), rejected.select(pairs))
+        if kept is not None:
+            return _ProbeBefore(theta0, mine, joint, kept.logps, kept.factors, kept.coef)
+        found = _logps_and_factors(self._policy(), joint)
+        return _ProbeBefore(theta0, mine, joint, *(found or ()))
+
     def _probe_step(self, probe: _ProbeBefore, step: int, chain: bool = False) -> None:
         """After the optimizer step: the probe's predicted and realized changes. With ``chain``
         (the next step is measured too) the realized change comes from the next step's
@@ -717,6 +795,9 @@ class EntanglementCallback(TrainerCallback):
             if probe.recorder is not None:
                 before = probe.logps
                 pred = probe.recorder.directional(_Update(now, probe.theta0))
+                if probe.scale is not None:  # factors of a training backward: c_i grad u_i
+                    c = probe.scale
+                    pred = pred / torch.where(c.abs() < TINY_COEFFICIENT, torch.nan, c)
             else:
                 delta = {n: now[n] - probe.theta0[n] for n in probe.theta0}
                 before, pred = directional_logps(policy, joint, probe.theta0, delta)
@@ -789,7 +870,8 @@ class _ProbeBefore:
     mine: list[int]
     joint: SequenceBatch | None = None
     logps: Tensor | None = None
-    recorder: GhostRecorder | None = None
+    recorder: GhostRecorder | KeptFactors | None = None
+    scale: Tensor | None = None  # the coefficients c_i of the backward the factors come from
 
 
 class _Update(Mapping[str, Tensor]):
