@@ -471,6 +471,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SCRIPT = str(HERE / "trl_ddp_run.py")
+
+
+def _two_processes(accelerate: str, out: Path, *args: str) -> None:
+    """``tests/trl_ddp_run.py out *args`` on two CPU processes (DDP over gloo)."""
+    # accelerate 1.15: --cpu with several processes starts only one; --multi_gpu on a machine
+    # without GPUs starts DDP over CPU processes (gloo)
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    done = subprocess.run([*launch, SCRIPT, str(out), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_two_processes_agree_with_one(tmp_path):
     """The same global batch (4 pairs a step) on one process and on two (2 pairs each, DDP over
     gloo): the aggregated metrics and every pair's statistics agree to float tolerance (the two
@@ -479,20 +493,11 @@ def test_two_processes_agree_with_one(tmp_path):
     if accelerate is None:
         pytest.skip("the accelerate command is not installed")
     load_model("tiny-llama", device="cpu")  # build the cache once, not in both processes
-    script = str(HERE / "trl_ddp_run.py")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run(
-        [sys.executable, script, str(one), "--per-device", "4"], check=True, capture_output=True
+        [sys.executable, SCRIPT, str(one), "--per-device", "4"], check=True, capture_output=True
     )
-    # accelerate 1.15: --cpu with several processes starts only one; --multi_gpu on a machine
-    # without GPUs starts DDP over CPU processes (gloo)
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port())]
-    out = subprocess.run(
-        [*launch, script, str(two), "--per-device", "2"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    _two_processes(accelerate, two, "--per-device", "2")
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["world"], b["world"]) == (1, 2)
     assert len(a["logs"]) == len(b["logs"]) == 3
@@ -506,6 +511,21 @@ def test_two_processes_agree_with_one(tmp_path):
             x, y = np.asarray(xs, dtype=float), np.asarray(b[frame][key], dtype=float)
             assert np.allclose(x, y, rtol=1e-4, atol=1e-4), (frame, key)
     assert a["probe"]["pair"] == b["probe"]["pair"] == [0, 1, 2, 3, 4] * 3
+
+
+def test_batch_probe_on_two_processes(tmp_path):
+    """``probe=k`` under DDP: each process follows its own first k pairs, and the gathered
+    frame has every process's, numbered by rank (rank * k + position)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate command is not installed")
+    load_model("tiny-llama", device="cpu")
+    out = tmp_path / "two.json"
+    _two_processes(accelerate, out, "--per-device", "2", "--batch-probe", "1")
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    assert result["probe"]["pair"] == [0, 1] * 3 and result["probe"]["step"] == [1, 1, 2, 2, 3, 3]
+    assert all(math.isfinite(x) for x in result["probe"]["pred_delta_chosen"])
 
 
 def test_layers_reduced_together_as_on_a_gpu(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@
 
 Both give the same global batch (sequential sampling, no shuffling); the main process writes
 the logged ``ge/*`` metrics, TRL's own metrics and the per-pair frames to OUT.json.
+``--batch-probe K``: the probe is each process's first K pairs of each batch instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--per-device", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-probe", type=int, help="follow k pairs of each batch instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -64,7 +66,7 @@ def main() -> None:
             train_dataset=data,
             processing_class=lm.tokenizer,
         )
-        callback = attach_entanglement_metrics(trainer, probe=probe)
+        callback = attach_entanglement_metrics(trainer, probe=args.batch_probe or probe)
         trainer.train()
     if trainer.accelerator.is_main_process:
         logs = [h for h in trainer.state.log_history if "ge/inner" in h]
