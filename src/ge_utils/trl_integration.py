@@ -433,9 +433,10 @@ class EntanglementCallback(TrainerCallback):
     DataFrame, or a :class:`ProbeBatch`) followed across each computed step; an int k: the first
     k pairs (with both responses non-empty) of each probed step's first micro-batch on each
     process, their own change across the step (``pair`` in :meth:`probe_frame`: the process's
-    rank times k plus the pair's position among them); None: no probe metrics. ``probe_every``: follow the probe at every ``probe_every``-th optimizer step
-    instead (e.g. the batch statistics at every step, which cost little, and the probe, which
-    costs a forward and a backward of its pairs, every tenth); None: at the steps measured.
+    rank times k plus the pair's position among them); None: no probe metrics.
+    ``probe_every``: follow the probe at every ``probe_every``-th optimizer step instead (e.g.
+    the batch statistics at every step, which cost little, and the probe, which costs a forward
+    and a backward of its pairs, every tenth); None: at the steps measured.
     ``loss``: the margin loss whose coefficients classify the cases; None: TRL's
     sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
     micro-batch of each process (None: all). ``in_backward``: record the statistics in the
