@@ -449,6 +449,9 @@ def test_clear_errors(tmp_path):
         attach_entanglement_metrics(trainer, probe_every=2)
     with pytest.raises(ValueError, match="follows k >= 1 pairs"):
         attach_entanglement_metrics(trainer, probe=0)
+    for bad in (True, 2.5, "pairs"):
+        with pytest.raises(TypeError, match="probe must be pairs"):
+            attach_entanglement_metrics(trainer, probe=bad)
     with pytest.raises(ValueError, match="disable_dropout=True"):
         attach_entanglement_metrics(_trainer(tmp_path / "dropout", disable_dropout=False), probe=2)
     with pytest.raises(TypeError, match="unsupported trainer"):

@@ -207,8 +207,13 @@ def _records(probe: Any) -> list[dict[str, Any]]:
     :class:`ge_utils.data.PreferencePair`)."""
     if isinstance(probe, pd.DataFrame):
         rows: Iterable[Any] = probe.to_dict("records")
-    else:
+    elif isinstance(probe, Iterable) and not isinstance(probe, str | bytes | Mapping):
         rows = probe
+    else:
+        raise TypeError(
+            "probe must be pairs (records with prompt/chosen/rejected, a Dataset, a DataFrame or "
+            f"a ProbeBatch), an int k (the batch's own first k pairs) or None, got {probe!r}"
+        )
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, Mapping):
