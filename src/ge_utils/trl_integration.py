@@ -321,7 +321,7 @@ class _StepRecorder:
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         self.head = base.get_output_embeddings()
         self.rec = GhostRecorder(policy, keep_outputs=False)
-        self.keep_pairs = keep_pairs  # a batch probe: keep the factors of the first micro-batch's
+        self.keep_pairs = keep_pairs  # a batch probe: pairs kept from the first micro-batch
         self.keeping: list[int] | None = None  # pairs kept in the current micro-batch
         self.head_params = {
             name: p
@@ -773,7 +773,7 @@ class EntanglementCallback(TrainerCallback):
         """Just before the optimizer step, for ``probe=k``: a copy of the trainable parameters
         and the first k pairs of the step's first micro-batch, with their log-probs and kept
         factors from the trainer's own forward and backward (``micro.kept``), or, where those
-        were not recorded (a separate pass, :func:`_logps_and_factors`)."""
+        were not recorded, from a separate pass (:func:`_logps_and_factors`)."""
         theta0 = self._copy_trainable()
         kept = micro.kept
         pairs = kept.pairs if kept is not None else _probe_pairs(micro.inputs, self.batch_probe)
