@@ -173,3 +173,33 @@ def token_groups(tokens: pd.DataFrame, title: str = "") -> plt.Figure:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def predicted_vs_realized(probe: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Realized against first-order predicted change of each probe log-prob (columns
+    ``pred_delta_chosen``, ``real_delta_chosen``, ``pred_delta_rejected``,
+    ``real_delta_rejected``; one row per probe pair and step), with the diagonal: on it when
+    the first-order view holds for the step that was taken."""
+    long = pd.concat(
+        [
+            probe.assign(
+                response=side,
+                predicted=probe[f"pred_delta_{side}"],
+                realized=probe[f"real_delta_{side}"],
+            )
+            for side in ("chosen", "rejected")
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    sns.scatterplot(data=long, x="predicted", y="realized", hue="response", style="response", ax=ax)
+    lim = max(long["predicted"].abs().max(), long["realized"].abs().max()) * 1.1
+    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(
+        xlabel=r"predicted $g\cdot\Delta\theta$ (nats)",
+        ylabel="realized change (nats)",
+        title=title,
+    )
+    fig.tight_layout()
+    return fig
