@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ge_utils.stats import fast_gradient_stats
 from ge_utils.trl_integration import (
     METRIC_NAMES,
     ProbeBatch,
+    _StepRecorder,
     attach_entanglement_metrics,
     tokenize_probe,
 )
@@ -251,6 +253,24 @@ def test_probe_every_follows_the_probe_on_its_own_steps(tmp_path):
     logs = {h["step"]: h for h in trainer.state.log_history if "ge/inner" in h}
     assert sorted(logs) == [1, 2, 3, 4]
     assert [s for s, h in logs.items() if "ge/probe_sign_agree" in h] == [2, 4]
+
+
+def test_seconds_count_the_statistics_once(tmp_path, monkeypatch):
+    """``ge/seconds`` holds the time of the step's statistics once: reading the last
+    micro-batch's statistics (made 0.5 s slower here) was counted twice."""
+    pause = 0.5
+    stats = _StepRecorder._stats
+
+    def slow(self, micro):
+        time.sleep(pause)
+        return stats(self, micro)
+
+    monkeypatch.setattr(_StepRecorder, "_stats", slow)
+    trainer = _trainer(tmp_path, max_steps=1, logging_steps=1, gradient_checkpointing=False)
+    attach_entanglement_metrics(trainer)
+    trainer.train()
+    seconds = [h["ge/seconds"] for h in trainer.state.log_history if "ge/seconds" in h]
+    assert len(seconds) == 1 and pause <= seconds[0] < 2 * pause
 
 
 def test_statistics_match_trl_and_brute_force(tmp_path):

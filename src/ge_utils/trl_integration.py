@@ -661,9 +661,9 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step + 1
         recorded = 0.0
         if self._step is not None:
-            start = time.perf_counter()
-            self._step.close()
-            recorded = self._step.seconds + time.perf_counter() - start
+            earlier, start = self._step.seconds, time.perf_counter()
+            self._step.close()  # reads the last micro-batch's statistics, timed here once
+            recorded = earlier + time.perf_counter() - start
             self._step = None
         if not (self.measures(step) or self.probes(step)):
             return
