@@ -180,6 +180,8 @@ def predicted_vs_realized(probe: pd.DataFrame, title: str = "") -> plt.Figure:
     ``pred_delta_chosen``, ``real_delta_chosen``, ``pred_delta_rejected``,
     ``real_delta_rejected``; one row per probe pair and step), with the diagonal: on it when
     the first-order view holds for the step that was taken."""
+    if probe.empty:
+        raise ValueError("predicted_vs_realized: the probe frame has no rows (no probed step?)")
     long = pd.concat(
         [
             probe.assign(
