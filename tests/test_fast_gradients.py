@@ -880,3 +880,20 @@ def test_fast_gradient_stats_passes_its_group_to_the_recorder(tiny_model, monkey
     assert_stats_close(fast_gradient_stats(tiny_model, c, r, group=5), exact, 1e-8)
     assert_stats_close(fast_gradient_stats(tiny_model, c, r), exact, 1e-8)
     assert seen == [5, None]
+
+
+def test_factor_dot_moves_the_direction_to_the_factors_device():
+    """A direction on the CPU contracted with factors on another device (the meta device here,
+    which, like CUDA, refuses to mix with CPU tensors) gives the result on the factors' device:
+    e.g. a CPU update with a model on a GPU."""
+    meta = torch.device("meta")
+    left, right = torch.empty(3, 4, 5, device=meta), torch.empty(3, 4, 6, device=meta)
+    ids = torch.zeros(3, 4, dtype=torch.long, device=meta)
+    uses = {
+        "outer": (factors.Factor.outer(left, right), torch.randn(5, 6)),
+        "onehot": (factors.Factor.onehot(ids, right), torch.randn(7, 6)),
+        "dense": (factors.Factor.dense(torch.empty(3, 30, device=meta)), torch.randn(30)),
+    }
+    for kind, (use, v) in uses.items():
+        dot = factors.factor_dot(use, v)
+        assert dot.device == meta and dot.shape == (3,), kind

@@ -270,7 +270,7 @@ def directional_logps(
         return torch.func.functional_call(wrapper, params, (batch,))
 
     primals = tuple(at[n] for n in names)
-    tangents = tuple(direction[n].to(at[n].dtype) for n in names)
+    tangents = tuple(direction[n].to(at[n]) for n in names)  # its dtype and device
     with eval_mode(model):
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -294,4 +294,5 @@ def directional_logps(
                     if g is not None
                 )
             )
-        return u.detach(), torch.stack([torch.as_tensor(d) for d in dots]).to(u.dtype)
+        dots64 = [torch.as_tensor(d, dtype=torch.float64, device=u.device) for d in dots]
+        return u.detach(), torch.stack(dots64).to(u.dtype)

@@ -184,18 +184,19 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
     - onehot: ``sum_t V[id_t] . r_t``;
     - dense: ``vec_i . v``.
 
-    The products are formed in the factors' precision (``v`` cast to it), which costs one
-    multiplication of the rows by ``V``, as a forward of the layer does."""
+    The products are formed in the factors' precision and on their device (``v`` moved to
+    them), which costs one multiplication of the rows by ``V``, as a forward of the layer
+    does."""
     u = u.resolved()
     if u.vec is not None:
-        v = direction.reshape(-1).to(u.vec.dtype)
+        v = direction.reshape(-1).to(u.vec)
         prod = u.vec * v
         return prod.sum(1, dtype=acc_dtype(prod))
     if u.ids is not None:
-        rows = direction.reshape(-1, u.right.shape[2]).to(u.right.dtype)[u.ids]
+        rows = direction.reshape(-1, u.right.shape[2]).to(u.right)[u.ids]
         prod = rows * u.right
         return prod.sum((1, 2), dtype=acc_dtype(prod))
-    v = direction.reshape(u.left.shape[2], u.right.shape[2]).to(u.left.dtype)
+    v = direction.reshape(u.left.shape[2], u.right.shape[2]).to(u.left)
     prod = (u.left @ v) * u.right
     return prod.sum((1, 2), dtype=acc_dtype(prod))
 

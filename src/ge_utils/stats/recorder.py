@@ -243,10 +243,11 @@ class GhostRecorder:
 
     def expect(self, **targets: tuple[Tensor, Tensor]) -> None:
         """Name the inner products to compute, before the backward: ``name=(ii, jj)`` asks for
-        ``<grad f_ii[k], grad f_jj[k]>`` for every k."""
+        ``<grad f_ii[k], grad f_jj[k]>`` for every k (indices on any device: kept on the CPU,
+        where the results are)."""
         if self._recorded:
             raise RuntimeError("expect(...) must be called before the backward")
-        self.targets = {k: (ii.long(), jj.long()) for k, (ii, jj) in targets.items()}
+        self.targets = {k: (ii.long().cpu(), jj.long().cpu()) for k, (ii, jj) in targets.items()}
         self._index = {k: (as_index(ii), as_index(jj)) for k, (ii, jj) in self.targets.items()}
         self._grid = {k: g for k, (ii, jj) in self.targets.items() if (g := _as_grid(ii, jj))}
         self.totals = {}
