@@ -1,13 +1,14 @@
 """Devices in cache keys: ``auto`` is keyed by the kind of device it resolves to on this
 machine, so a result computed on a GPU is never read back by a CPU run, and the reverse."""
 
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
 import ge_utils.boundary as boundary
-from ge_utils.models import device_kind
+from ge_utils.models import device_clock, device_kind
 from ge_utils.predict import PredictionSetup, _cache_key
 from ge_utils.spec import ExperimentSpec
 from ge_utils.training import params_hash
@@ -78,3 +79,14 @@ def test_the_device_is_the_only_change(monkeypatch):
     assert {k: v for k, v in replace(spec, device="cuda").key().items() if k != "device"} == {
         k: v for k, v in key.items() if k != "device"
     }
+
+
+def test_device_clock_waits_for_a_gpu_only(monkeypatch):
+    """A clock read on a CUDA device first waits for its queued kernels; on the CPU it reads
+    at once."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    before = time.perf_counter()
+    assert device_clock("cpu") >= before and waited == []
+    assert device_clock(torch.device("cuda", 1)) >= before
+    assert waited == [torch.device("cuda", 1)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,7 +39,7 @@ from ge_utils.logprobs import (
 )
 from ge_utils.losses import get_loss
 from ge_utils.mitigations import contrastive_mask, get_objective
-from ge_utils.models import cache_dir, load_model
+from ge_utils.models import cache_dir, device_clock, load_model
 from ge_utils.spec import ExperimentSpec
 from ge_utils.training import (
     RunResult,
@@ -615,10 +614,10 @@ def step_costs(
     for round_ in range(repeats + 1):
         for name, objective in built.items():
             net.zero_grad(set_to_none=True)
-            started = time.perf_counter()
+            started = device_clock(dev)
             preference_microstep(net, objective, c, r, ref, len(c), ref_tokens=ref_tokens)
             if round_ > 0:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(device_clock(dev) - started)
     net.zero_grad(set_to_none=True)
     median = pd.Series({name: float(pd.Series(t).median()) for name, t in times.items()})
     return pd.DataFrame({"seconds": median, "ratio": median / median.iloc[0]})

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,6 +165,18 @@ def device_kind(device: str = "auto") -> str:
     differ between the two, so a key holds what it resolved to (an unavailable device is not
     checked here: the run that uses it fails)."""
     return resolve_device(device).type if device == "auto" else torch.device(device).type
+
+
+def device_clock(device: torch.device | str) -> float:
+    """``time.perf_counter()`` once ``device`` has finished the work queued on it. A GPU runs
+    kernels asynchronously: a clock read right after a backward measures its launches and
+    charges the rest to whatever is timed next. The CPU reads the clock at once."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

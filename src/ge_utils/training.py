@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from ge_utils.logprobs import (
     token_logprobs,
 )
 from ge_utils.mitigations import get_objective, response_token_values, scatter_response_tokens
+from ge_utils.models import device_clock
 from ge_utils.objective import MicrostepResult, Objective, PairLoss, pair_logps
 
 Optimizer = Literal["adamw", "sgd"]
@@ -468,7 +468,8 @@ def _optimizer_step(
     run: _PreferenceRun, opt: torch.optim.Optimizer, base_lrs: list[float], step: int, index
 ) -> tuple[float, float]:
     """One optimizer step (warm-up, accumulation, clipping) with its row in the history."""
-    started = time.perf_counter()
+    device = _device_of(run.model)
+    started = device_clock(device)
     for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
         group["lr"] = base_lr * _lr_factor(step, run.cfg.warmup_steps)
     opt.zero_grad(set_to_none=True)
@@ -484,7 +485,7 @@ def _optimizer_step(
             "train_margin": margin_total,
             "lr": opt.param_groups[0]["lr"],
             "grad_norm": grad_norm,
-            "seconds": time.perf_counter() - started,
+            "seconds": device_clock(device) - started,
         }
     )
     return loss_total, margin_total

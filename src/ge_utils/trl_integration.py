@@ -79,7 +79,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +98,7 @@ from ge_utils.logprobs import (
     sequence_logprobs,
 )
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
+from ge_utils.models import device_clock
 from ge_utils.stats import Factor, GhostRecorder, PairStats, fast_gradient_stats
 from ge_utils.stats.recorder import TINY_COEFFICIENT, KeptFactors, group_rows
 
@@ -332,6 +332,7 @@ class _StepRecorder:
         self.hidden: Tensor | None = None
         self.grad: Tensor | None = None
         self.handle = base.base_model.register_forward_hook(self._keep_hidden)
+        self.device = next(policy.parameters()).device
         self.seconds = 0.0
 
     @staticmethod
@@ -374,9 +375,9 @@ class _StepRecorder:
         micro, self.micro = self.micro, None
         if micro is None or self.grad is None:
             return
-        start = time.perf_counter()
+        start = device_clock(self.device)
         micro.stats = self._stats(micro)
-        self.seconds += time.perf_counter() - start
+        self.seconds += device_clock(self.device) - start
 
     def close(self) -> None:
         self.finish()
@@ -660,14 +661,15 @@ class EntanglementCallback(TrainerCallback):
         captured, self._captured = self._captured, []
         step = state.global_step + 1
         recorded = 0.0
+        device = next(self._policy().parameters()).device
         if self._step is not None:
-            earlier, start = self._step.seconds, time.perf_counter()
+            earlier, start = self._step.seconds, device_clock(device)
             self._step.close()  # reads the last micro-batch's statistics, timed here once
-            recorded = earlier + time.perf_counter() - start
+            recorded = earlier + device_clock(device) - start
             self._step = None
         if not (self.measures(step) or self.probes(step)):
             return
-        start = time.perf_counter() - recorded
+        start = device_clock(device) - recorded
         with _rng_untouched():
             if self.measures(step):
                 records = []
@@ -681,19 +683,21 @@ class EntanglementCallback(TrainerCallback):
             elif self.probes(step):
                 chained, self._next = self._next, None
                 self._before = chained if chained is not None else self._probe_before()
-        self._seconds = time.perf_counter() - start
+        self._seconds = device_clock(device) - start
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         before, self._before = self._before, None
         step = state.global_step + 1
-        start = time.perf_counter()
+        if not (self.measures(step) or self.probes(step)):
+            return
+        device = next(self._policy().parameters()).device
+        start = device_clock(device)
         if before is not None:
             chain = self.probe is not None and self.probes(step + 1) and step < state.max_steps
             with _rng_untouched():
                 self._probe_step(before, step, chain)
-        if self.measures(step) or self.probes(step):
-            self._seconds += time.perf_counter() - start
-            self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
+        self._seconds += device_clock(device) - start
+        self.trainer._metrics["train"][PREFIX + "seconds"].append(self._seconds)
 
     # -- batch statistics ------------------------------------------------------------------
 
