@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
+from transformers import LogitsProcessorList
 
 from ge_utils.data import load_pairs
 from ge_utils.gradients import pair_logps
@@ -37,6 +38,7 @@ from ge_utils.predict import (
 from ge_utils.training import TrainConfig
 from ge_utils.varied_data import (
     TEMPLATED,
+    _DrawOnCpu,
     as_preference_pairs,
     sampled_pairs,
     stated_label,
@@ -232,6 +234,35 @@ def test_sampled_pairs_follow_the_labelling_rule(tiny_model, tokenizer):
     for p in got.pairs:
         assert stated_label(p.chosen) is not None and p.family == "sampled"
         assert stated_label(p.rejected) != stated_label(p.chosen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_tokens_drawn_on_the_cpu_are_those_of_sampling(tiny_model, tokenizer, temperature):
+    """The CPU draw that lets a GPU sample what the CPU samples: on the CPU, greedy decoding
+    through it gives, token for token, ``generate(do_sample=True, top_k=0)`` from the same seed
+    (and leaves the generator where sampling leaves it)."""
+    ids = torch.tensor([tokenizer("the film was")["input_ids"]] * 3)
+    runs = []
+    for sampling in (True, False):
+        torch.manual_seed(5)
+        options = (
+            {"do_sample": True, "temperature": temperature, "top_k": 0}
+            if sampling
+            else {
+                "do_sample": False,
+                "logits_processor": LogitsProcessorList([_DrawOnCpu(temperature)]),
+            }
+        )
+        with torch.no_grad():
+            out = tiny_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=0,
+                **options,
+            )  # fmt: skip
+        runs.append((out, torch.rand(1)))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert runs[0][0].shape[1] > ids.shape[1]
+    with pytest.raises(ValueError, match="temperature"):
+        _DrawOnCpu(0.0)
 
 
 def test_realized_change_is_one_full_batch_step():

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ge_utils.data import (
     CONFIG_SUFFIXES,
@@ -135,6 +136,27 @@ class SampledSet:
     identical: int
 
 
+class _DrawOnCpu(LogitsProcessor):
+    """Sampling for greedy decoding: draws each next token from ``softmax(scores /
+    temperature)`` with torch's CPU generator, as ``generate(do_sample=True, top_k=0)`` does
+    on the CPU, and leaves only that token possible. On a GPU, ``do_sample`` would draw from
+    the GPU's own random stream, which no seed aligns with the CPU's: the sampled pairs, and
+    every verdict on them, would differ between the two. Drawn here, a token differs only
+    where the two devices' scores (equal to rounding) fall on either side of the draw."""
+
+    def __init__(self, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float().cpu()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        drawn = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).to(scores.device)
+        return torch.full_like(scores, -torch.inf).scatter_(1, drawn, 0.0)
+
+
 def sampled_pairs(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -151,11 +173,12 @@ def sampled_pairs(
 
     Sampling: the prompt through ``template`` (``"chat"``: an instruct model's chat template;
     the pair keeps the plain prompt), ``temperature``, at most ``max_new_tokens`` new tokens,
-    leading newlines dropped, cut at the next newline,
-    torch seeded with ``seed``. **Labelling rule**: a response *states* a label when it names
-    exactly one of "positive"/"negative" (:func:`stated_label`). A prompt gives a pair when
-    exactly one of its two samples states the true label; that one is chosen, the other
-    (wrong label, both, or neither) rejected. Prompts where both samples state the true label,
+    leading newlines dropped, cut at the next newline, torch seeded with ``seed``. Each token is
+    drawn on the CPU (:class:`_DrawOnCpu`), so a GPU draws the same tokens from the same scores.
+    **Labelling rule**: a response *states* a label when it names exactly one of
+    "positive"/"negative" (:func:`stated_label`). A prompt gives a pair when exactly one of its
+    two samples states the true label; that one is chosen, the other (wrong label, both, or
+    neither) rejected. Prompts where both samples state the true label,
     neither does, or the two are the same text are dropped and counted.
     """
     from ge_utils.logprobs import eval_mode, pad_id, prompt_ids
@@ -176,9 +199,9 @@ def sampled_pairs(
             ids = torch.tensor([prompt_ids(tokenizer, prompt, template)] * 2, device=device)
             with torch.no_grad():
                 out = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                    temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                    pad_token_id=pad,
+                    ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    logits_processor=LogitsProcessorList([_DrawOnCpu(temperature)]),
+                    max_new_tokens=max_new_tokens, pad_token_id=pad,
                 )  # fmt: skip
             texts = [
                 tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)
