@@ -35,6 +35,11 @@ except (RuntimeError, ValueError) as exc:
 name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
 print(f"torch {torch.__version__}, device {dev} ({name})")
 PY
+if [ "$device" != cpu ] && "$py" -c "import triton" 2>/dev/null \
+  && ! command -v "${CC:-cc}" >/dev/null && ! command -v gcc >/dev/null; then
+  echo "warning: Triton is installed but no C compiler was found: TRL's CUDA log-prob kernels" \
+    "cannot be compiled (use_on_your_run will fail)" | tee "$out/warnings.txt" >&2
+fi
 for dev in cpu "$device"; do
   start=$(date +%s)
   "$py" -m ge_utils run --profile smoke -p device "$dev" --jobs "$jobs" --no-progress \
