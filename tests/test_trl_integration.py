@@ -152,6 +152,26 @@ def test_batch_probe_follows_the_steps_own_pairs(tmp_path):
         assert np.allclose(pred, real, rtol=0.2, atol=max(0.02 * np.abs(real).max(), 2e-5))
 
 
+def test_a_measured_step_warns_nothing_from_the_package(tmp_path):
+    """A user's training log gets no warning from ge_utils itself on a measured step with a
+    probe of the step's own pairs (``index_reduce``, a beta API, used to warn). PyTorch warns
+    once per process unless ``set_warn_always``: on here, so the test does not depend on
+    the order the tests run in."""
+    trainer = _trainer(tmp_path, max_steps=2, logging_steps=1)
+    attach_entanglement_metrics(trainer, probe=2)
+    package = str(Path(attach_entanglement_metrics.__code__.co_filename).parent)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+    finally:
+        torch.set_warn_always(always)
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if package in w.filename]
+    assert not ours, ours
+
+
 def test_consecutive_measured_steps_share_one_probe_pass(tmp_path, monkeypatch):
     """``every=1``: each step's probe forward and backward runs right after the previous
     update and is also that step's "after" (one probe pass a step, one plain forward at the

@@ -404,7 +404,7 @@ class _StepRecorder:
         fit = zeros.index_add(0, seq, (g * v).sum(-1))
         coef = fit / zeros.index_add(0, seq, (v * v).sum(-1)).clamp_min(torch.finfo(g.dtype).tiny)
         gamma = coef[seq]
-        scale = zeros.index_reduce(0, seq, g.norm(dim=-1), "amax", include_self=False)[seq]
+        scale = zeros.scatter_reduce(0, seq, g.norm(dim=-1), "amax", include_self=False)[seq]
         if bool(((g - gamma[:, None] * v).norm(dim=-1) > CONSISTENCY_RTOL * scale).any()):
             return None  # not a loss of the summed log-probs: a separate pass instead
         if self.head_params:
