@@ -48,6 +48,27 @@ def test_paired_difference_and_bootstrap():
     assert est.low <= est.effect <= est.high and 0.7 < est.low
 
 
+def test_bootstrap_where_bca_is_undefined():
+    """No single point moves this median (every leave-one-out median is 0: BCa's acceleration
+    is 0/0), yet resamples with four or more ones move it: the interval is scipy's percentile
+    interval of the same resamples, not a zero-width one. Equal resamples give zero width; a
+    statistic that is NaN on a resample leaves the interval unbounded."""
+    x = np.array([0.0, 0, 0, 0, 0, 1, 1, 1])
+    est = bootstrap_interval((x,), np.median)
+    with pytest.warns(RuntimeWarning):
+        bca = stats.bootstrap((x,), np.median, method="BCa", vectorized=False,
+                              rng=np.random.default_rng(0)).confidence_interval  # fmt: skip
+    assert np.isnan(bca.low)
+    pct = stats.bootstrap((x,), np.median, method="percentile", vectorized=False,
+                          rng=np.random.default_rng(0)).confidence_interval  # fmt: skip
+    assert (est.effect, est.low, est.high) == (0.0, pct.low, pct.high) and est.high == 1.0
+    same = bootstrap_interval((np.ones(6),), np.mean)
+    assert (same.low, same.high) == (1.0, 1.0)
+    undefined = bootstrap_interval((x,), lambda a: np.nan if a.sum() > 3 else a.mean())
+    assert (undefined.low, undefined.high) == (-math.inf, math.inf)
+    assert verdict_of(undefined, ">") == "inconclusive"
+
+
 def test_single_value_and_bad_values():
     assert verdict_of(mean_interval([3.0]), ">") == "inconclusive"
     with pytest.raises(ValueError, match="non-finite"):

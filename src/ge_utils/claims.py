@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -145,25 +146,37 @@ def bootstrap_interval(
     """``statistic(*data)`` and its bootstrap 95% interval (``scipy.stats.bootstrap``).
 
     ``paired`` resamples the same indices from every array (e.g. a score and its outcome).
-    A degenerate resample distribution (all resamples equal) gives a zero-width interval.
+    Where BCa is undefined (its acceleration is 0/0 when every leave-one-out value of the
+    statistic is equal, as for an AUROC of 1 or a median that no single point moves), the
+    percentile interval of the same resamples is used instead; a degenerate resample
+    distribution (all resamples equal) gives a zero-width interval, a statistic that is NaN
+    on some resample an unbounded one.
     """
     arrays = tuple(_finite(d, "bootstrap_interval") for d in data)
     effect = float(statistic(*arrays))
     if arrays[0].size < 2:
         return Estimate(effect, -math.inf, math.inf, int(arrays[0].size))
-    res = stats.bootstrap(
-        arrays,
-        statistic,
-        n_resamples=n_resamples,
-        paired=paired,
-        vectorized=False,
-        confidence_level=CONFIDENCE,
-        method=method,
-        rng=np.random.default_rng(seed),
-    )
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if math.isnan(low) or math.isnan(high):  # BCa is undefined when every resample is equal
-        low = high = effect
+
+    def interval(how: str) -> tuple[float, float]:
+        res = stats.bootstrap(
+            arrays,
+            statistic,
+            n_resamples=n_resamples,
+            paired=paired,
+            vectorized=False,
+            confidence_level=CONFIDENCE,
+            method=how,
+            rng=np.random.default_rng(seed),
+        )
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+    with warnings.catch_warnings():  # scipy's own warning where BCa is undefined: handled below
+        warnings.filterwarnings("ignore", module="scipy")
+        low, high = interval(method)
+    if (math.isnan(low) or math.isnan(high)) and method.lower() != "percentile":
+        low, high = interval("percentile")
+    if math.isnan(low) or math.isnan(high):
+        return Estimate(effect, -math.inf, math.inf, int(arrays[0].size))
     return Estimate(effect, min(low, effect), max(high, effect), int(arrays[0].size))
 
 
