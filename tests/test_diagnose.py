@@ -146,6 +146,8 @@ BAD_JSON = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n\n{"prompt": "p", "
         (ROWS, ["--loss-param", "gamma=1"], ["unknown hyperparameter 'gamma'", "allowed: beta"]),
         (ROWS, ["--loss-param", "beta=-1"], ["'beta' must be > 0"]),
         (ROWS, ["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
+        (ROWS, ["--eta", "-1"], ["--eta (the step size) must be a finite number > 0, got -1.0"]),
+        (ROWS, ["--eta", "nan"], ["--eta (the step size) must be a finite number > 0, got nan"]),
         (ROWS, ["--model", "/nonexistent/model"], ["'/nonexistent/model' does not exist"]),
         (ROWS, ["--data", "/nonexistent/pairs.jsonl"], ["/nonexistent/pairs.jsonl", "not exist"]),
     ],

@@ -173,7 +173,9 @@ def test_diagnose_pairs_uses_reference_and_loss(tiny_model, tokenizer):
     [
         ({"method": "ghostly"}, "unknown statistics method 'ghostly'"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
-        ({"eta": float("nan")}, "eta must be finite"),
+        ({"eta": float("nan")}, r"eta \(the step size\) must be a finite number > 0"),
+        ({"eta": -1.0}, r"must be a finite number > 0, got -1.0"),
+        ({"eta": 0}, r"must be a finite number > 0, got 0"),
     ],
 )
 def test_diagnose_pairs_rejects_bad_arguments(tiny_model, tokenizer, kwargs, message):

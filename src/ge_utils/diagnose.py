@@ -20,6 +20,7 @@ rejected change is exactly 0 has no direction, so its ``case`` is left empty.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -133,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not (math.isfinite(args.eta) and args.eta > 0):
+            raise ValueError(f"--eta (the step size) must be a finite number > 0, got {args.eta}")
         families_of(args.scores)  # a bad value fails before any loading
         loss = get_loss(args.loss, **dict(args.loss_param))
         pairs = load_pairs(args.data, split=args.split)

@@ -209,8 +209,8 @@ def diagnose_pairs(
         raise ValueError("no pairs to diagnose")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not math.isfinite(eta):
-        raise ValueError(f"eta must be finite, got {eta!r}")
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"eta (the step size) must be a finite number > 0, got {eta!r}")
     compute = stats_method(method)
     device = next(model.parameters()).device
     frames = []
