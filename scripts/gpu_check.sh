@@ -40,15 +40,19 @@ if [ "$device" != cpu ] && "$py" -c "import triton" 2>/dev/null \
   echo "warning: Triton is installed but no C compiler was found: TRL's CUDA log-prob kernels" \
     "cannot be compiled (use_on_your_run will fail)" | tee "$out/warnings.txt" >&2
 fi
-for dev in cpu "$device"; do
+# the second run's folders are named by its device; "-again" on a dry run, so that compare
+# reads two separate runs there too
+second=$device
+if [ "$device" = cpu ]; then second=cpu-again; fi
+for label in cpu "$second"; do
   start=$(date +%s)
-  "$py" -m ge_utils run --profile smoke -p device "$dev" --jobs "$jobs" --no-progress \
-    --out-dir "$out/chapters-$dev" --results-dir "$out/results-$dev" 2>&1 \
-    | grep -v "running over TCP" | tee "$out/run-$dev.txt"
-  echo "smoke on $dev: $(($(date +%s) - start)) s" | tee -a "$out/run-$dev.txt"
+  "$py" -m ge_utils run --profile smoke -p device "${label%-again}" --jobs "$jobs" \
+    --no-progress --out-dir "$out/chapters-$label" --results-dir "$out/results-$label" 2>&1 \
+    | grep -v "running over TCP" | tee "$out/run-$label.txt"
+  echo "smoke on ${label%-again}: $(($(date +%s) - start)) s" | tee -a "$out/run-$label.txt"
 done
 status=0
-"$py" -m ge_utils compare "$out/results-cpu" "$out/results-$device" | tee "$out/compare.txt" \
+"$py" -m ge_utils compare "$out/results-cpu" "$out/results-$second" | tee "$out/compare.txt" \
   || status=$?
 if [ -n "$configs" ]; then
   for shape in smollm2-135m llama-1b; do
