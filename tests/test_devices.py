@@ -1,5 +1,6 @@
 """Devices in cache keys: ``auto`` is keyed by the kind of device it resolves to on this
-machine, so a result computed on a GPU is never read back by a CPU run, and the reverse."""
+machine, so a result computed on a GPU is never read back by a CPU run, and the reverse; a CPU
+key also holds torch's thread count, so a run on two threads never reads back one on one."""
 
 import time
 from dataclasses import replace
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import ge_utils.boundary as boundary
-from ge_utils.models import device_clock, device_kind
+from ge_utils.models import device_clock, device_key, device_kind
 from ge_utils.predict import PredictionSetup, _cache_key
 from ge_utils.spec import ExperimentSpec
 from ge_utils.training import params_hash
@@ -75,10 +76,34 @@ def test_the_device_is_the_only_change(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     spec = ExperimentSpec(seed=3)
     key = spec.key()
-    assert key["device"] == "cpu"
-    assert {k: v for k, v in replace(spec, device="cuda").key().items() if k != "device"} == {
-        k: v for k, v in key.items() if k != "device"
+    assert key["device"] == "cpu" and key["threads"] == torch.get_num_threads()
+    device = {"device", "threads"}
+    assert {k: v for k, v in replace(spec, device="cuda").key().items() if k not in device} == {
+        k: v for k, v in key.items() if k not in device
     }
+
+
+@pytest.fixture
+def threads():
+    """Set torch's CPU thread count within a test; restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_the_cpu_thread_count_is_in_every_cpu_key(threads, monkeypatch):
+    """Training on one and on two threads gives different numbers: each keyed computation on
+    the CPU gets another key; one on CUDA does not depend on the CPU's threads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads(1)
+    one, cuda_one = _keys("cpu", monkeypatch), _keys("cuda", monkeypatch)
+    assert device_key("cpu") == {"device": "cpu", "threads": 1}
+    threads(2)
+    two, cuda_two = _keys("cpu", monkeypatch), _keys("cuda", monkeypatch)
+    assert device_key("cpu") == {"device": "cpu", "threads": 2}
+    assert device_key("cuda:1") == {"device": "cuda"}
+    assert all(a != b for a, b in zip(one, two, strict=True))
+    assert cuda_one == cuda_two
 
 
 def test_device_clock_waits_for_a_gpu_only(monkeypatch):

@@ -51,7 +51,7 @@ from ge_utils.fast_gradients import GhostRecorder, fast_gradient_stats, training
 from ge_utils.gradients import ParamSpec, pair_logps
 from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs, tokenize
 from ge_utils.losses import MarginLoss, get_loss
-from ge_utils.models import cache_dir, device_kind, load_model, train_last_k_blocks
+from ge_utils.models import cache_dir, device_key, load_model, train_last_k_blocks
 from ge_utils.training import TrainConfig, cached_run, config_dict, sft
 
 BOUNDARY_VERSION = 1  # bump when a change of code changes results (old cached cells unused)
@@ -489,7 +489,7 @@ def cell_params(cell: Cell, setup: GridSetup, seed: int, trace: bool) -> dict[st
         "kind": "boundary_cell",
         "cell": asdict(cell),
         "trace": trace,
-        "setup": {**asdict(setup), "device": device_kind(setup.device)},
+        "setup": {**asdict(setup), **device_key(setup.device)},
         "seed": seed,
         "sft_config": config_dict(
             TrainConfig(batch_size=setup.sft_batch, lr=setup.sft_lr, template=setup.template)
@@ -639,7 +639,7 @@ def suffix_length_sweep(
         "n_pairs": n_pairs,
         "n_train": n_train,
         "template": template,
-        "device": device_kind(device),
+        **device_key(device),
         "seed": seed,
         "words": list(SUFFIX_WORDS),
         "version": BOUNDARY_VERSION,

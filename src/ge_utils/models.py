@@ -167,6 +167,17 @@ def device_kind(device: str = "auto") -> str:
     return resolve_device(device).type if device == "auto" else torch.device(device).type
 
 
+def device_key(device: str = "auto") -> dict[str, str | int]:
+    """The device's part of a cache key: its kind (:func:`device_kind`) and, on the CPU, the
+    number of torch threads, which splits sums differently: a training run carries the
+    difference into its numbers (a smoke chapter's effects moved by up to 2e-4 relative between
+    one and two threads), so a run on two threads never reads back one made on one."""
+    kind = device_kind(device)
+    if kind != "cpu":
+        return {"device": kind}
+    return {"device": kind, "threads": torch.get_num_threads()}
+
+
 def device_clock(device: torch.device | str) -> float:
     """``time.perf_counter()`` once ``device`` has finished the work queued on it. A GPU runs
     kernels asynchronously: a clock read right after a backward measures its launches and

@@ -66,7 +66,7 @@ from ge_utils.logprobs import (
     tokenize,
 )
 from ge_utils.losses import MarginLoss, get_loss
-from ge_utils.models import cache_dir, device_kind, load_model
+from ge_utils.models import cache_dir, device_key, load_model
 from ge_utils.training import (
     TrainConfig,
     cached_run,
@@ -391,7 +391,7 @@ CACHE_VERSION = 2  # bump when a change of code changes cached scores or outcome
 class PredictionSetup:
     """What fixes the model a pair set is scored and trained on. Every field is part of the
     cache key of :func:`scored_pairs` and :func:`realized_changes` (``device`` as the kind it
-    resolves to: :func:`ge_utils.models.device_kind`).
+    resolves to, with the CPU's thread count: :func:`ge_utils.models.device_key`).
 
     ``sft_steps > 0``: the loaded model is first fine-tuned on the pairs' chosen responses
     (:func:`ge_utils.training.sft`, AdamW at ``sft_lr``, batches of ``batch_size``, seeded), the
@@ -436,7 +436,7 @@ def _load(setup: PredictionSetup, pairs: Sequence[Any]):
 def _cache_key(what: str, setup: PredictionSetup, pairs: Sequence[Any], **extra: Any) -> dict:
     """Every input of a cached computation: its kind, the setup, the pairs, the rest."""
     return {
-        "what": what, **asdict(setup), "device": device_kind(setup.device), **extra,
+        "what": what, **asdict(setup), **device_key(setup.device), **extra,
         "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
     }  # fmt: skip
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ge_utils.data import CONFIG_SUFFIXES
-from ge_utils.models import LoraSettings, device_kind
+from ge_utils.models import LoraSettings, device_key
 from ge_utils.training import TrainConfig
 
 CACHE_VERSION = 4  # bump when a change of code changes results, so old cached runs are not reused
@@ -70,10 +70,11 @@ class ExperimentSpec:
 
     def key(self, **extra: Any) -> dict[str, Any]:
         """The cache key: every field (training configs without their progress flag; the
-        device as the kind it resolves to, :func:`~ge_utils.models.device_kind`), the code
+        device as the kind it resolves to and the CPU's thread count,
+        :func:`~ge_utils.models.device_key`), the code
         version, and ``extra`` (a recipe's own arguments)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["device"] = device_kind(self.device)
+        out.update(device_key(self.device))
         out["lora"] = asdict(self.lora) if self.lora is not None else None
         out["sft"] = _config_key(self.sft)
         out["po"] = _config_key(self.po)
