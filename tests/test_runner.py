@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -445,3 +446,46 @@ def test_archive_is_shown_beside_the_build_and_marked_from_another_commit(projec
                     archive_dir=project / "arch")
         summary = (project / "out" / "summary.md").read_text()
         assert f"commit `{commit}` {mark}" in summary
+
+
+def test_refresh_sources_stores_checked_outputs_and_the_machine(project):
+    """``--refresh-sources`` keeps the outputs nbval checks and records the machine they were
+    computed on, where scripts/test.sh compares their numbers."""
+    path = project / "notebooks" / "toy.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[2].source = "# NBVAL_CHECK_OUTPUT\n" + nb.cells[2].source
+    nbformat.write(nb, path)
+    proc = run(project, "--refresh-sources")
+    assert proc.returncode == 0, proc.stderr
+    stored = nbformat.read(path, as_version=4).cells[2].outputs
+    assert "".join(o["text"] for o in stored).startswith("[guarantee] HOLDS: n is positive | ")
+    code = "from ge_book.provenance import machine_fingerprint as f; print(f())"
+    here = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert (project / "notebooks" / "nbval-machine.txt").read_text() == here
+    assert "torch thread" in here and "flags" in here
+
+
+def test_another_machine_compares_the_kinds_of_claim_lines_only():
+    """The sanitizer scripts/test.sh gives nbval off the machine that stored the outputs: a
+    verdict or a number may differ there, the claim lines' number, order and kinds may not."""
+    from nbval.plugin import get_sanitize_patterns
+
+    cfg = (ROOT / "notebooks" / "nbval-other-machine.cfg").read_text(encoding="utf-8")
+    patterns = get_sanitize_patterns(cfg)
+    assert len(patterns) == 1
+
+    def clean(text: str) -> str:
+        for regex, replace in patterns:
+            text = re.sub(regex, replace, text)
+        return text
+
+    here = (
+        "[takeaway @chosen-falls] HOLDS: chosen falls | effect -1.73 nats, 95% CI [-2.8, -0.68], "
+        "over 8 held-out pairs x 2 seeds | claimed < 0\n[guarantee] HOLDS: g | over 2 pairs | e\n"
+    )
+    there = here.replace("HOLDS: chosen", "INCONCLUSIVE: chosen").replace("-1.73", "-0.42")
+    assert clean(here) == clean(there) == "[takeaway @chosen-falls] ...\n[guarantee] ...\n"
+    assert clean(here) != clean(here.replace("[guarantee]", "[consistency]"))
+    assert clean(here) != clean(here + "[guarantee] HOLDS: h | over 1 pair | e\n")

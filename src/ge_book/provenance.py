@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -28,6 +29,33 @@ def device_description(device: str = "auto") -> str:
         return f"{resolved} ({torch.cuda.get_device_name(resolved)})"
     n = torch.get_num_threads()
     return f"{resolved} ({n} thread{'' if n == 1 else 's'}, {platform.machine()})"
+
+
+def machine_fingerprint() -> str:
+    """One line naming what decides the last bits of this machine's CPU arithmetic: the CPU
+    (vendor, model, a hash of its feature flags, from ``/proc/cpuinfo`` where there is one), the
+    number of torch threads and torch's version. A short training run amplifies those bits into
+    different numbers, so outputs stored on one machine are only compared number for number on a
+    machine with the same fingerprint (``scripts/test.sh``)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    cpu = " ".join(
+        v for v in (fields.get("vendor_id"), fields.get("model name") or platform.processor()) if v
+    )
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:12]
+    n = torch.get_num_threads()
+    return (
+        f"{platform.machine()} {cpu or 'unknown CPU'} (flags {flags}), {n} torch thread"
+        f"{'' if n == 1 else 's'}, torch {torch.__version__}"
+    )
 
 
 def git_commit(repo: Path | None = None) -> str:

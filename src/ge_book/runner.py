@@ -43,11 +43,13 @@ from ge_book.parameters import (
     resolve_parameters,
     type_name,
 )
-from ge_book.provenance import provenance_markdown, provenance_record
+from ge_book.provenance import machine_fingerprint, provenance_markdown, provenance_record
 from ge_utils.claims import parse_verdicts
 from ge_utils.io import atomic_write_json, atomic_write_text
 
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+# the machine that stored the checked outputs (scripts/test.sh compares numbers only on it)
+NBVAL_MACHINE = "nbval-machine.txt"
 
 
 def _papermill() -> ModuleType:
@@ -180,13 +182,15 @@ def refresh_source(spec: NotebookSpec) -> None:
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        if not cell.metadata.get("tags", True):  # papermill adds empty tag lists
+            del cell.metadata["tags"]
         if cell.cell_type != "code":
             continue
         if CHECK_MARK not in cell.source:
             cell.outputs = []
             cell.execution_count = None
     nb.metadata.pop("papermill", None)
-    atomic_write_text(spec.path, nbformat.writes(nb))
+    atomic_write_text(spec.path, nbformat.writes(nb) + "\n")
 
 
 def _report(res: dict[str, Any], args: argparse.Namespace) -> None:
@@ -274,7 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refresh-sources",
         action="store_true",
-        help="re-execute the sources at smoke and store the outputs nbval checks",
+        help="re-execute the sources at smoke and store the outputs nbval checks, with this "
+        f"machine's fingerprint in NOTEBOOKS_DIR/{NBVAL_MACHINE}",
     )
     parser.add_argument(
         "--archive",
@@ -313,6 +318,7 @@ def main(args: argparse.Namespace) -> int:
             for s in specs:
                 print(f"refreshing {s.path}", file=sys.stderr)
                 refresh_source(s)
+            atomic_write_text(args.notebooks_dir / NBVAL_MACHINE, machine_fingerprint() + "\n")
             return 0
         if args.pages_only:
             chapters = write_pages(
