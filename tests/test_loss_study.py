@@ -82,10 +82,13 @@ def test_loss_changes_are_last_minus_first_per_pair():
 
 def test_paired_values_align_pairs_and_seeds_and_interval_matches_scipy():
     changes = loss_changes(results())
-    a, b = paired_values(changes, "cpo", "dpo")
+    a, b, seeds = paired_values(changes, "cpo", "dpo")
     np.testing.assert_allclose(a - b, np.tile(0.75 * 2 * np.arange(1, 6), 3))
+    np.testing.assert_array_equal(seeds, np.repeat(sorted(changes["seed"].unique()), 5))
     table = change_table(changes, ["dpo", "cpo"])
     assert list(table.index) == ["dpo", "cpo"] and (table["n"] == 15).all()
+    assert (table["seeds"] == 3).all()
+    # every seed has the same pairs' changes, so the seed means are equal: the pooled interval
     want = stats.ttest_1samp(b, 0.0).confidence_interval(0.95)
     assert table.loc["dpo", "d_chosen"] == pytest.approx(b.mean())
     assert table.loc["dpo", "d_chosen_low"] == pytest.approx(want.low)

@@ -446,6 +446,17 @@ def test_archive_is_shown_beside_the_build_and_marked_from_another_commit(projec
                     archive_dir=project / "arch")
         summary = (project / "out" / "summary.md").read_text()
         assert f"commit `{commit}` {mark}" in summary
+        assert "`pooled over seeds`" not in summary  # made under this build's interval rule
+    # A run stored before intervals were taken at the seed level is marked as such.
+    del stored["provenance"]["intervals"]
+    stored["claims"][0]["over"] = "4 pairs x 3 seeds"
+    (project / "arch" / "authors" / "toy.json").write_text(json.dumps(stored))
+    write_pages(project / "out", project / "res", ["toy"], project / "notebooks", project,
+                archive_dir=project / "arch")
+    summary = (project / "out" / "summary.md").read_text()
+    assert "{bdg-warning}`pooled over seeds`: made before intervals" in summary
+    row = next(line for line in summary.splitlines() if "| n is positive |" in line)
+    assert row.endswith("(pooled over seeds) |")
 
 
 def test_refresh_sources_stores_checked_outputs_and_the_machine(project):

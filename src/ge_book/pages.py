@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 
 from ge_book.archive import ARCHIVE_DIR, ARCHIVED_PROFILE, load, same_commit
 from ge_book.parameters import RunnerError, load_profiles, load_spec, resolve_parameters
-from ge_utils.claims import POSTER, VERDICTS
+from ge_utils.claims import INTERVALS, POSTER, VERDICTS
 from ge_utils.io import atomic_write_text
 
 SUMMARY_FILE = "summary.md"  # included by book/intro.md
@@ -363,7 +364,17 @@ def _archived_cell(ch: Chapter, k: dict[str, Any]) -> str:
     match = next((a for a in ch.archived["claims"] if a.get("claim") == k.get("claim")), None)
     if match is None:
         return "not in the archive"
-    return f"{_badge(match)} {_effect(match)}"
+    pooled = _pooled_over_seeds(ch.archived) and SEEDS.search(match.get("over", ""))
+    return f"{_badge(match)} {_effect(match)}" + (" (pooled over seeds)" if pooled else "")
+
+
+SEEDS = re.compile(r"\b(?:[2-9]|\d\d+) seeds\b")
+
+
+def _pooled_over_seeds(archived: dict[str, Any]) -> bool:
+    """Whether a stored run's intervals predate seed-level intervals: over several seeds they
+    count the pairs of every seed as independent, and can be too narrow."""
+    return (archived.get("provenance") or {}).get("intervals") != INTERVALS
 
 
 def _archive_notes(chapters: list[Chapter]) -> list[str]:
@@ -384,9 +395,16 @@ def _archive_notes(chapters: list[Chapter]) -> list[str]:
         )
         wall = prov.get("wall_time_s")
         wall_text = f"{wall / 3600:.1f} h" if isinstance(wall, int | float) else "?"
+        pooled = (
+            "; {bdg-warning}`pooled over seeds`: made before intervals were taken at the seed "
+            "level, its intervals over several seeds count every pair as independent, so they can "
+            "be narrower and its verdicts firmer than this build's rule allows"
+            if _pooled_over_seeds(c.archived)
+            else ""
+        )
         lines.append(
             f"- {c.short_link}: {_cell(prov.get('device', '?'))}, commit `{_cell(commit)}` "
-            f"({when}), {_cell(prov.get('date', '?'))}, {wall_text}"
+            f"({when}), {_cell(prov.get('date', '?'))}, {wall_text}{pooled}"
         )
     return lines
 

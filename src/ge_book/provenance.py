@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import ge_utils
+from ge_utils.claims import INTERVALS
 from ge_utils.models import resolve_device
 
 
@@ -90,6 +91,7 @@ def provenance_record(
         "ge_utils": ge_utils.__version__,
         "python": platform.python_version(),
         "git_commit": git_commit(repo),
+        "intervals": INTERVALS,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 

@@ -12,7 +12,8 @@ last logged step
 the same for ``u_l`` and the margin ``u_w - u_l`` (summed response log-probs, nats). Every
 objective of a seed sees the same held-out pairs from the same start, so two objectives compare
 by the paired difference ``Delta u_w(a, s, i) - Delta u_w(b, s, i)`` on the same ``(s, i)``
-(:func:`paired_values`). Intervals are left to :mod:`ge_utils.claims`.
+(:func:`paired_values`). Intervals are left to :mod:`ge_utils.claims`, at the seed level: the
+pairs of one seed share its training runs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def loss_changes(results: Results) -> pd.DataFrame:
 
 def paired_values(
     changes: pd.DataFrame, a: str, b: str, column: str = "d_chosen"
-) -> tuple[np.ndarray, np.ndarray]:
-    """``column`` of losses ``a`` and ``b`` aligned on the same (seed, pair); a pair missing from
-    either loss raises ``ValueError``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``column`` of losses ``a`` and ``b`` aligned on the same (seed, pair), and each row's seed
+    (for :func:`ge_utils.claims.paired_difference`); a pair missing from either loss raises
+    ``ValueError``."""
     wide = changes.pivot_table(index=["seed", "pair"], columns="loss", values=column)
     for name in (a, b):
         if name not in wide.columns:
@@ -59,17 +61,18 @@ def paired_values(
     both = wide[[a, b]]
     if both.isna().any().any():
         raise ValueError(f"{a} and {b} were not measured on the same pairs and seeds")
-    return both[a].to_numpy(), both[b].to_numpy()
+    return both[a].to_numpy(), both[b].to_numpy(), both.index.get_level_values("seed").to_numpy()
 
 
 def change_table(changes: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
     """Per loss: mean change of the held-out chosen and rejected log-probs and of the margin,
-    each with its 95% t-interval over pairs x seeds (``*_low``, ``*_high``), and ``n``."""
+    each with its seed-level 95% interval (``*_low``, ``*_high``; see
+    :func:`ge_utils.claims.mean_interval`), ``n`` (pairs x seeds) and ``seeds``."""
     rows = []
     for loss, group in changes.groupby("loss", sort=False):
-        row: dict[str, Any] = {"loss": loss, "n": len(group)}
+        row: dict[str, Any] = {"loss": loss, "n": len(group), "seeds": group["seed"].nunique()}
         for col in ("d_chosen", "d_rejected", "d_margin"):
-            est = mean_interval(group[col].to_numpy())
+            est = mean_interval(group[col].to_numpy(), group["seed"].to_numpy())
             row.update({col: est.effect, f"{col}_low": est.low, f"{col}_high": est.high})
         rows.append(row)
     table = pd.DataFrame(rows).set_index("loss")
