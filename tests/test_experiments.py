@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ge_utils.experiments as experiments
+from ge_utils.logprobs import sequence_logprobs, tokenize
 from ge_utils.spec import ExperimentSpec
 from ge_utils.training import TrainConfig
 
@@ -135,3 +136,30 @@ def test_batched_greedy_answers_equal_each_prompt_alone(name):
     assert batched["correct"].any(), "the pre-trained tiny model answers nothing correctly"
     with pytest.raises(ValueError, match="no pairs"):
         experiments.greedy_answers(model, tok, [])
+
+
+def test_tokenwise_study_cells_add_up_to_the_sequence_gradients(tmp_path, monkeypatch):
+    """Before DPO (no SFT: the model as loaded) the cells of a pair sum to the brute-force
+    ``<g_w, g_l>`` and the norm columns are ``|g_w|^2`` and ``|g_l|^2`` (autograd)."""
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path))
+    po_cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False)
+    spec = ExperimentSpec(
+        model="tiny-llama", sft=None, po=po_cfg, n_train=8, n_eval=2, n_probe=0, device="cpu"
+    )
+    cells = experiments.tokenwise_study(spec)["matrices"]
+    assert set(cells["step"]) == {0, 2}
+    _, held = experiments.experiment_data(spec)
+    loaded = experiments._load(spec)
+    net = loaded.model.eval()
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def grad(response: str) -> torch.Tensor:
+        batch = tokenize(loaded.tokenizer, [held[0].prompt], [response], "none")
+        logp = sequence_logprobs(net, batch).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)])
+
+    g_w, g_l = grad(held[0].chosen), grad(held[0].rejected)
+    start = cells[(cells["step"] == 0) & (cells["pair"] == 0)]
+    assert start["inner"].sum() == pytest.approx(float(g_w @ g_l), rel=1e-4)
+    assert start["norm2_chosen"].unique() == pytest.approx([float(g_w @ g_w)], rel=1e-4)
+    assert start["norm2_rejected"].unique() == pytest.approx([float(g_l @ g_l)], rel=1e-4)

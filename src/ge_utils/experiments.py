@@ -267,7 +267,10 @@ def tokenwise_study(spec: ExperimentSpec) -> dict[str, Any]:
 
     Returns ``{"tokens": (chosen_tokens, rejected_tokens) per pair, "matrices": DataFrame,
     "contrastive": (chosen mask, rejected mask) per pair}``; the frame has one row per (step,
-    pair, chosen index, rejected index): ``inner``, ``cosine``, and ``cell``: ``contrastive``
+    pair, chosen index, rejected index): ``inner``, ``cosine``, the pair's sequence-level
+    ``norm2_chosen`` and ``norm2_rejected`` (``|g_w|^2``, ``|g_l|^2``: the sums of the
+    chosen x chosen and rejected x rejected matrices, so ``inner / sqrt(norm2_chosen *
+    norm2_rejected)`` is the cell's part of the sequence cosine), and ``cell``: ``contrastive``
     (the same response index, where chosen and rejected differ:
     :func:`ge_utils.mitigations.contrastive_mask`), ``shared`` (the same response index holding
     the same token: the diagonal of identical tokens) or ``other`` (off the diagonal).
@@ -288,9 +291,10 @@ def tokenwise_study(spec: ExperimentSpec) -> dict[str, Any]:
         for i, (c, r) in enumerate(batches):
             differs = contrastive_mask(c, r)[0][0][c.response_mask[0]].bool().tolist()
             inner = tokenwise_inner(m, c, r)
-            norm_w = tokenwise_inner(m, c, c).diagonal()
-            norm_l = tokenwise_inner(m, r, r).diagonal()
+            gram_w, gram_l = tokenwise_inner(m, c, c), tokenwise_inner(m, r, r)
+            norm_w, norm_l = gram_w.diagonal(), gram_l.diagonal()
             cosine = inner / (norm_w[:, None] * norm_l[None, :]).sqrt()
+            seq_w, seq_l = float(gram_w.sum()), float(gram_l.sum())
             for s, t in itertools.product(range(inner.shape[0]), range(inner.shape[1])):
                 rows.append(
                     {
@@ -300,6 +304,8 @@ def tokenwise_study(spec: ExperimentSpec) -> dict[str, Any]:
                         "rejected_index": t,
                         "inner": float(inner[s, t]),
                         "cosine": float(cosine[s, t]),
+                        "norm2_chosen": seq_w,
+                        "norm2_rejected": seq_l,
                         "cell": "other" if s != t else "contrastive" if differs[s] else "shared",
                     }
                 )
