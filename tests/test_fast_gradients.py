@@ -232,9 +232,40 @@ def test_layers_sharing_an_input_reuse_its_gram_matrix(monkeypatch):
     joint = concat_batches(*batches())
     with GhostRecorder(model, batch=joint) as rec:
         rec.backward(sequence_logprobs(model, joint).sum())
-    # Per layer: k and v reuse q's input Gram, up reuses gate's; for the two norms (one Gram
-    # over all sequences) and for the inner products; 2 layers.
+    # Per layer: k and v reuse q's input Gram, up reuses gate's; 2 layers. The pair products
+    # come from one Gram per layer input (pair blocks)...
+    assert rec.gram_reuses == 3 * 2
+    # ...other targets from one for the two norms (over all sequences), one for the inner
+    # products.
+    with GhostRecorder(model, batch=joint) as rec:
+        rec.expect(**dict(zip("abc", rec.targets.values(), strict=True)))
+        rec.backward(sequence_logprobs(model, joint).sum())
     assert rec.gram_reuses == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_pair_blocks_equal_the_products_apart(tiny_model, group, monkeypatch):
+    """expect_pairs's targets take one Gram of each pair's chosen and rejected rows together
+    (``PAIR_BLOCKS``); the same targets under other names take the general path (the norms
+    over all sequences, the inner products apart): equal up to rounding, and to brute force."""
+    from ge_utils.stats.recorder import _pair_layout
+
+    monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)  # every linear layer as Gram products
+    c, r = batches("left")
+    joint = concat_batches(c, r)
+    with GhostRecorder(tiny_model, batch=joint) as rec:
+        pair_targets = rec.targets
+    assert _pair_layout(pair_targets) == len(c)
+    renamed = dict(zip(("x", "y", "z"), pair_targets.values(), strict=True))
+    assert _pair_layout(renamed) is None
+    swapped = {**pair_targets, "inner": pair_targets["inner"][::-1]}
+    assert _pair_layout(swapped) is None
+    blocks = _recorded(tiny_model, joint, group)
+    apart = _recorded(tiny_model, joint, group, renamed)
+    exact = exact_gradient_stats(tiny_model, c, r)
+    for key, other in zip(pair_targets, renamed, strict=True):
+        torch.testing.assert_close(blocks[key], apart[other], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(blocks[key], exact[key], rtol=1e-4, atol=1e-6)
 
 
 class EmbeddingAsHead(nn.Module):

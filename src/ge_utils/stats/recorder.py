@@ -41,6 +41,7 @@ from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.record import PAIR_KEYS, PairStats
 
 TINY_COEFFICIENT = 1e-12  # |dLoss/du_i| below this: sequence i's unit statistics are NaN
+PAIR_BLOCKS = "<pair blocks>"  # the Gram key of expect_pairs's targets (see _gram_rows)
 DEVICE_GROUP = 16  # layers reduced together by default on a GPU (or any device but the CPU)
 Node = torch.autograd.graph.Node
 GradientEdge = torch.autograd.graph.GradientEdge
@@ -109,6 +110,7 @@ class GhostRecorder:
         # the last Gram matrices per (target, side): the row tensors they came from, (U, K, T, S)
         self._gram_cache: dict[tuple[str | None, str], tuple[tuple[Tensor, ...], Tensor]] = {}
         self._fused: list[str] = []
+        self._pairs: int | None = None  # targets are expect_pairs(B)'s: the pair-block path
         self.gram_reuses = 0  # Gram matrices shared by layers with one input (q, k, v; gate, up)
         # for backward(): the autograd edges of the recorded outputs (not the tensors, whose
         # memory autograd frees where it does not need them); off when the caller back-propagates
@@ -255,6 +257,7 @@ class GhostRecorder:
         # over all sequences, read at their rows: fewer, larger products.
         fused = [k for k, (ii, jj) in self.targets.items() if torch.equal(ii, jj)]
         self._fused = fused if len(fused) > 1 else []
+        self._pairs = _pair_layout(self.targets)
 
     def keep_rows(self, rows: Tensor | list[int]) -> None:
         """Before the backward: also keep the factors of sequences ``rows`` (in that order), so
@@ -328,6 +331,12 @@ class GhostRecorder:
                 prod = _take_rows(vec, ii) * _take_rows(vec, jj)
                 self._accumulate(key, prod.sum(2, dtype=acc_dtype(prod)).sum(0))
             return
+        if self._pairs is not None and uses[0].right.shape[0] == 2 * self._pairs:
+            blocks = self._outer_inner(uses, PAIR_BLOCKS)  # (B, 2, 2): chosen, rejected
+            self._accumulate("norm2_chosen", blocks[:, 0, 0])
+            self._accumulate("norm2_rejected", blocks[:, 1, 1])
+            self._accumulate("inner", blocks[:, 0, 1])
+            return
         if self._fused:
             per_seq = self._outer_inner(uses, None)  # (N,) every |grad f_i|^2 of these layers
             for key in self._fused:
@@ -337,9 +346,14 @@ class GhostRecorder:
 
     def _outer_inner(self, uses: list[Factor], key: str | None) -> Tensor:
         """(K,) inner products, summed over ``uses`` (outer factors of equal shapes), for the
-        rows of ``key`` (None: every sequence with itself)."""
+        rows of ``key`` (None: every sequence with itself); for ``PAIR_BLOCKS``, (B, 2, 2): the
+        products of pair i's chosen and rejected gradients with each other."""
         left = self._grams([u.left for u in uses], key, "left")
         prod = left * self._grams([u.right for u in uses], key, "right")
+        if key == PAIR_BLOCKS:
+            u, b, rows = prod.shape[:3]
+            prod = prod.reshape(u, b, 2, rows // 2, 2, rows // 2).transpose(3, 4)
+            return prod.sum((4, 5), dtype=acc_dtype(prod)).sum(0)
         return prod.sum((2, 3), dtype=acc_dtype(prod)).sum(0)
 
     def _accumulate(self, key: str, value: Tensor) -> None:
@@ -377,8 +391,15 @@ class GhostRecorder:
         return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
     def _gram_rows(self, ts: list[Tensor], key: str | None) -> Tensor:
-        """(U, K, T, S) Gram matrices of the rows of ``key`` of each tensor of ``ts``."""
+        """(U, K, T, S) Gram matrices of the rows of ``key`` of each tensor of ``ts``; for
+        ``PAIR_BLOCKS`` (U, B, 2T, 2T), those of pair i's chosen and rejected rows together (one
+        product gives both norms and the inner product: a third more arithmetic than the three
+        products apart, in one call instead of two, and faster on a CPU)."""
         x = _stack(ts)  # (U, N, T, D)
+        if key == PAIR_BLOCKS:
+            u, n, rows, d = x.shape
+            pairs = x.reshape(u, 2, n // 2, rows, d).transpose(1, 2).reshape(u, n // 2, -1, d)
+            return torch.matmul(pairs, pairs.transpose(2, 3))
         if key in self._grid:  # every row of a with every row of b: one product, no row copies
             a, b = (_take_rows(x, idx) for idx in self._grid[key])
             (u, n_a, rows_a, d), (_, n_b, rows_b, _) = a.shape, b.shape
@@ -478,7 +499,7 @@ class GhostRecorder:
         self.param_calls.clear()
         self.targets, self._index, self.totals, self._gram_cache = {}, {}, {}, {}
         self._grid, self._pending = {}, {}
-        self._fused = []
+        self._fused, self._pairs = [], None
         self._recorded, self.gram_reuses = False, 0
 
     def close(self) -> None:
@@ -523,6 +544,20 @@ class KeptFactors:
                 raise RuntimeError("nothing was recorded and the recorder has no batch")
             return torch.zeros(self.n, dtype=torch.float64)
         return total
+
+
+def _pair_layout(targets: Mapping[str, tuple[Tensor, Tensor]]) -> int | None:
+    """B when ``targets`` are exactly those of ``expect_pairs(B)``, else None."""
+    if set(targets) != set(PAIR_KEYS):
+        return None
+    w = torch.arange(len(targets["inner"][0]))
+    b = len(w)
+    expected = {"norm2_chosen": (w, w), "norm2_rejected": (w + b, w + b), "inner": (w, w + b)}
+    same = all(
+        torch.equal(targets[k][0], ii) and torch.equal(targets[k][1], jj)
+        for k, (ii, jj) in expected.items()
+    )
+    return b if same and b > 0 else None
 
 
 def _as_grid(ii: Tensor, jj: Tensor) -> tuple[Index, Index] | None:
