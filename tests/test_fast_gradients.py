@@ -928,3 +928,57 @@ def test_factor_dot_moves_the_direction_to_the_factors_device():
     for kind, (use, v) in uses.items():
         dot = factors.factor_dot(use, v)
         assert dot.device == meta and dot.shape == (3,), kind
+
+
+def test_trimmed_factor_drops_only_positions_without_a_term():
+    """``Factor.trimmed`` drops the positions where every sequence's term is zero (an outer
+    factor's zero ``left`` or zero ``right`` rows, a one-hot factor's zero ``right`` rows) and
+    keeps every product: inner products, grids and directional derivatives."""
+    torch.manual_seed(0)
+    left, right = (
+        torch.randn(3, 6, 4, dtype=torch.float64),
+        torch.randn(3, 6, 5, dtype=torch.float64),
+    )
+    left[:, 5] = 0  # trailing padding: no output gradient
+    right[:, 1] = 0  # a position without input
+    left[0, 2] = 0  # zero in one sequence only: kept
+    ids = torch.randint(0, 7, (3, 6))
+    ii, jj = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 2])
+    cases = {
+        "outer": (factors.Factor.outer(left, right), torch.randn(4, 5, dtype=torch.float64), 4),
+        "onehot": (factors.Factor.onehot(ids, right), torch.randn(7, 5, dtype=torch.float64), 5),
+    }
+    for kind, (use, v, kept) in cases.items():
+        cut = use.trimmed()
+        assert cut.right.shape[1] == kept, kind
+        torch.testing.assert_close(
+            factors.factor_inner(cut, cut, ii, jj), factors.factor_inner(use, use, ii, jj)
+        )
+        torch.testing.assert_close(factors.factor_grid(cut, use), factors.factor_grid(use, use))
+        torch.testing.assert_close(factors.factor_dot(cut, v), factors.factor_dot(use, v))
+    full = factors.Factor.outer(torch.ones(2, 3, 4), torch.ones(2, 3, 5))
+    assert full.trimmed() is full
+    dense = factors.Factor.dense(torch.zeros(2, 3))
+    assert dense.trimmed() is dense
+
+
+def test_kept_rows_are_trimmed_to_their_own_positions(tiny_model):
+    """Rows kept for a few short sequences of a batch padded for longer ones hold only the
+    positions those sequences use, and give the same directional derivatives as factors kept
+    for the whole batch."""
+    c, r = batches("right")
+    joint = concat_batches(c, r)
+    lengths = joint.attention_mask.sum(1)
+    short = int(lengths.argmin())
+    assert int(lengths[short]) < joint.input_ids.shape[1]
+    with GhostRecorder(tiny_model, batch=joint) as rec:
+        rec.keep_rows([short])
+        rec.backward(sequence_logprobs(tiny_model, joint).sum())
+        kept = rec.kept()
+    with GhostRecorder(tiny_model, batch=joint, keep_factors=True) as every:
+        every.backward(sequence_logprobs(tiny_model, joint).sum())
+    widths = {u.right.shape[1] for uses in kept.uses.values() for u in uses if u.right is not None}
+    assert max(widths) <= int(lengths[short])
+    torch.manual_seed(1)
+    v = {n: torch.randn_like(p) for n, p in tiny_model.named_parameters()}
+    torch.testing.assert_close(kept.directional(v), every.directional(v)[[short]])

@@ -51,3 +51,21 @@ def test_bad_input_is_rejected(tokenizer):
         tokenize(tokenizer, ["a"], ["b"], template="jinja")
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         tokenize(tokenizer, ["a", "b"], ["c"])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_trimmed_batch_drops_shared_padding_only(tiny_model, side):
+    """A sub-batch of short sequences keeps the padding of the long ones until trimmed; the
+    trimmed batch has the same log-probs (and a batch without shared padding is returned as
+    is)."""
+    batch = build_batch(SEQS, pad_id=0, padding_side=side)
+    short = batch.select([0, 2])
+    cut = short.trimmed()
+    assert cut.input_ids.shape[1] == int(short.attention_mask.sum(1).max())
+    assert batch.trimmed() is batch
+    torch.testing.assert_close(
+        sequence_logprobs(tiny_model, cut),
+        sequence_logprobs(tiny_model, short),
+        rtol=1e-10,
+        atol=1e-12,
+    )

@@ -51,6 +51,17 @@ class SequenceBatch:
         """(B, T) positions counted over non-padding tokens (0 on padding)."""
         return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
+    def trimmed(self) -> SequenceBatch:
+        """The batch without the columns that are padding in every row (e.g. the padding of a
+        larger batch that ``select`` kept): the same log-probs from fewer positions."""
+        cols = self.attention_mask.bool().any(0).nonzero().flatten()
+        if len(cols) == 0 or len(cols) == self.attention_mask.shape[1]:
+            return self
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        return SequenceBatch(
+            self.input_ids[:, lo:hi], self.attention_mask[:, lo:hi], self.response_mask[:, lo:hi]
+        )
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)

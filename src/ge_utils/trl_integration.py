@@ -786,7 +786,7 @@ class EntanglementCallback(TrainerCallback):
         if not pairs:
             return _ProbeBefore(theta0, mine)
         chosen, rejected = split_trl_batch(micro.inputs, check_empty=False)
-        joint = concat_batches(chosen.select(pairs), rejected.select(pairs))
+        joint = concat_batches(chosen.select(pairs), rejected.select(pairs)).trimmed()
         if kept is not None:
             return _ProbeBefore(theta0, mine, joint, kept.logps, kept.factors, kept.coef)
         found = _logps_and_factors(self._policy(), joint)

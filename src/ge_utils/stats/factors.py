@@ -88,6 +88,26 @@ class Factor:
             tuple(take(t, rows) for t in self.inputs),
         )
 
+    def trimmed(self) -> Factor:
+        """The factor without the positions whose term is zero in every sequence (an outer
+        factor's positions where ``left`` or ``right`` is zero in all rows, a one-hot factor's
+        where ``right`` is): the same gradients, and cheaper products with them (e.g. the
+        padding of a larger batch, kept for a few of its sequences). Dense and deferred factors
+        are returned as they are."""
+        if self.right is None or (self.left is None and self.ids is None):
+            return self
+        live = self.right.flatten(2).abs().amax((0, 2)) > 0
+        if self.left is not None:
+            live &= self.left.flatten(2).abs().amax((0, 2)) > 0
+        if bool(live.all()):
+            return self
+        pos = live.nonzero().flatten()
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(1, pos)
+
+        return Factor(cut(self.left), cut(self.ids), cut(self.right))
+
     @property
     def is_outer(self) -> bool:
         return self.left is not None

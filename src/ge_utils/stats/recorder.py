@@ -272,7 +272,7 @@ class GhostRecorder:
 
     def _keep(self, pid: int, factor: Factor) -> None:
         if self._keep_index is not None:
-            self._kept[pid].append(factor.select(self._keep_index).resolved())
+            self._kept[pid].append(factor.select(self._keep_index).resolved().trimmed())
 
     def kept(self) -> KeptFactors:
         """The factors kept for directional derivatives: every sequence's (``keep_factors=True``)
