@@ -227,7 +227,9 @@ def materialize(u: Factor) -> Factor:
 
     For N = 2B sequences of T rows and 3 products per pair, materializing costs about
     ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when
-    ``2 P Q < 3 T (P + Q)`` and the (N, P Q) block stays under ``MATERIALIZE_BYTES``.
+    ``2 P Q < 3 T (P + Q)`` and the (N, P Q) block stays under ``MATERIALIZE_BYTES``. (The
+    recorder's pair blocks compute a fourth product, the rejected-chosen one, in the same call:
+    a third more arithmetic than counted here; the threshold was left as it is.)
     """
     if not u.is_outer:
         return u

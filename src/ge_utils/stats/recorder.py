@@ -71,8 +71,8 @@ class GhostRecorder:
     :meth:`keep_rows` keeps the factors of some sequences only, while the statistics are
     reduced as usual (e.g. a few pairs of a training batch, followed across the optimizer step).
 
-    ``group``: how many layers are reduced together. Each layer's Gram products take some 20
-    small operations, as many kernel launches on a GPU, where a small model's statistics are
+    ``group``: how many layers are reduced together. Each layer's Gram products take a dozen or
+    so small operations, as many kernel launches on a GPU, where a small model's statistics are
     bound by launches rather than flops. With ``group=k`` the factors of a layer are held until
     k layers with factors of the same shapes (e.g. every ``q_proj``) have been recorded, and
     each Gram matrix of all of them is then one batched product: about k times fewer
