@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_fast_gradients            # SmolLM2-135M, 8 pairs, CPU (minutes)
     python -m benchmarks.bench_fast_gradients --quick    # tiny model, seconds
+    python -m benchmarks.bench_fast_gradients --pairs 2 --prompt-tokens 256
+        # longer sequences (287 positions): where the Gram products' T^2 shows
     python -m benchmarks.bench_fast_gradients --device cuda --random-init DIR
         # DIR holds a model's config and tokenizer only: random weights of that architecture
         # (same cost as the trained ones) where the weights cannot be copied
@@ -46,6 +48,7 @@ from benchmarks.common import (
     rss_mb,
     run_isolated,
     timed,
+    with_context,
 )
 from ge_utils.logprobs import concat_batches, sequence_logprobs, token_logprobs, tokenize
 from ge_utils.losses import get_loss
@@ -120,7 +123,7 @@ class Setup:
             torch.set_num_threads(args.threads)
         self.device = args.device
         model, tok = load_model_for_bench(args.model, args.random_init, args.device)
-        pairs = benchmark_pairs(args.pairs)
+        pairs = with_context(benchmark_pairs(args.pairs), tok, args.prompt_tokens)
         prompts = [p.prompt for p in pairs]
         c = tokenize(tok, prompts, [p.chosen for p in pairs]).to(args.device)
         r = tokenize(tok, prompts, [p.rejected for p in pairs]).to(args.device)
@@ -221,6 +224,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=at_least(1), default=8)
     parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument(
+        "--prompt-tokens",
+        type=at_least(0),
+        default=0,
+        help="lengthen every prompt to at least this many tokens (0: as they are, ~20)",
+    )
+    parser.add_argument(
         "--tok-pair", type=int, default=-1, help="pair for the token-wise runs (-1: longest)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke check")
@@ -249,6 +258,8 @@ def main() -> None:
             str(args.repeat),
             "--tok-pair",
             str(args.tok_pair),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
         ),
         *(("--random-init", args.random_init) if args.random_init else ()),
     ]

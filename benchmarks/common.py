@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -41,6 +42,25 @@ def benchmark_pairs(n_pairs: int = 8, seed: int = 0):
         train, _ = sentiment_pairs(n_pairs, 0, suffix=suffix_of_length(k), seed=seed)
         pairs.append(train[i])
     return pairs
+
+
+CONTEXT = (
+    "Here is a customer review from an online shop, copied as it was written, with the "
+    "shop's notes on delivery, returns and the product's details left out. "
+)
+
+
+def with_context(pairs, tokenizer, prompt_tokens: int):
+    """``pairs`` whose prompts are preceded by :data:`CONTEXT`, repeated until each prompt has
+    at least ``prompt_tokens`` tokens (0: the pairs as they are): longer sequences, the same
+    responses."""
+    out = []
+    for p in pairs:
+        prompt = p.prompt
+        while prompt_tokens and len(tokenizer(prompt)["input_ids"]) < prompt_tokens:
+            prompt = CONTEXT + prompt
+        out.append(dataclasses.replace(p, prompt=prompt))
+    return out
 
 
 def load(name: str):

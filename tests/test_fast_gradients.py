@@ -73,6 +73,34 @@ def test_fast_equals_exact_float32(arch):
     assert_fast_equals_exact(tiny_causal_lm(arch, 30, seed=2), rtol=1e-4)
 
 
+def test_fast_equals_exact_float32_with_dense_sums_in_blocks(monkeypatch):
+    """Materialized float32 gradients summed in blocks (here of 16 values, so that the tiny
+    model's layers have several) give the exact statistics."""
+    monkeypatch.setattr(factors, "SUM_BLOCK", 16)
+    assert_fast_equals_exact(tiny_causal_lm("llama", 30, seed=2), rtol=1e-4)
+
+
+def test_dense_dot_sums_in_blocks_as_accurately_as_float64():
+    torch.manual_seed(0)
+    a, b = (
+        torch.randn(3, 2, 3 * factors.SUM_BLOCK + 123),
+        torch.randn(3, 2, 3 * factors.SUM_BLOCK + 123),
+    )
+    got = factors.dense_dot(a, b)
+    prod = (a * b).double()  # the same float32 products, summed in float64 throughout
+    assert got.dtype == torch.float64 and got.shape == (3, 2)
+    assert float(((got - prod.sum(-1)).abs() / prod.abs().sum(-1)).max()) < 1e-7
+    short = a[..., :100], b[..., :100]  # under one block: float64 throughout, bit for bit
+    torch.testing.assert_close(
+        factors.dense_dot(*short),
+        (short[0] * short[1]).sum(-1, dtype=torch.float64),
+        rtol=0,
+        atol=0,
+    )
+    a64, b64 = a.double(), b.double()
+    torch.testing.assert_close(factors.dense_dot(a64, b64), (a64 * b64).sum(-1), rtol=0, atol=0)
+
+
 def test_padding_side_does_not_change_the_statistics(tiny_model):
     left = fast_gradient_stats(tiny_model, *batches("left"))
     right = fast_gradient_stats(tiny_model, *batches("right"))

@@ -32,6 +32,7 @@ from ge_utils.stats.factors import (
     Index,
     acc_dtype,
     as_index,
+    dense_dot,
     factor_dot,
     factor_inner,
     take,
@@ -328,8 +329,7 @@ class GhostRecorder:
             vec = _stack([u.vec for u in uses]) if first.vec is not None else None
         if vec is not None:  # dense: (L, N, D) per-sequence gradients
             for key, (ii, jj) in self._index.items():
-                prod = _take_rows(vec, ii) * _take_rows(vec, jj)
-                self._accumulate(key, prod.sum(2, dtype=acc_dtype(prod)).sum(0))
+                self._accumulate(key, dense_dot(_take_rows(vec, ii), _take_rows(vec, jj)).sum(0))
             return
         if self._pairs is not None and uses[0].right.shape[0] == 2 * self._pairs:
             blocks = self._outer_inner(uses, PAIR_BLOCKS)  # (B, 2, 2): chosen, rejected
