@@ -73,6 +73,84 @@ def test_fast_equals_exact_float32(arch):
     assert_fast_equals_exact(tiny_causal_lm(arch, 30, seed=2), rtol=1e-4)
 
 
+TINY_SIZES = dict(
+    vocab_size=30,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+# model type -> (what it adds to the test: a layout or a layer kind, its own config settings)
+HF_ARCHS = {
+    "gpt_neox": ("fused q, k, v; parallel residual", {}),
+    "qwen3": ("per-head q and k norms: (N, T, heads, d) rows", {"head_dim": 8}),
+    "gemma": ("scaled embedding, tied; norm scaled by 1 + w", {"head_dim": 8}),
+    "gemma3_text": ("per-head norms laid out (N, heads, T, d)", {"head_dim": 8}),
+    "phi": ("LayerNorm with bias, partial rotary", {}),
+    "bloom": ("ALiBi, a norm on the embeddings", {}),
+    "falcon": ("multi-query attention, fused q, k, v", {}),
+    "gpt_bigcode": ("Conv1D-free GPT-2 variant, multi-query", {}),
+    "gptj": ("rotary on part of each head", {"rotary_dim": 4}),
+    "olmo": ("LayerNorm without parameters", {}),
+    "cohere": ("its own LayerNorm class, logit scale", {}),
+}
+
+
+def hf_model(model_type: str, **settings):
+    """A randomly initialized tiny Hugging Face causal LM of ``model_type`` (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY_SIZES, **settings)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_ARCHS))
+def test_fast_equals_exact_on_hugging_face_architectures(model_type):
+    """Every parameter of tiny models of other families, through the same rules."""
+    assert_fast_equals_exact(hf_model(model_type, **HF_ARCHS[model_type][1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "settings", "module", "unsupported"),
+    [
+        ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}, "OPTLearnedPositional", "embed_pos"),
+        ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "TopKRouter", ".mlp."),
+    ],
+)
+def test_unsupported_modules_raise_and_the_rest_is_exact(model_type, settings, module, unsupported):
+    """OPT's positional embedding (called with keywords) and a mixture of experts' router (a
+    tuple output) are refused with the way out; without their parameters the rest is exact
+    (OPT's MLP runs on rows flattened over the batch)."""
+    model = hf_model(model_type, **settings)
+    with pytest.raises(TypeError, match=f"{module}.*leave its parameters out of the set"):
+        fast_gradient_stats(model, *batches())
+    c, r = batches()
+
+    def rest(name: str, _: nn.Parameter) -> bool:
+        return unsupported not in name
+
+    exact = exact_gradient_stats(model, c, r, rest)
+    assert_stats_close(fast_gradient_stats(model, c, r, rest), exact, rtol=1e-5)
+
+
+def test_rows_of_every_position_flattened_over_the_batch_are_per_sequence(tiny_model):
+    """A layer fed (N T, d) rows (OPT's MLP) gets per-sequence rows back; rows that are neither
+    the head's selected positions nor every position raise."""
+    c, r = batches()
+    with GhostRecorder(tiny_model, batch=concat_batches(c, r)) as rec:
+        n, t = rec.n_seq, 5
+        rows = torch.arange(n * t * 2.0).reshape(n * t, 2)
+        torch.testing.assert_close(rec._rows(rows), rows.reshape(n, t, 2))
+        with pytest.raises(RuntimeError, match="neither the"):
+            rec._rows(torch.zeros(n * t + 1, 2))
+
+
 def test_fast_equals_exact_float32_with_dense_sums_in_blocks(monkeypatch):
     """Materialized float32 gradients summed in blocks (here of 16 values, so that the tiny
     model's layers have several) give the exact statistics."""
@@ -223,6 +301,9 @@ def test_small_modules_of_unknown_kind_by_per_sequence_autograd(vmap, monkeypatc
     assert len(only_gate) == 3
     gate = assert_fast_equals_exact(model, only_gate)
     assert (gate["norm2_chosen"] < exact["norm2_chosen"]).all()
+    embed = model.model.embed_tokens  # a module of token ids: the fallback reads (N, T) ids
+    model.model.embed_tokens = TanhEmbedding(*embed.weight.shape).double()
+    assert_fast_equals_exact(model)
 
 
 class SquaredRMSNorm(nn.Module):
@@ -234,6 +315,16 @@ class SquaredRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight**2 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_scaled_embeddings_are_checked_before_their_rule_is_used():
+    """An embedding subclass with an ``embed_scale`` gets the embedding rule only when its
+    output is the table's rows times it (Gemma's does); another goes to the fallback."""
+    assert layers.rule_for(ScaledEmbedding(7, 4)).name == "Embedding"
+    assert layers.rule_for(TanhEmbedding(7, 4)) is None
+    gemma = hf_model("gemma", head_dim=8)
+    assert layers.rule_for(gemma.model.embed_tokens).name == "Embedding"
+    assert type(gemma.model.embed_tokens).forward is not nn.Embedding.forward
 
 
 def test_rmsnorm_formula_is_checked_before_its_closed_form_is_used():
@@ -566,10 +657,31 @@ def llama_rmsnorm():
     return norm
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of embedding: the table's rows times a scalar ``embed_scale``."""
+
+    def __init__(self, *args, scale: float = 2.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class TanhEmbedding(ScaledEmbedding):
+    """Has an ``embed_scale`` but is not the embedding times it: the check sends it to the
+    fallback (per-sequence autograd, on token ids)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(ids))
+
+
 LAYERS = {
     "Linear": lambda: nn.Linear(5, 4).double(),
     "Conv1D": lambda: Conv1D(4, 5).double(),
     "Embedding": lambda: nn.Embedding(7, 4, padding_idx=2).double(),
+    "ScaledEmbedding": lambda: ScaledEmbedding(7, 4, padding_idx=2).double(),
+    "TanhEmbedding": lambda: TanhEmbedding(7, 4, padding_idx=2).double(),
     "LayerNorm": lambda: nn.LayerNorm(5).double(),
     "RMSNorm": lambda: nn.RMSNorm(5).double(),
     "LlamaRMSNorm": llama_rmsnorm,
@@ -580,7 +692,7 @@ LAYERS = {
 
 def layer_inputs(name, module):
     gen = torch.Generator().manual_seed(3)
-    if name == "Embedding":
+    if name.endswith("Embedding"):
         inputs = torch.randint(0, 7, (4, 3), generator=gen)
         inputs[0, 1] = 2  # the padding row gets no gradient
     else:
@@ -595,14 +707,17 @@ def layer_inputs(name, module):
     return inputs, g
 
 
-@pytest.mark.parametrize("name", [n for n in LAYERS if n not in ("LoRA", "SoftGate")])
+FALLBACK = ("LoRA", "SoftGate", "TanhEmbedding")  # no rule of their own (LoRA: its layers')
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n not in FALLBACK])
 def test_layer_factors_equal_per_sequence_autograd(name):
     """Each registered pure function alone: its factors' products equal brute force."""
     module = LAYERS[name]()
     inputs, g = layer_inputs(name, module)
     rule = layers.rule_for(module)
-    assert rule is not None and rule.name in (name, "LayerNorm/RMSNorm")
-    x = inputs[..., None] if name == "Embedding" else inputs
+    assert rule is not None and rule.name in (name, "LayerNorm/RMSNorm", "Embedding")
+    x = inputs[..., None] if name.endswith("Embedding") else inputs
     wanted = frozenset(n for n, _ in module.named_parameters())
     found = rule.factors(module, x, g, wanted)
     assert set(found) == wanted

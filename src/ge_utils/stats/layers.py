@@ -10,7 +10,8 @@ returns, for each wanted parameter of ``m`` (by attribute name), a
 - transformers' ``Conv1D`` (GPT-2), ``y = a W + b`` with W (d_in, d_out): ``grad_W f_i =
   sum_t a_t g_t^T`` (``left = a``, ``right = g``);
 - ``nn.Embedding``, ``y_t = E[id_t]``: ``grad_E f_i = sum_t e_{id_t} g_t^T`` (one-hot factor; the
-  ``padding_idx`` row gets no gradient);
+  ``padding_idx`` row gets no gradient); a subclass whose output is ``embed_scale`` times that
+  (Gemma's ``*ScaledWordEmbedding``; checked once per class), the same times the scale;
 - ``nn.LayerNorm`` / ``nn.RMSNorm`` and any ``*RMSNorm`` class whose output is ``s(w) * x_hat``
   with ``ds/dw = 1`` (checked once per class with a forward-mode derivative):
   ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t`` (dense, d values each);
@@ -22,7 +23,8 @@ returns, for each wanted parameter of ``m`` (by attribute name), a
 
 How to add a layer type. Write a pure function ``factors(module, x, g, wanted) -> dict[str,
 Factor]`` (``x``: input rows (N, T, d_in), token ids as (N, T, 1); ``g``: output-gradient
-rows (N, T, d_out); both zero on padding rows, in the model's dtype: promote with
+rows (N, T, d_out); rows with more axes, such as a per-head norm's (N, T, heads, d), come
+flattened to (N, T * heads, d); both zero on padding rows, in the model's dtype: promote with
 :func:`promote`; ``wanted``: the names of the module's own parameters in the set) and register
 it for the module class::
 
@@ -136,18 +138,45 @@ def conv1d_factors(
     return out | _bias(module, g, wanted)
 
 
-def _is_plain_embedding(module: nn.Module) -> bool:
-    return _same_forward(nn.Embedding)(module) and not module.scale_grad_by_freq
+_SCALE_IS_FACTOR: dict[type, bool] = {}  # per scaled-embedding class: checked once per process
 
 
-@register_layer(_is_plain_embedding, single_use=True, name="Embedding")
+def _embedding_scale(module: nn.Module) -> Tensor | None:
+    """The scalar ``s`` (in the weight's dtype) of an ``nn.Embedding`` subclass whose output is
+    ``s E[id_t]``: its ``embed_scale``, checked once per class on a few ids (Gemma's and others'
+    ``*ScaledWordEmbedding``); None for any other module, ``nn.Embedding`` itself included."""
+    if not isinstance(module, nn.Embedding) or type(module).forward is nn.Embedding.forward:
+        return None
+    weight, scale = module.weight, getattr(module, "embed_scale", None)
+    if not isinstance(scale, Tensor | float | int) or torch.as_tensor(scale).numel() != 1:
+        return None
+    scale = torch.as_tensor(scale).reshape(()).to(device=weight.device, dtype=weight.dtype)
+    known = _SCALE_IS_FACTOR.get(type(module))
+    if known is None:
+        ids = torch.arange(min(module.num_embeddings, 8), device=weight.device)[None]
+        with torch.no_grad():
+            out = type(module).forward(module, ids)  # without hooks, like _Bare
+            expected = nn.functional.embedding(ids, weight, module.padding_idx) * scale
+        known = out.shape == expected.shape and bool(torch.allclose(out, expected, atol=0))
+        _SCALE_IS_FACTOR[type(module)] = known
+    return scale if known else None
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    embedding = _same_forward(nn.Embedding)(module) or _embedding_scale(module) is not None
+    return embedding and not module.scale_grad_by_freq
+
+
+@register_layer(_is_embedding, single_use=True, name="Embedding")
 def embedding_factors(
     module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
 ) -> dict[str, Factor]:
-    """``y_t = E[id_t]``: ``grad_E f_i = sum_t e_{id_t} g_t^T``; the ``padding_idx`` row's
+    """``y_t = s E[id_t]`` (``s = 1`` for ``nn.Embedding``; a scaled subclass's
+    ``embed_scale``): ``grad_E f_i = s sum_t e_{id_t} g_t^T``; the ``padding_idx`` row's
     gradient is zero by definition. (``scale_grad_by_freq`` embeddings use the fallback.)"""
     ids = x[..., 0].long()
-    g = promote(g)
+    scale = _embedding_scale(module)
+    g = promote(g) if scale is None else promote(g) * promote(scale)
     if module.padding_idx is not None:
         g = g * (ids != module.padding_idx)[..., None].to(g.dtype)
     return {"weight": Factor.onehot(ids, g)} if "weight" in wanted else {}
@@ -259,6 +288,8 @@ def small_module_factors(
     module). Exact for any module that treats sequences independently."""
     names: dict[str, Tensor] = dict(module.named_parameters(recurse=False))
     ordered = [n for n in names if n in wanted]
+    if not x.is_floating_point():  # token ids, given as (N, T, 1) rows: the module reads (N, T)
+        x = x[..., 0]
     with torch.enable_grad():
         try:
             per_seq = _small_grads_vmap(module, names, ordered, x, g)
@@ -272,7 +303,7 @@ def _small_grads_vmap(
     module: nn.Module, names: dict[str, Tensor], wanted: list[str], x: Tensor, g: Tensor
 ) -> list[Tensor]:
     """Vectorized over sequences, in at least float32 (parameters and rows promoted)."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = torch.promote_types((x if x.is_floating_point() else g).dtype, torch.float32)
     bare = _Bare(module)
     fixed = {f"inner.{n}": p.detach().to(dtype) for n, p in names.items() if n not in wanted}
 
@@ -282,7 +313,7 @@ def _small_grads_vmap(
 
     free = {f"inner.{n}": names[n].detach().to(dtype) for n in wanted}
     per_seq = torch.func.vmap(torch.func.grad(contribution), in_dims=(None, 0, 0))
-    grads = per_seq(free, x.to(dtype), g.to(dtype))
+    grads = per_seq(free, x.to(dtype) if x.is_floating_point() else x, g.to(dtype))
     return [grads[f"inner.{n}"] for n in wanted]
 
 

@@ -43,6 +43,10 @@ from ge_utils.stats.record import PAIR_KEYS, PairStats
 
 TINY_COEFFICIENT = 1e-12  # |dLoss/du_i| below this: sequence i's unit statistics are NaN
 PAIR_BLOCKS = "<pair blocks>"  # the Gram key of expect_pairs's targets (see _gram_rows)
+UNSUPPORTED_HINT = (
+    "; leave its parameters out of the set (params=...) or register a rule for the module "
+    "(ge_utils.stats.layers)"
+)
 DEVICE_GROUP = 16  # layers reduced together by default on a GPU (or any device but the CPU)
 Node = torch.autograd.graph.Node
 GradientEdge = torch.autograd.graph.GradientEdge
@@ -172,7 +176,7 @@ class GhostRecorder:
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"fast statistics need a tensor output from {type(mod).__name__}, which owns "
-                    + label
+                    f"{label}{UNSUPPORTED_HINT}"
                 )
             if not output.requires_grad:
                 return
@@ -183,6 +187,7 @@ class GhostRecorder:
                     f"fast statistics need {type(mod).__name__} (owner of {label}) to be called "
                     "with one positional tensor"
                     + ("" if single_use else " and no keyword arguments")
+                    + UNSUPPORTED_HINT
                 )
             self.calls[id(mod)] += 1
             for p in own.values():
@@ -200,13 +205,25 @@ class GhostRecorder:
         return forward_hook
 
     def _rows(self, t: Tensor) -> Tensor:
-        """(N, T, D) per-sequence rows of a layer input or output gradient. 2-D rows (the output
-        head applied to selected positions) are grouped by :attr:`row_seq` and zero-padded."""
+        """(N, T, D) per-sequence rows of a layer input or output gradient. 2-D rows are the
+        output head applied to selected positions (one row per entry of :attr:`row_seq`:
+        grouped by it and zero-padded) or every position of the batch flattened (N T rows, as
+        OPT's MLP: reshaped); rows with more axes (a per-head norm's (N, T, heads, D), Qwen3's
+        and Gemma3's) are flattened to (N, T * heads, D): a sequence's gradient sums over all."""
         if t.dim() == 3:
             return t
+        if t.dim() > 3:
+            return t.flatten(1, -2)
         if self.row_seq is None or self.n_seq is None:
             raise RuntimeError("a layer saw 2-D inputs but the recorder has no batch")
-        return group_rows(t, self.row_seq, self.n_seq)
+        if len(t) == len(self.row_seq):  # a sequence has fewer targets than positions
+            return group_rows(t, self.row_seq, self.n_seq)
+        if len(t) % self.n_seq == 0:
+            return t.reshape(self.n_seq, -1, *t.shape[1:])
+        raise RuntimeError(
+            f"a layer saw {len(t)} rows of 2-D inputs: neither the {len(self.row_seq)} selected "
+            f"positions nor every position of {self.n_seq} sequences"
+        )
 
     def add_use(self, param: nn.Parameter, factor: Factor) -> None:
         """Record a use of ``param`` that no module hook sees (e.g. a fused output layer that
