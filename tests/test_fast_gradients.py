@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import HF_ARCHS, hf_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -73,47 +74,10 @@ def test_fast_equals_exact_float32(arch):
     assert_fast_equals_exact(tiny_causal_lm(arch, 30, seed=2), rtol=1e-4)
 
 
-TINY_SIZES = dict(
-    vocab_size=30,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-# model type -> (what it adds to the test: a layout or a layer kind, its own config settings)
-HF_ARCHS = {
-    "gpt_neox": ("fused q, k, v; parallel residual", {}),
-    "qwen3": ("per-head q and k norms: (N, T, heads, d) rows", {"head_dim": 8}),
-    "gemma": ("scaled embedding, tied; norm scaled by 1 + w", {"head_dim": 8}),
-    "gemma3_text": ("per-head norms laid out (N, heads, T, d)", {"head_dim": 8}),
-    "phi": ("LayerNorm with bias, partial rotary", {}),
-    "bloom": ("ALiBi, a norm on the embeddings", {}),
-    "falcon": ("multi-query attention, fused q, k, v", {}),
-    "gpt_bigcode": ("Conv1D-free GPT-2 variant, multi-query", {}),
-    "gptj": ("rotary on part of each head", {"rotary_dim": 4}),
-    "olmo": ("LayerNorm without parameters", {}),
-    "cohere": ("its own LayerNorm class, logit scale", {}),
-}
-
-
-def hf_model(model_type: str, **settings):
-    """A randomly initialized tiny Hugging Face causal LM of ``model_type`` (nothing downloaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **TINY_SIZES, **settings)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 @pytest.mark.parametrize("model_type", sorted(HF_ARCHS))
 def test_fast_equals_exact_on_hugging_face_architectures(model_type):
     """Every parameter of tiny models of other families, through the same rules."""
-    assert_fast_equals_exact(hf_model(model_type, **HF_ARCHS[model_type][1]), rtol=1e-5)
+    assert_fast_equals_exact(hf_model(model_type), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +286,7 @@ def test_scaled_embeddings_are_checked_before_their_rule_is_used():
     output is the table's rows times it (Gemma's does); another goes to the fallback."""
     assert layers.rule_for(ScaledEmbedding(7, 4)).name == "Embedding"
     assert layers.rule_for(TanhEmbedding(7, 4)) is None
-    gemma = hf_model("gemma", head_dim=8)
+    gemma = hf_model("gemma")
     assert layers.rule_for(gemma.model.embed_tokens).name == "Embedding"
     assert type(gemma.model.embed_tokens).forward is not nn.Embedding.forward
 
@@ -505,9 +469,14 @@ def test_tokenwise_with_a_parameter_subset(tiny_model):
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-bias"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-bias", "cohere", "granite", "gemma2"])
 def test_tokenwise_head_matches_brute_force_on_the_output_layer(arch):
-    model = tiny_causal_lm(arch.split("-")[0], 30, seed=1, tie_embeddings=False).double()
+    """The head alone, its logits transformed or not (Cohere: scaled, Granite: divided, Gemma 2:
+    soft-capped)."""
+    if arch in HF_ARCHS:
+        model = hf_model(arch, tie_word_embeddings=False).double()
+    else:
+        model = tiny_causal_lm(arch.split("-")[0], 30, seed=1, tie_embeddings=False).double()
     if arch == "llama-bias":
         model.lm_head = nn.Linear(32, 30, bias=True).double()
     head = model.get_output_embeddings()

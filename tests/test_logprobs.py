@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hf_models import HF_ARCHS, hf_model
 
 from ge_utils.logprobs import build_batch, sequence_logprobs, token_logprobs, tokenize
 
@@ -27,6 +28,31 @@ def test_token_and_sequence_logprobs_match_brute_force(tiny_model, side):
         torch.testing.assert_close(summed[i], expected.sum(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(averaged[i], expected.mean(), rtol=1e-10, atol=1e-12)
     assert (per_token[~batch.response_mask] == 0).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_ARCHS))
+def test_logprobs_of_other_families_match_their_own_logits(model_type):
+    """Logit transforms of the config included (Cohere's scale, Granite's scaling, Gemma 2's
+    soft-capping): the log-probs are those of the model's own forward."""
+    model = hf_model(model_type).double()
+    batch = build_batch(SEQS, pad_id=0, padding_side="right")
+    per_token = token_logprobs(model, batch)
+    for i, (prompt, response) in enumerate(SEQS):
+        expected = brute_force(model, prompt, response)
+        torch.testing.assert_close(
+            per_token[i][batch.response_mask[i]], expected, rtol=1e-10, atol=1e-12
+        )
+
+
+def test_logits_the_package_does_not_reproduce_are_refused(tiny_model):
+    """A config key the class does not apply (here a logit scale on a Llama) would make the
+    head's logits differ from the model's: refused before any log-prob is returned."""
+    tiny_model.config.logit_scale = 0.5
+    batch = build_batch(SEQS, pad_id=0, padding_side="right")
+    with pytest.raises(TypeError, match="does not reproduce"):
+        token_logprobs(tiny_model, batch)
+    del tiny_model.config.logit_scale
+    token_logprobs(tiny_model, batch)  # a model refused once is checked again
 
 
 def test_tokenize_raw_and_chat(tokenizer):

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -220,17 +221,70 @@ def target_positions(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+_LOGITS_CHECKED: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
+
+
+def output_logits(model: nn.Module, h: torch.Tensor, head: bool = True) -> torch.Tensor:
+    """The logits a Hugging Face causal LM computes from final hidden states ``h`` (..., H): its
+    output layer, then what its class applies after it, read from the config: ``logit_scale``
+    (Cohere: times), ``logits_scaling`` (Granite: divided by), ``final_logit_softcapping``
+    (Gemma 2: ``c tanh(z / c)``). With ``head=False``, ``h`` is the output layer's output
+    already and only the transform is applied. :func:`check_output_logits` compares them, once
+    per model, with the model's own forward."""
+    lm = unwrap_model(model)
+    logits = lm.get_output_embeddings()(h) if head else h
+    config = lm.config.get_text_config()
+    if (scale := getattr(config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (scaling := getattr(config, "logits_scaling", None)) is not None:
+        logits = logits / scaling
+    if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_output_logits(model: nn.Module) -> None:
+    """Raise unless :func:`output_logits` of the model's last hidden states are its own logits
+    (on a few tokens, in eval mode, without gradients; once per model object): a class that
+    transforms its logits in a way this package does not know would otherwise get wrong
+    log-probs without a word."""
+    lm = unwrap_model(model)
+    if lm in _LOGITS_CHECKED:
+        return
+    if lm.get_output_embeddings() is None:
+        raise TypeError(f"{type(lm).__name__} has no output layer (get_output_embeddings)")
+    param = next(lm.parameters())
+    vocab = getattr(lm.config.get_text_config(), "vocab_size", None) or 2
+    ids = torch.arange(min(vocab, 6), device=param.device)[None]
+    probe = SequenceBatch(ids, torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool))
+    with torch.no_grad(), eval_mode(lm):
+        ours = output_logits(lm, hidden_states(lm, probe)).float()
+        theirs = lm(input_ids=ids, attention_mask=probe.attention_mask, use_cache=False)
+        theirs = theirs.logits.float()
+    tol = 1e-2 if param.element_size() < 4 else 1e-4
+    close = ours.shape == theirs.shape and torch.allclose(
+        ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())
+    )
+    if not close:
+        raise TypeError(
+            f"{type(lm).__name__} computes its logits in a way this package does not reproduce "
+            "(they are not its output layer applied to its last hidden states, with the "
+            "logit scale, scaling or soft-capping of its config): its log-probs would be wrong"
+        )
+    _LOGITS_CHECKED[lm] = True
+
+
 def token_logprobs(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """(B, T) log-probs of each response token (0 at prompt and padding positions).
 
     Entry ``[b, t]`` is ``log pi(input_ids[b, t] | input_ids[b, :t])`` where
-    ``response_mask[b, t]``; logits are computed only at those positions.
+    ``response_mask[b, t]``; logits are computed only at those positions
+    (:func:`output_logits`, checked once per model by :func:`check_output_logits`).
     """
-    lm = unwrap_model(model)
-    head = lm.get_output_embeddings()
+    check_output_logits(model)
     h = hidden_states(model, batch)
     rows, cols = target_positions(batch)
-    logits = head(h[rows, cols])
+    logits = output_logits(model, h[rows, cols])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     targets = batch.input_ids[rows, cols + 1]
     lp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)

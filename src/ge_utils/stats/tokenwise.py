@@ -7,8 +7,10 @@ from torch import Tensor, nn
 
 from ge_utils.logprobs import (
     SequenceBatch,
+    check_output_logits,
     eval_mode,
     hidden_states,
+    output_logits,
     target_positions,
     token_logprobs,
     unwrap_model,
@@ -104,16 +106,26 @@ def tokenwise_inner(
         return torch.cat(rows)
 
 
-@torch.no_grad()
 def _tokenwise_head(model: nn.Module, chosen: SequenceBatch, rejected: SequenceBatch) -> Tensor:
-    head = unwrap_model(model).get_output_embeddings()
+    """``<grad_W log p_s, grad_W log p_t>`` of the output layer ``z = W h + b``: ``(h_s . h_t)
+    (g_s . g_t)`` (plus ``g_s . g_t`` for the bias) with ``g = d log p(y) / dz``, ``e_y - p`` for
+    plain logits, through the logit transform of :func:`~ge_utils.logprobs.output_logits`
+    (by autograd on the logits alone) otherwise."""
+    lm = unwrap_model(model)
+    head = lm.get_output_embeddings()
+    check_output_logits(model)
     factors = []
     for batch in (chosen, rejected):
         rows, cols = target_positions(batch)
-        h = hidden_states(model, batch)[rows, cols]
-        probs = torch.softmax(head(h).double(), -1)
-        g = -probs
-        g[torch.arange(len(g), device=g.device), batch.input_ids[rows, cols + 1]] += 1.0
+        with torch.no_grad():
+            h = hidden_states(model, batch)[rows, cols]
+            z = head(h).double()
+        with torch.enable_grad():
+            z.requires_grad_(True)
+            logits = output_logits(lm, z, head=False)
+            targets = batch.input_ids[rows, cols + 1][:, None]
+            lp = torch.log_softmax(logits, -1).gather(1, targets).sum()
+            (g,) = torch.autograd.grad(lp, z)
         factors.append((h.double(), g))
     (h_w, g_w), (h_l, g_l) = factors
     out = (h_w @ h_l.T) * (g_w @ g_l.T)

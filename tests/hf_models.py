@@ -1,0 +1,46 @@
+"""Tiny, randomly initialized Hugging Face causal LMs of many families, built from a config on
+the spot (nothing downloaded), for tests of the package on models other than its own."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_SIZES = dict(
+    vocab_size=30,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+# model type -> (what it adds to the test: a layout or a layer kind, its own config settings)
+HF_ARCHS = {
+    "gpt_neox": ("fused q, k, v; parallel residual", {}),
+    "qwen3": ("per-head q and k norms: (N, T, heads, d) rows", {"head_dim": 8}),
+    "gemma": ("scaled embedding, tied; norm scaled by 1 + w", {"head_dim": 8}),
+    "gemma3_text": ("per-head norms laid out (N, heads, T, d)", {"head_dim": 8}),
+    "phi": ("LayerNorm with bias, partial rotary", {}),
+    "bloom": ("ALiBi, a norm on the embeddings", {}),
+    "falcon": ("multi-query attention, fused q, k, v", {}),
+    "gpt_bigcode": ("Conv1D-free GPT-2 variant, multi-query", {}),
+    "gptj": ("rotary on part of each head", {"rotary_dim": 4}),
+    "olmo": ("LayerNorm without parameters", {}),
+    "cohere": ("its own LayerNorm class, logits times a scale", {}),
+    "gemma2": ("logits soft-capped, sliding-window layers", {"head_dim": 8}),
+    "granite": ("logits divided by a scaling, residual multipliers", {"logits_scaling": 4.0}),
+}
+
+
+def hf_model(model_type: str, **settings):
+    """A tiny Hugging Face causal LM of ``model_type``, random weights (seed 0), in eval mode;
+    ``settings`` beyond those of :data:`HF_ARCHS` (a family's own) and :data:`TINY_SIZES`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**HF_ARCHS.get(model_type, ("", {}))[1], **settings}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY_SIZES, **settings)
+    return AutoModelForCausalLM.from_config(config).eval()
