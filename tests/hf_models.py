@@ -37,10 +37,10 @@ HF_ARCHS = {
 
 def hf_model(model_type: str, **settings):
     """A tiny Hugging Face causal LM of ``model_type``, random weights (seed 0), in eval mode;
-    ``settings`` beyond those of :data:`HF_ARCHS` (a family's own) and :data:`TINY_SIZES`."""
+    ``settings`` override those of :data:`HF_ARCHS` (a family's own) and :data:`TINY_SIZES`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = {**HF_ARCHS.get(model_type, ("", {}))[1], **settings}
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **TINY_SIZES, **settings)
+    config = AutoConfig.for_model(model_type, **{**TINY_SIZES, **settings})
     return AutoModelForCausalLM.from_config(config).eval()

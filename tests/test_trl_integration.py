@@ -21,6 +21,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from datasets import Dataset
+from hf_models import hf_model
 from trl import DPOConfig, DPOTrainer
 
 from ge_utils.data import sentiment_pairs
@@ -399,6 +400,51 @@ def test_a_loss_not_of_the_summed_logps_gets_a_separate_pass(tmp_path):
     callback._batch_records = spy
     trainer.train()
     assert recorded == [False] and len(callback.pairs_frame()) == 4
+
+
+@pytest.mark.parametrize(
+    ("model_type", "in_backward"), [("qwen3", True), ("gemma2", False)], ids=["qwen3", "gemma2"]
+)
+def test_other_families_get_the_statistics_of_the_fast_method(tmp_path, model_type, in_backward):
+    """Qwen3 (per-head norms; recorded in TRL's backward) and Gemma 2 (soft-capped logits, which
+    the fused head's share does not cover: a separate pass), on the tiny Llama's tokenizer: a
+    step's per-pair statistics and log-probs are those of the fast method on its batch."""
+    warnings.filterwarnings("ignore")
+    tok = load_model("tiny-llama", device="cpu").tokenizer
+    model, ref = (hf_model(model_type, vocab_size=len(tok)) for _ in range(2))
+    cfg = dict(per_device_train_batch_size=4, max_steps=1, logging_steps=1, learning_rate=1e-4)
+    cfg |= dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=DPOConfig(output_dir=str(tmp_path), seed=0, **cfg),
+        train_dataset=_data(),
+        processing_class=tok,
+    )
+    callback = attach_entanglement_metrics(trainer)
+    start = hf_model(model_type, vocab_size=len(tok))  # the parameters the step starts from
+    inputs, recorded = [], []
+    original_loss, original_records = trainer.compute_loss, callback._batch_records
+
+    def spy_loss(model, batch, *args, **kwargs):
+        if torch.is_grad_enabled():
+            inputs.append(batch)
+        return original_loss(model, batch, *args, **kwargs)
+
+    def spy_records(micro, step):
+        recorded.append(micro.stats is not None)
+        return original_records(micro, step)
+
+    trainer.compute_loss, callback._batch_records = spy_loss, spy_records
+    trainer.train()
+    assert recorded == [in_backward]
+    from ge_utils.trl_integration import split_trl_batch
+
+    stats = fast_gradient_stats(start, *split_trl_batch(inputs[0]))
+    pairs = callback.pairs_frame()
+    for key, col in (("inner", "grad_inner"), ("norm2_chosen", "grad_norm2_chosen")):
+        assert np.allclose(pairs[col], stats[key].numpy(), rtol=1e-4)
+    assert np.allclose(pairs["logp_chosen"], stats["logp_chosen"].numpy(), atol=1e-4)
 
 
 def test_precomputed_reference_logps(tmp_path):
