@@ -384,7 +384,8 @@ def roc_points(fell: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 # --- one pair set: its scores before training and its realized changes -------------------------
 
-CACHE_VERSION = 2  # bump when a change of code changes cached scores or outcomes
+CACHE_VERSION = 3  # bump when a change of code changes cached scores or outcomes
+# (3: log-probs of models whose config transforms their logits)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from ge_utils.data import CONFIG_SUFFIXES
 from ge_utils.models import LoraSettings, device_key
 from ge_utils.training import TrainConfig
 
-CACHE_VERSION = 4  # bump when a change of code changes results, so old cached runs are not reused
+CACHE_VERSION = 5  # bump when a change of code changes results, so old cached runs are not reused
+# (5: log-probs of models whose config transforms their logits, e.g. Cohere, Gemma 2, Granite)
 
 
 @dataclass(frozen=True)
