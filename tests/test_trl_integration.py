@@ -552,6 +552,25 @@ def test_clear_errors(tmp_path):
     hinge = _trainer(tmp_path, max_steps=1, loss_type=["hinge"])
     with pytest.raises(NotImplementedError, match="pass loss="):
         attach_entanglement_metrics(hinge)
+    wpo = _trainer(tmp_path, max_steps=1, use_weighting=True)
+    for loss in (None, get_loss("dpo", beta=0.1)):
+        with pytest.raises(NotImplementedError, match="WPO"):
+            attach_entanglement_metrics(wpo, loss=loss)
+
+
+def test_loss_weight_multiplies_the_coefficients(tmp_path):
+    """TRL's ``loss_weights=[w]`` makes the loss w times DPO's: at step 1 (the policy is its
+    reference) the coefficients are w * beta / 2, and the statistics of the gradients of the
+    log-probs, which the recorder divides by the trainer's own coefficients, do not change."""
+    runs = {}
+    for w in (1.0, 3.0):
+        trainer = _trainer(tmp_path / str(w), max_steps=1, logging_steps=1, loss_weights=[w])
+        callback = attach_entanglement_metrics(trainer)
+        trainer.train()
+        runs[w] = callback.pairs_frame()
+    assert np.allclose(runs[1.0]["d_w"], 0.05) and np.allclose(runs[3.0]["d_l"], 0.15)
+    for col in ("grad_inner", "grad_norm2_chosen", "case"):
+        assert np.allclose(runs[1.0][col], runs[3.0][col], rtol=1e-4), col
 
 
 def _free_port() -> int:

@@ -66,6 +66,9 @@ batch (``precompute_ref_log_probs``), or those the trainer itself computes in it
 ``trainer.ref_model``, or, for a PEFT model without a reference model, with the adapters
 disabled), kept by a forward hook on that module: a measured step runs no reference forward of
 its own. Pass ``loss=`` (a :class:`ge_utils.losses.MarginLoss`) for another loss of the family.
+With one loss type, its weight (``loss_weights=[w]``) multiplies the coefficients; with several,
+``loss=`` stands for their weighted sum. ``use_weighting`` (WPO: a weight of each pair's own) is
+refused.
 
 Several processes (``accelerate launch``, DDP): every process computes the statistics of its own
 micro-batches and of its share of the probe pairs; the per-pair values are gathered from every
@@ -493,6 +496,8 @@ class EntanglementCallback(TrainerCallback):
         self.every = every
         self.probe_every = probe_every
         self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
+        weights = list(getattr(trainer, "loss_weights", None) or [1.0])
+        self.loss_weight = float(weights[0]) if len(weights) == 1 else 1.0
         self.max_pairs = max_pairs
         self.probe: ProbeBatch | None = None
         self.batch_probe: int | None = probe if batch_probe else None
@@ -724,7 +729,7 @@ class EntanglementCallback(TrainerCallback):
             rejected.response_lengths.double().cpu(),
         )
         d_w, d_l = self.loss.coefficients(p)
-        table = condition_table(stats, d_w, d_l)
+        table = condition_table(stats, self.loss_weight * d_w, self.loss_weight * d_l)
         table.insert(0, "step", step)
         table.insert(1, "rank", int(self.trainer.accelerator.process_index))
         return table.to_dict("records")
@@ -961,6 +966,11 @@ def _check_trainer(trainer: Any, loss: MarginLoss | None) -> None:
         trainer, "is_fsdp_enabled", False
     ):
         raise NotImplementedError("DeepSpeed and FSDP (sharded parameters) are not supported")
+    if getattr(trainer, "use_weighting", False):
+        raise NotImplementedError(
+            "use_weighting=True (WPO) multiplies each pair's loss by a weight of its own, which "
+            "no MarginLoss has: the coefficients d_w, d_l would be wrong"
+        )
     if loss is not None:
         if not isinstance(loss, MarginLoss):
             raise TypeError(f"loss must be a ge_utils.losses.MarginLoss, got {type(loss).__name__}")
