@@ -402,27 +402,48 @@ def test_a_loss_not_of_the_summed_logps_gets_a_separate_pass(tmp_path):
     assert recorded == [False] and len(callback.pairs_frame()) == 4
 
 
-@pytest.mark.parametrize(
-    ("model_type", "in_backward"), [("qwen3", True), ("gemma2", False)], ids=["qwen3", "gemma2"]
-)
-def test_other_families_get_the_statistics_of_the_fast_method(tmp_path, model_type, in_backward):
-    """Qwen3 (per-head norms; recorded in TRL's backward) and Gemma 2 (soft-capped logits, which
-    the fused head's share does not cover: a separate pass), on the tiny Llama's tokenizer: a
-    step's per-pair statistics and log-probs are those of the fast method on its batch."""
+def _family_trainer(tmp_path, model_type: str, **settings) -> DPOTrainer:
+    """A one-step DPOTrainer on a tiny model of another family (and its reference), with the
+    tiny Llama's tokenizer; ``settings`` go to the model's config."""
     warnings.filterwarnings("ignore")
     tok = load_model("tiny-llama", device="cpu").tokenizer
-    model, ref = (hf_model(model_type, vocab_size=len(tok)) for _ in range(2))
+    model, ref = (hf_model(model_type, vocab_size=len(tok), **settings) for _ in range(2))
     cfg = dict(per_device_train_batch_size=4, max_steps=1, logging_steps=1, learning_rate=1e-4)
     cfg |= dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True)
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model,
         ref_model=ref,
         args=DPOConfig(output_dir=str(tmp_path), seed=0, **cfg),
         train_dataset=_data(),
         processing_class=tok,
     )
-    callback = attach_entanglement_metrics(trainer)
-    start = hf_model(model_type, vocab_size=len(tok))  # the parameters the step starts from
+
+
+def _not_positions(name: str, p: torch.nn.Parameter) -> bool:
+    return "embed_positions" not in name
+
+
+@pytest.mark.parametrize(
+    ("model_type", "in_backward", "settings", "params"),
+    [
+        ("qwen3", True, {}, None),
+        ("gemma2", False, {}, None),
+        ("opt", True, {"dropout": 0.0}, _not_positions),
+    ],
+    ids=["qwen3", "gemma2", "opt-without-positions"],
+)
+def test_other_families_get_the_statistics_of_the_fast_method(
+    tmp_path, model_type, in_backward, settings, params
+):
+    """Qwen3 (per-head norms; recorded in TRL's backward), Gemma 2 (soft-capped logits, which
+    the fused head's share does not cover: a separate pass) and OPT (MLP rows flattened over the
+    batch, recorded in TRL's backward, where the recorder knows the batch only by its pairs;
+    its positional embedding, which the fast statistics refuse, left out with ``params``), on
+    the tiny Llama's tokenizer: a step's per-pair statistics and log-probs are those of the fast
+    method on its batch."""
+    trainer = _family_trainer(tmp_path, model_type, **settings)
+    callback = attach_entanglement_metrics(trainer, params=params)
+    start = hf_model(model_type, vocab_size=trainer.model.config.vocab_size, **settings)
     inputs, recorded = [], []
     original_loss, original_records = trainer.compute_loss, callback._batch_records
 
@@ -440,11 +461,30 @@ def test_other_families_get_the_statistics_of_the_fast_method(tmp_path, model_ty
     assert recorded == [in_backward]
     from ge_utils.trl_integration import split_trl_batch
 
-    stats = fast_gradient_stats(start, *split_trl_batch(inputs[0]))
+    stats = fast_gradient_stats(start, *split_trl_batch(inputs[0]), params=params)
     pairs = callback.pairs_frame()
     for key, col in (("inner", "grad_inner"), ("norm2_chosen", "grad_norm2_chosen")):
         assert np.allclose(pairs[col], stats[key].numpy(), rtol=1e-4)
     assert np.allclose(pairs["logp_chosen"], stats["logp_chosen"].numpy(), atol=1e-4)
+
+
+def test_models_the_metrics_cannot_measure_are_refused_before_training(tmp_path):
+    """OPT: its positional embedding is refused when the callback is built (not in the first
+    measured step), with the way out; its functional dropout (from the config, which TRL's
+    ``disable_dropout`` does not reach) makes the training forward random, which a batch probe
+    cannot use; frozen parameters are not a parameter set of the step."""
+    trainer = _family_trainer(tmp_path, "opt")
+    with pytest.raises(TypeError, match=r"OPTLearnedPositionalEmbedding.*params="):
+        attach_entanglement_metrics(trainer)
+    with pytest.raises(ValueError, match="dropout that it does not reach"):
+        attach_entanglement_metrics(trainer, params=_not_positions, probe=2)
+    attach_entanglement_metrics(trainer, params=_not_positions).detach()
+    still = _family_trainer(tmp_path, "opt", dropout=0.0)
+    attach_entanglement_metrics(still, params=_not_positions, probe=2).detach()
+    for p in still.model.model.decoder.layers[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"frozen: model\.decoder\.layers\.0"):
+        attach_entanglement_metrics(still, params=lambda name, p: "layers.0" in name)
 
 
 def test_precomputed_reference_logps(tmp_path):

@@ -15,7 +15,7 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
   ``ge/d_l`` (mean loss coefficients), ``ge/case1_frac`` ... ``ge/case4_frac`` (first-order case
   of a plain gradient step on each pair, :func:`ge_utils.gradients.condition_table`) and
   ``ge/n_pairs``; ``g = grad log pi(y|x)`` over the trainable parameters (LoRA adapters only
-  for a PEFT model), at the parameters before the step's update;
+  for a PEFT model; or those of ``params=``), at the parameters before the step's update;
 - over a fixed probe set of pairs, or with ``probe=k`` over the first k pairs of the step's own
   batch (optional; at the same steps, or at every ``probe_every``-th step):
   ``ge/probe_pred_delta_chosen`` /
@@ -53,7 +53,9 @@ displacement of the pairs being trained on, the paper's object) needs neither: t
 the trainer's backward also keeps the factors of those k pairs of the step's first micro-batch
 (:meth:`ge_utils.stats.GhostRecorder.keep_rows`; they are ``c_i grad u_i``, divided by the loss
 coefficient ``c_i`` after the contraction), and their log-probs before the step are those of
-the training forward (hence ``disable_dropout=True``, TRL's default, is required); a step then
+the training forward (hence a training forward without dropout is required:
+``disable_dropout=True``, TRL's default, and no functional dropout it does not reach, checked
+on one made-up sequence when the callback is built); a step then
 costs the contraction, the copy and one forward of the 2k sequences after the update. Where
 the recorder cannot handle the model, a forward-mode pass
 (:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
@@ -103,6 +105,7 @@ from ge_utils.logprobs import (
 from ge_utils.losses import MarginLoss, PairLogps, get_loss
 from ge_utils.models import device_clock
 from ge_utils.stats import Factor, GhostRecorder, PairStats, fast_gradient_stats
+from ge_utils.stats.params import ParamSpec, parameter_set
 from ge_utils.stats.recorder import TINY_COEFFICIENT, KeptFactors, group_rows
 
 PREFIX = "ge/"
@@ -284,6 +287,21 @@ def _rng_untouched() -> Iterator[None]:
             np.random.set_state(npy)
 
 
+def _training_forward_is_random(model: nn.Module) -> bool:
+    """Whether two training-mode forwards of one made-up sequence differ: dropout is on
+    somewhere, e.g. a model's functional dropout, which TRL's ``disable_dropout`` (it zeroes
+    ``nn.Dropout`` modules) does not reach. RNG states and the train/eval mode are restored."""
+    ids = torch.tensor([[0, 1, 2, 1]], device=next(model.parameters()).device)
+    was_training = model.training
+    try:
+        with _rng_untouched(), torch.no_grad():
+            model.train()
+            first, second = (model(input_ids=ids).logits for _ in range(2))
+    finally:
+        model.train(was_training)
+    return not torch.allclose(first, second, rtol=1e-4, atol=1e-5)
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -320,10 +338,12 @@ class _StepRecorder:
     dropout, if any; TRL disables dropout by default).
     """
 
-    def __init__(self, policy: nn.Module, keep_pairs: int | None = None):
+    def __init__(
+        self, policy: nn.Module, params: ParamSpec = None, keep_pairs: int | None = None
+    ):
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         self.head = base.get_output_embeddings()
-        self.rec = GhostRecorder(policy, keep_outputs=False)
+        self.rec = GhostRecorder(policy, params, keep_outputs=False)
         self.keep_pairs = keep_pairs  # a batch probe: pairs kept from the first micro-batch
         self.keeping: list[int] | None = None  # pairs kept in the current micro-batch
         self.head_params = {
@@ -450,7 +470,12 @@ class EntanglementCallback(TrainerCallback):
     sigmoid (DPO) loss with ``beta=trainer.beta``. ``max_pairs``: at most this many pairs of each
     micro-batch of each process (None: all). ``in_backward``: record the statistics in the
     trainer's own backward where possible (see the module docstring); False: a separate pass at
-    every measured step.
+    every measured step. ``params``: the parameters whose gradients the batch statistics are
+    over (names or a predicate, :func:`ge_utils.stats.params.parameter_set`; trainable ones
+    only), e.g. to leave out a module the fast statistics refuse; None: every trainable
+    parameter. The probe's prediction ``g . Delta theta`` is always over every trainable
+    parameter (the update moves them all). A model the statistics cannot handle is refused
+    when the callback is built, from one made-up pair.
 
     Per-pair results are kept: :meth:`pairs_frame` (one row per batch pair and computed step)
     and :meth:`probe_frame` (one row per probe pair and computed step), identical on every
@@ -466,6 +491,7 @@ class EntanglementCallback(TrainerCallback):
         max_pairs: int | None = None,
         in_backward: bool = True,
         probe_every: int | None = None,
+        params: ParamSpec = None,
     ):
         _check_trainer(trainer, loss)
         for name, value in (("every", every), ("probe_every", probe_every)):
@@ -478,9 +504,14 @@ class EntanglementCallback(TrainerCallback):
         batch_probe = isinstance(probe, int) and not isinstance(probe, bool)
         if batch_probe and probe < 1:
             raise ValueError(f"probe=k follows k >= 1 pairs of each batch, got {probe!r}")
-        if batch_probe and not getattr(trainer.args, "disable_dropout", True):
+        if batch_probe and (
+            not getattr(trainer.args, "disable_dropout", True)
+            or _training_forward_is_random(trainer.accelerator.unwrap_model(trainer.model))
+        ):
             raise ValueError(
-                "probe=k (the batch's own pairs) needs disable_dropout=True (TRL's default): "
+                "probe=k (the batch's own pairs) needs a training forward without dropout: "
+                "disable_dropout=True (TRL's default), and no dropout that it does not reach "
+                "(a model's own functional dropout, e.g. OPT's: set the config's dropout to 0); "
                 "their log-probs before the step are read off the training forward"
             )
         if max_pairs is not None and max_pairs < 1:
@@ -493,6 +524,8 @@ class EntanglementCallback(TrainerCallback):
                 "logging_strategy is not 'steps': pass every=N to choose the steps to measure"
             )
         self.trainer = trainer
+        self.params = self._measured(params)
+        self._check_recordable()
         self.every = every
         self.probe_every = probe_every
         self.loss = loss if loss is not None else get_loss("dpo", beta=float(trainer.beta))
@@ -607,6 +640,34 @@ class EntanglementCallback(TrainerCallback):
     def _trainable(self) -> dict[str, Tensor]:
         return {n: p for n, p in self._policy().named_parameters() if p.requires_grad}
 
+    def _measured(self, params: ParamSpec) -> list[str] | None:
+        """The names of the measured parameters; None for every trainable one."""
+        if params is None:
+            return None
+        chosen = parameter_set(self._policy(), params)
+        frozen = [n for n, p in chosen if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"params must be trainable parameters; frozen: {', '.join(frozen)}")
+        names = [n for n, _ in chosen]
+        return None if sorted(names) == sorted(self._trainable()) else names
+
+    def _check_recordable(self) -> None:
+        """The fast statistics of one made-up pair, before training: a model with a layer they
+        cannot handle (or logits they cannot reproduce) is refused now, with the way out, rather
+        than in the middle of the first measured step."""
+        policy = self._policy()
+        ids = torch.tensor([[0, 1, 2], [0, 2, 1]], device=next(policy.parameters()).device)
+        response = torch.tensor([[False, True, True]] * 2, device=ids.device)
+        batch = SequenceBatch(ids, torch.ones_like(ids), response)
+        try:
+            with _rng_untouched():
+                fast_gradient_stats(policy, batch.select([0]), batch.select([1]), self.params)
+        except TypeError as exc:
+            raise TypeError(
+                f"the entanglement metrics cannot be computed on this model: {exc} (here: "
+                "attach_entanglement_metrics(..., params=...))"
+            ) from exc
+
     def _copy_trainable(self) -> dict[str, Tensor]:
         """A copy of the trainable parameters, written into the same memory at every probed
         step (allocated at the first, or again when a parameter's name, shape, dtype or device
@@ -658,9 +719,11 @@ class EntanglementCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         step = state.global_step + 1
-        keep = self.batch_probe if self.probes(step) else None
+        # the probe's prediction needs every trainable parameter's factors: where only some are
+        # measured, it takes a separate pass (or, where that fails, forward mode) instead
+        keep = self.batch_probe if self.probes(step) and self.params is None else None
         if self.in_backward and (self.measures(step) or keep):
-            self._step = _StepRecorder(self._policy(), keep_pairs=keep)
+            self._step = _StepRecorder(self._policy(), self.params, keep_pairs=keep)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         captured, self._captured = self._captured, []
@@ -718,7 +781,7 @@ class EntanglementCallback(TrainerCallback):
         if micro.stats is not None:
             stats = micro.stats.select(keep)
         else:
-            stats = fast_gradient_stats(self._policy(), chosen, rejected)
+            stats = fast_gradient_stats(self._policy(), chosen, rejected, self.params)
         ref_w, ref_l = self._reference(micro, keep, chosen, rejected)
         p = PairLogps(
             stats["logp_chosen"],
@@ -997,6 +1060,7 @@ def attach_entanglement_metrics(
     max_pairs: int | None = None,
     in_backward: bool = True,
     probe_every: int | None = None,
+    params: ParamSpec = None,
 ) -> EntanglementCallback:
     """Build an :class:`EntanglementCallback` for ``trainer``, add it to the trainer's
     callbacks, and return it. Call before ``trainer.train()``, on every process."""
@@ -1008,6 +1072,7 @@ def attach_entanglement_metrics(
         max_pairs=max_pairs,
         in_backward=in_backward,
         probe_every=probe_every,
+        params=params,
     )
     trainer.add_callback(callback)
     return callback

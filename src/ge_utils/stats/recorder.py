@@ -208,21 +208,24 @@ class GhostRecorder:
         """(N, T, D) per-sequence rows of a layer input or output gradient. 2-D rows are the
         output head applied to selected positions (one row per entry of :attr:`row_seq`:
         grouped by it and zero-padded) or every position of the batch flattened (N T rows, as
-        OPT's MLP: reshaped); rows with more axes (a per-head norm's (N, T, heads, D), Qwen3's
-        and Gemma3's) are flattened to (N, T * heads, D): a sequence's gradient sums over all."""
+        OPT's MLP: reshaped; N from the batch or from :meth:`expect_pairs`); rows with more
+        axes (a per-head norm's (N, T, heads, D), Qwen3's and Gemma3's) are flattened to
+        (N, T * heads, D): a sequence's gradient sums over all."""
         if t.dim() == 3:
             return t
         if t.dim() > 3:
             return t.flatten(1, -2)
-        if self.row_seq is None or self.n_seq is None:
-            raise RuntimeError("a layer saw 2-D inputs but the recorder has no batch")
-        if len(t) == len(self.row_seq):  # a sequence has fewer targets than positions
+        if self.n_seq is None:
+            raise RuntimeError(
+                "a layer saw 2-D inputs but the recorder has no batch and no pairs (expect_pairs)"
+            )
+        if self.row_seq is not None and len(t) == len(self.row_seq):  # fewer targets than positions
             return group_rows(t, self.row_seq, self.n_seq)
         if len(t) % self.n_seq == 0:
             return t.reshape(self.n_seq, -1, *t.shape[1:])
         raise RuntimeError(
-            f"a layer saw {len(t)} rows of 2-D inputs: neither the {len(self.row_seq)} selected "
-            f"positions nor every position of {self.n_seq} sequences"
+            f"a layer saw {len(t)} rows of 2-D inputs: neither the selected positions nor every "
+            f"position of {self.n_seq} sequences"
         )
 
     def add_use(self, param: nn.Parameter, factor: Factor) -> None:
@@ -310,6 +313,8 @@ class GhostRecorder:
         self.expect(
             norm2_chosen=(w, w), norm2_rejected=(w + n_pairs, w + n_pairs), inner=(w, w + n_pairs)
         )
+        if self.row_seq is None:  # no batch: the pairs give the number of sequences
+            self.n_seq = 2 * n_pairs
 
     def _add(self, pid: int, use: Factor, keep: bool = False) -> None:
         """Reduce ``use`` into the totals now, or keep it when the parameter has other uses in
