@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -15,6 +16,7 @@ from ge_utils.claims import (
     share_interval,
     verdict_of,
 )
+from ge_utils.predict import skill_table
 
 
 def test_mean_interval_is_scipys_t_interval():
@@ -235,3 +237,24 @@ def test_a_takeaway_over_several_seeds_needs_its_seeds():
     assert record["interval"] == pytest.approx(
         list(report.claims[0].interval), rel=1e-3
     )
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "message"),
+    [
+        (2.5, 5, "k must be an integer count, got float 2.5"),
+        (2, 5.0, "n must be an integer count, got float 5.0"),
+        (True, 5, "k must be an integer count, got bool True"),
+    ],
+)
+def test_proportion_interval_wants_integer_counts(k, n, message):
+    with pytest.raises(TypeError, match=message):
+        proportion_interval(k, n)
+    assert proportion_interval(np.int64(2), 5) == proportion_interval(2, 5)
+
+
+def test_skill_table_names_a_non_finite_change():
+    """(``ge_utils.predict.skill_table``, next to the interval it reports.)"""
+    table = pd.DataFrame({"ches": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(ValueError, match=r"change has 1 non-finite value\(s\).* at pair\(s\) 2"):
+        skill_table(table, [1.0, -1.0, math.nan, -2.0], n_resamples=50)

@@ -258,3 +258,38 @@ def test_csv_follows_the_umask(tmp_path, model_dir, capsys):
         os.umask(previous)
     assert code == 0, err
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (".", "is a folder; give the path of the CSV file to write"),
+        ("missing/stats.csv", "does not exist"),
+    ],
+)
+def test_bad_out_path_fails_before_loading(tmp_path, capsys, monkeypatch, out, message):
+    import ge_utils.diagnose as diagnose
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(diagnose, "load_model", never)
+    monkeypatch.setattr(diagnose, "load_pairs", never)
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    target = tmp_path / out
+    code, err = run(capsys, "--model", "tiny-gpt2", "--data", str(data), "--out", str(target))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --out {target}") and message in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_unwritable_out_folder_fails_before_loading(tmp_path, capsys, monkeypatch):
+    import ge_utils.diagnose as diagnose
+
+    monkeypatch.setattr(diagnose, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, err = run(capsys, "--model", "m", "--data", str(data), "--out", str(locked / "o.csv"))
+    assert code == 2 and f"folder {locked} is not writable" in err

@@ -163,3 +163,54 @@ def test_tokenwise_study_cells_add_up_to_the_sequence_gradients(tmp_path, monkey
     assert start["inner"].sum() == pytest.approx(float(g_w @ g_l), rel=1e-4)
     assert start["norm2_chosen"].unique() == pytest.approx([float(g_w @ g_w)], rel=1e-4)
     assert start["norm2_rejected"].unique() == pytest.approx([float(g_l @ g_l)], rel=1e-4)
+
+
+def test_an_edited_data_file_or_model_folder_is_rerun(tmp_path, monkeypatch):
+    import json
+
+    from ge_utils.data import sentiment_pairs
+    from ge_utils.models import load_model
+
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path / "cache"))
+    loaded = load_model("tiny-llama", device="cpu")
+    folder = tmp_path / "mymodel"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    train, held = sentiment_pairs(4, 2, "long")
+    pairs = train + held
+    data = tmp_path / "my.jsonl"
+
+    def write(swap: bool) -> None:
+        rows = [
+            {"prompt": p.prompt, "chosen": p.rejected if swap else p.chosen,
+             "rejected": p.chosen if swap else p.rejected}
+            for p in pairs
+        ]  # fmt: skip
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(False)
+    spec = ExperimentSpec(
+        model=str(folder), dataset=str(data), n_train=4, n_eval=2, n_probe=1, device="cpu",
+        po=TrainConfig(steps=1, batch_size=4, eval_every=1, progress=False),
+    )  # fmt: skip
+    runs = []
+    real = experiments.preference_optimization
+    monkeypatch.setattr(
+        experiments, "preference_optimization", lambda *a, **k: runs.append(1) or real(*a, **k)
+    )
+
+    def logps():
+        return experiments.sft_then_preference(spec).run.pairs["logp_chosen"].to_numpy()
+
+    first = logps()
+    write(True)  # chosen and rejected swapped at the same path
+    swapped = logps()
+    assert len(runs) == 2 and not (swapped == first).all()
+    write(False)
+    assert (logps() == first).all() and len(runs) == 2  # the same content: cached
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.mul_(0.5)
+    loaded.model.save_pretrained(folder)  # new weights in the same folder
+    halved = logps()
+    assert len(runs) == 3 and not (halved == first).all()

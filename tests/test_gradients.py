@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
+from ge_utils import gradients
 from ge_utils.gradients import (
     classify_cases,
     condition_table,
@@ -183,3 +185,61 @@ def test_diagnose_pairs_rejects_bad_arguments(tiny_model, tokenizer, kwargs, mes
         diagnose_pairs(
             tiny_model, tokenizer, ["p"] * 2, ["a"] * 2, ["b"] * 2, get_loss("dpo"), **kwargs
         )
+
+
+@pytest.mark.parametrize(
+    ("texts", "loss", "message"),
+    [
+        (("ab", "cd", "ef"), get_loss("dpo"), r"prompts must be a sequence .* got str 'ab'"),
+        ((["p"], [None], ["b"]), get_loss("dpo"), r"chosen\[0\] must be a str, got NoneType"),
+        ((["p"], ["a"], ["b"]), "dpo", r"loss must be a MarginLoss .* got str 'dpo'"),
+    ],
+)
+def test_diagnose_pairs_rejects_bad_types_before_computing(
+    tiny_model, tokenizer, monkeypatch, texts, loss, message
+):
+    def never(*args, **kwargs):
+        raise AssertionError("statistics were computed before the arguments were checked")
+
+    monkeypatch.setattr(gradients, "stats_method", lambda method: never)
+    with pytest.raises(TypeError, match=message):
+        diagnose_pairs(tiny_model, tokenizer, *texts, loss, progress=False)
+
+
+def test_zero_change_pair_has_no_case(tiny_model, tokenizer):
+    """Identical chosen and rejected: both predictions are exactly 0, so no case (as the CLI
+    and the README say); the other pair keeps its case."""
+    table = diagnose_pairs(
+        tiny_model,
+        tokenizer,
+        ["The film was a delight.", "The food was cold."],
+        ["Positive sentiment.", "Negative sentiment."],
+        ["Positive sentiment.", "Positive sentiment."],
+        get_loss("dpo"),
+        progress=False,
+    )
+    assert table.loc[0, "pred_delta_chosen"] == 0 and table.loc[0, "pred_delta_rejected"] == 0
+    assert pd.isna(table.loc[0, "case"])
+    expected = classify_cases(
+        torch.tensor(table["pred_delta_chosen"].values),
+        torch.tensor(table["pred_delta_rejected"].values),
+    )
+    assert table.loc[1, "case"] == int(expected[1])
+
+
+def test_sign_agreement_against_a_loop():
+    """Each row agrees when both changes are > 0 or both are <= 0; ``clear`` keeps only the
+    predictions above that fraction of the median size, the rest are left out."""
+    import pandas as pd
+
+    pred = pd.Series([0.5, -0.2, 0.0, 1e-4, -3.0, 2.0])
+    real = pd.Series([0.1, 0.3, -0.1, -1.0, -0.5, 0.0])
+    every = gradients.sign_agreement(pred, real)
+    assert every.tolist() == [(p > 0) == (r > 0) for p, r in zip(pred, real, strict=True)]
+    clear = gradients.sign_agreement(pred, real, clear=0.05)
+    median = pred.abs().median()
+    kept = [i for i, p in enumerate(pred) if abs(p) > 0.05 * median]
+    assert clear.index.tolist() == kept == [0, 1, 4, 5]
+    assert clear.tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="4 predicted but 6 realized"):
+        gradients.sign_agreement(pred[:4], real)

@@ -39,3 +39,37 @@ def test_existing_file_keeps_its_mode(tmp_path):
     atomic_write_text(target, "new\n")
     assert target.read_text() == "new\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_content_digest_follows_the_content_not_the_path(tmp_path, monkeypatch):
+    import ge_utils.io as io_mod
+    from ge_utils.io import content_digest
+
+    f = tmp_path / "data.jsonl"
+    f.write_text("a\n")
+    first = content_digest(f)
+    f.write_text("b\n")
+    assert content_digest(f) != first  # same path, same size, new content: a new digest
+    f.write_text("a\n")
+    assert content_digest(f) == first
+    other = tmp_path / "copy.jsonl"
+    other.write_text("a\n")
+    assert content_digest(other) == first
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("notes")
+    (folder / ".lock").write_text("x")
+    digest = content_digest(folder, ["*.json"], recursive=False)
+    (folder / "README.md").write_text("other notes")  # not matched: the same digest
+    (folder / ".lock").write_text("y")
+    assert content_digest(folder, ["*.json"], recursive=False) == digest
+    (folder / "model.safetensors").write_bytes(b"w")
+    assert content_digest(folder, ["*.json", "*.safetensors"], recursive=False) != digest
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an unchanged file was hashed again")
+
+    monkeypatch.setattr(io_mod, "open", no_reading, raising=False)
+    assert content_digest(f) == first  # memoized by the file's stat

@@ -5,6 +5,7 @@ import torch
 from hf_models import HF_ARCHS, hf_model
 
 from ge_utils.logprobs import build_batch, sequence_logprobs, token_logprobs, tokenize
+from ge_utils.models import tiny_causal_lm
 
 SEQS = [([2, 5, 7], [9, 3]), ([2, 4, 6, 8, 10], [11, 12, 13, 14]), ([2], [15])]
 
@@ -95,3 +96,45 @@ def test_trimmed_batch_drops_shared_padding_only(tiny_model, side):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+def test_too_long_for_learned_positions_is_a_clear_error(tokenizer):
+    """GPT-2 has a table of 128 learned positions: 130 tokens fail before the forward, naming
+    both lengths; Llama's rotary positions have no such limit."""
+    long = [([2] * 120, [3] * 10)]
+    batch = build_batch(long, pad_id=0, padding_side="left")
+    gpt2 = tiny_causal_lm("gpt2", len(tokenizer), max_positions=128)
+    with pytest.raises(ValueError, match=r"longest sequence has 130 tokens .* at most 128"):
+        sequence_logprobs(gpt2, batch)
+    llama = tiny_causal_lm("llama", len(tokenizer), max_positions=128)
+    assert torch.isfinite(sequence_logprobs(llama, batch)).all()
+    exact = build_batch([([2] * 118, [3] * 10)], pad_id=0)  # 128 tokens: just fits
+    assert torch.isfinite(sequence_logprobs(gpt2, exact)).all()
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error(tiny_model):
+    vocab = tiny_model.get_input_embeddings().num_embeddings
+    batch = build_batch([([2, 5], [vocab])], pad_id=0)
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the model's vocabulary"):
+        sequence_logprobs(tiny_model, batch)
+
+
+def test_non_finite_weights_are_a_clear_error(tokenizer):
+    model = tiny_causal_lm("llama", len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the model's logits are not finite"):
+        sequence_logprobs(model, build_batch(SEQS, pad_id=0))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "responses", "message"),
+    [
+        ("ab", ["c", "d"], r"prompts must be a sequence .* of strings, got str 'ab'"),
+        (["a"], [None], r"responses\[0\] must be a str, got NoneType None"),
+        (["a", 3], ["b", "c"], r"prompts\[1\] must be a str, got int 3"),
+    ],
+)
+def test_tokenize_wants_sequences_of_strings(tokenizer, prompts, responses, message):
+    with pytest.raises(TypeError, match=message):
+        tokenize(tokenizer, prompts, responses)

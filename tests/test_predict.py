@@ -85,6 +85,21 @@ def test_ches_rejects_mismatched_batches(tiny_model):
         ches_scores(tiny_model, chosen, chosen.select([0, 1]))
 
 
+def test_ches_refuses_non_finite_hidden_states(tiny_model):
+    """A NaN weight makes every hidden state NaN: an error, not NaN scores."""
+    chosen = build_batch([(p, w) for p, w, _ in PAIRS], pad_id=0)
+    weight = tiny_model.get_input_embeddings().weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[:] = float("nan")
+    try:
+        with pytest.raises(ValueError, match=r"hidden states of .* are not finite"):
+            ches_scores(tiny_model, chosen, chosen)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 def levenshtein(a, b):
     """Brute force: the shortest edit script by recursion over both ends."""
     if not a or not b:
@@ -345,3 +360,25 @@ def test_first_step_prediction_is_the_batch_condition():
         np.testing.assert_allclose(
             pred["first_step_chosen"], real["delta_chosen"], rtol=0, atol=0.05 * scale
         )
+
+
+def test_scored_pairs_of_a_model_folder_follow_its_weights(tmp_path, monkeypatch):
+    from ge_utils.data import sentiment_pairs
+    from ge_utils.predict import scored_pairs
+
+    monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path / "cache"))
+    loaded = load_model("tiny-llama", device="cpu")
+    folder = tmp_path / "mymodel"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    setup = PredictionSetup(model=str(folder), device="cpu", batch_size=4)
+    pairs = sentiment_pairs(2, 0, "long")[0]
+    before = scored_pairs(setup, pairs, eta=1.0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.mul_(2.0)
+    loaded.model.save_pretrained(folder)  # new weights at the same path
+    after = scored_pairs(setup, pairs, eta=1.0)
+    fresh = scored_pairs(setup, pairs, eta=1.0, cache=False)
+    assert not np.allclose(after["logp_chosen"], before["logp_chosen"])
+    np.testing.assert_allclose(after["logp_chosen"], fresh["logp_chosen"], rtol=1e-6)

@@ -148,3 +148,77 @@ def test_lora_rank_after_a_full_parameter_run_retrains(tmp_path, monkeypatch):
     experiments.sft_then_preference(spec_from_params(params, lora_rank=2))
     assert len(calls) == 2  # the LoRA run trained, its rerun came from the cache
     assert lora.spec.lora is not None and full.spec.lora is None
+
+
+def _write_pairs(path, pairs):
+    import json
+
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+            for p in pairs
+        )
+    )
+
+
+def test_a_data_file_s_content_is_in_the_key(tmp_path):
+    from ge_utils.data import PreferencePair, sentiment_pairs
+
+    train, held = sentiment_pairs(4, 2, "long")
+    pairs = train + held
+    data = tmp_path / "my.jsonl"
+    _write_pairs(data, pairs)
+    spec = ExperimentSpec(dataset=str(data), n_train=4, n_eval=2, n_probe=1, device="cpu")
+    first = params_hash(spec.key())
+    _write_pairs(data, [PreferencePair(p.prompt, p.rejected, p.chosen) for p in pairs])
+    assert params_hash(spec.key()) != first  # chosen and rejected swapped: a new key
+    _write_pairs(data, pairs)
+    assert params_hash(spec.key()) == first  # the same content at the same path: the same key
+
+
+def test_a_local_model_folder_s_content_is_in_the_key(tmp_path):
+    import torch
+
+    from ge_utils.models import load_model
+    from ge_utils.predict import PredictionSetup, _cache_key
+
+    folder = tmp_path / "mymodel"
+    loaded = load_model("tiny-llama", device="cpu")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    from ge_utils.boundary import Cell, GridSetup, cell_params
+
+    spec = ExperimentSpec(model=str(folder), device="cpu")
+    setup = PredictionSetup(model=str(folder), device="cpu")
+    grid = GridSetup(model=str(folder), device="cpu")
+
+    def keys() -> tuple[str, str, str]:
+        return (params_hash(spec.key()), params_hash(_cache_key("scores", setup, [])),
+                params_hash(cell_params(Cell(), grid, 0, False)))
+
+    first = keys()
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.mul_(0.5)
+    loaded.model.save_pretrained(folder)  # new weights, same path, same file sizes
+    second = keys()
+    assert all(b != a for a, b in zip(first, second, strict=True))
+    loaded.model.save_pretrained(folder)  # the same weights saved again: the same key
+    assert keys() == second
+
+
+@pytest.mark.parametrize(
+    "model", ["tiny-llama", "tiny-gpt2", "smollm2-135m-instruct", "default", "gpt2",
+              "mistralai/Mistral-7B-Instruct-v0.3"],
+)  # fmt: skip
+def test_built_in_and_hub_names_are_keyed_by_name_alone(model, tmp_path, monkeypatch):
+    from ge_utils.predict import PredictionSetup, _cache_key
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-llama").mkdir()  # a built-in name wins over a folder of that name
+    (tmp_path / "tiny-llama" / "config.json").write_text("{}")
+    for dataset in ("synthetic", "trl-lib/tldr-preference"):
+        key = ExperimentSpec(model=model, dataset=dataset, device="cpu").key()
+        assert not {"model_digest", "dataset_digest"} & set(key)
+        assert key["model"] == model and key["dataset"] == dataset
+    assert "model_digest" not in _cache_key("scores", PredictionSetup(model=model), [])

@@ -209,3 +209,51 @@ def test_training_pair_stats_equal_exact_stats_before_the_step(tokenizer):
         ("grad_norm2_rejected", "norm2_rejected"),
     ]:
         torch.testing.assert_close(torch.tensor(train[col].values), exact[key], rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_grad_norm": -1.0}, r"max_grad_norm must be None \(no clipping\) or a finite"),
+        ({"max_grad_norm": math.nan}, "max_grad_norm must be .* got nan"),
+        ({"max_grad_norm": 0}, "max_grad_norm must be .* > 0, got 0"),
+        ({"weight_decay": math.nan}, "weight_decay must be a finite number >= 0, got nan"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
+        ({"lr": True}, "lr must be a positive finite number, got True"),
+        ({"seed": "a"}, "seed must be an integer, got 'a'"),
+        ({"warmup_steps": "2"}, "warmup_steps must be an integer >= 0, got '2'"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+        ({"template": "chatml"}, "template must be 'none' or 'chat', got 'chatml'"),
+    ],
+)
+def test_bad_values_are_named_on_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_valid_configs_are_kept():
+    cfg = TrainConfig(max_grad_norm=1.0, weight_decay=0.01, warmup_steps=2, seed=-1, lr=1)
+    assert (cfg.max_grad_norm, cfg.weight_decay, cfg.warmup_steps, cfg.seed) == (1.0, 0.01, 2, -1)
+
+
+@pytest.mark.parametrize(
+    ("examples", "message"),
+    [
+        ("ab", "examples must be a sequence of .* pairs, got a str 'ab'"),
+        (["ab"], r"examples\[0\] must be a \(prompt, response\) pair of strings, got str 'ab'"),
+        ([("p", None)], r"examples\[0\] must be .* got tuple \('p', None\)"),
+    ],
+)
+def test_sft_wants_pairs_of_strings(tokenizer, examples, message):
+    model = tiny_causal_lm("llama", len(tokenizer)).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=message):
+        sft(model, tokenizer, examples, TrainConfig(steps=1, progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_preference_pairs_want_strings(tokenizer):
+    model = tiny_causal_lm("llama", len(tokenizer)).double()
+    bad = [{"prompt": "p", "chosen": None, "rejected": "b"}]
+    with pytest.raises(TypeError, match="pair 0: chosen must be a str, got NoneType None"):
+        preference_optimization(model, tokenizer, bad, bad, TrainConfig(steps=1, progress=False))

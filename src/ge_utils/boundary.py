@@ -52,6 +52,7 @@ from ge_utils.gradients import ParamSpec, pair_logps
 from ge_utils.logprobs import SequenceBatch, concat_batches, eval_mode, sequence_logprobs, tokenize
 from ge_utils.losses import MarginLoss, get_loss
 from ge_utils.models import cache_dir, device_key, load_model, train_last_k_blocks
+from ge_utils.spec import model_fingerprint
 from ge_utils.training import TrainConfig, cached_run, config_dict, sft
 
 BOUNDARY_VERSION = 1  # bump when a change of code changes results (old cached cells unused)
@@ -490,6 +491,7 @@ def cell_params(cell: Cell, setup: GridSetup, seed: int, trace: bool) -> dict[st
         "cell": asdict(cell),
         "trace": trace,
         "setup": {**asdict(setup), **device_key(setup.device)},
+        **model_fingerprint(setup.model),  # a local folder's content, not only its path
         "seed": seed,
         "sft_config": config_dict(
             TrainConfig(batch_size=setup.sft_batch, lr=setup.sft_lr, template=setup.template)
@@ -634,6 +636,7 @@ def suffix_length_sweep(
     params = {
         "kind": "suffix_length_sweep",
         "model": model,
+        **model_fingerprint(model),
         "sft": config_dict(sft_cfg) if sft_cfg is not None else None,
         "lengths": lengths,
         "n_pairs": n_pairs,

@@ -42,6 +42,7 @@ each. A printed line reads (the runner parses it back into ``results/<chapter>.j
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -185,7 +186,15 @@ def paired_difference(
 
 
 def proportion_interval(k: int, n: int) -> Estimate:
-    """Share ``k / n`` with its exact (Clopper-Pearson) 95% interval (``scipy.stats.binomtest``)."""
+    """Share ``k / n`` with its exact (Clopper-Pearson) 95% interval (``scipy.stats.binomtest``).
+
+    ``k`` and ``n`` must be integers (Python or NumPy, not bool), ``0 <= k <= n``, ``n > 0``."""
+    for name, value in (("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"proportion_interval: {name} must be an integer count, got "
+                f"{type(value).__name__} {value!r}"
+            )
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"proportion_interval needs 0 <= k <= n and n > 0, got k={k}, n={n}")
     ci = stats.binomtest(int(k), int(n)).proportion_ci(CONFIDENCE, method="exact")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -129,6 +130,18 @@ def response_warnings(tokenizer, pairs: list[PreferencePair]) -> list[str]:
     return out
 
 
+def check_out_path(out: Path) -> None:
+    """Raise OSError unless a file can be written at ``out``: it is not a folder and its
+    parent folder exists and is writable (checked before any loading or scoring)."""
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the path of the CSV file to write")
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: folder {parent} is not writable")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the command; 0 on success, 2 on a user error (one ``error:`` line on stderr)."""
     try:
@@ -137,6 +150,7 @@ def main(args: argparse.Namespace) -> int:
         if not (math.isfinite(args.eta) and args.eta > 0):
             raise ValueError(f"--eta (the step size) must be a finite number > 0, got {args.eta}")
         families_of(args.scores)  # a bad value fails before any loading
+        check_out_path(args.out)
         loss = get_loss(args.loss, **dict(args.loss_param))
         pairs = load_pairs(args.data, split=args.split)
         loaded = load_model(
@@ -158,9 +172,6 @@ def main(args: argparse.Namespace) -> int:
             method=args.method,
             progress=not args.no_progress,
         )
-        if "case" in table:
-            no_direction = (table["pred_delta_chosen"] == 0) | (table["pred_delta_rejected"] == 0)
-            table["case"] = table["case"].astype("Int64").mask(no_direction)
         with atomic_open(args.out, "w", encoding="utf-8", newline="") as fh:
             table.to_csv(fh, index=False)
     except (ValueError, TypeError, OSError, ImportError) as exc:

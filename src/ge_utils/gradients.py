@@ -31,7 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ge_utils.logprobs import SequenceBatch, eval_mode, sequence_logprobs, tokenize
+from ge_utils.logprobs import (
+    SequenceBatch,
+    check_texts,
+    eval_mode,
+    sequence_logprobs,
+    tokenize,
+)
 from ge_utils.losses import MarginLoss
 from ge_utils.objective import pair_logps
 from ge_utils.stats.exact import exact_gradient_stats
@@ -62,6 +68,21 @@ def classify_cases(delta_w: torch.Tensor, delta_l: torch.Tensor) -> torch.Tensor
     case[(delta_w <= 0) & (delta_l <= 0)] = 2
     case[(delta_w > 0) & (delta_l > 0)] = 3
     return case
+
+
+def sign_agreement(
+    predicted: pd.Series, realized: pd.Series, clear: float | None = None
+) -> pd.Series:
+    """Whether each predicted change has the realized change's sign (both > 0, or both <= 0),
+    per row. ``clear``: only the clear predictions, those with ``|predicted|`` above ``clear``
+    times the median ``|predicted|`` (e.g. 0.05; near-zero predictions have no direction to
+    agree with); None: every row."""
+    if len(predicted) != len(realized):
+        raise ValueError(f"{len(predicted)} predicted but {len(realized)} realized changes")
+    if clear is not None:
+        keep = predicted.abs() > clear * predicted.abs().median()
+        predicted, realized = predicted[keep], realized[keep]
+    return predicted.gt(0) == realized.gt(0)
 
 
 def condition_table(
@@ -200,7 +221,19 @@ def diagnose_pairs(
     over ``params``, and the loss coefficients. Reference log-probs come from ``ref_model`` (in
     eval mode, restored afterwards), or from ``model`` itself when it is None: then every reward
     is 0 and, e.g. for DPO, ``d_w = d_l = beta / 2``. ``progress`` shows a bar over batches.
+
+    A pair whose predicted chosen or rejected change is exactly 0 (e.g. chosen and rejected
+    tokenize to the same ids) has no direction: its ``case`` is missing (``<NA>``; the column
+    is pandas' nullable ``Int64``). Arguments are checked before any computation: TypeError
+    unless ``prompts``, ``chosen`` and ``rejected`` are sequences of strings and ``loss`` is a
+    :class:`~ge_utils.losses.MarginLoss`.
     """
+    check_texts(prompts=prompts, chosen=chosen, rejected=rejected)
+    if not isinstance(loss, MarginLoss):
+        raise TypeError(
+            "loss must be a MarginLoss (e.g. ge_utils.losses.get_loss('dpo')), "
+            f"got {type(loss).__name__} {loss!r:.60}"
+        )
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses"
@@ -226,4 +259,7 @@ def diagnose_pairs(
         table = condition_table(stats, d_w, d_l, eta)
         table.insert(0, "pair", range(start, start + len(table)))
         frames.append(table)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    no_direction = (table["pred_delta_chosen"] == 0) | (table["pred_delta_rejected"] == 0)
+    table["case"] = table["case"].astype("Int64").mask(no_direction)
+    return table

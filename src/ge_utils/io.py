@@ -1,13 +1,18 @@
-"""Atomic file writes: a run killed half-way never leaves a truncated file that looks complete."""
+"""Atomic file writes: a run killed half-way never leaves a truncated file that looks complete.
+
+Content digests of files and folders (:func:`content_digest`), for cache keys that must change
+when a file at the same path changes."""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,3 +63,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, memoized in-process by its resolved path, size, inode,
+    mtime and ctime (ns): a file rewritten in place or replaced gets hashed again."""
+    target = Path(path).resolve()
+    st = target.stat()
+    memo = (str(target), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _FILE_DIGESTS:
+        sha = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(block)
+        _FILE_DIGESTS[memo] = sha.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def content_digest(
+    path: str | os.PathLike, patterns: Iterable[str] | None = None, recursive: bool = True
+) -> str:
+    """A short (16 hex) sha256 of a file's bytes, or of a folder's files: their relative paths
+    and :func:`file_digest`, sorted. In a folder: the files whose names match one of the glob
+    ``patterns`` (None: every file), in subfolders too when ``recursive``; names starting with
+    a dot are skipped. The path itself is not part of it: the same content, the same digest."""
+    root = Path(path)
+    if not root.is_dir():
+        return file_digest(root)[:16]
+    pats = None if patterns is None else tuple(patterns)
+    files = root.rglob("*") if recursive else root.iterdir()
+    entries = sorted(
+        (f.relative_to(root).as_posix(), file_digest(f))
+        for f in files
+        if f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(root).parts)
+        and (pats is None or any(fnmatch.fnmatch(f.name, p) for p in pats))
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]

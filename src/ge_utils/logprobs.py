@@ -140,6 +140,23 @@ def build_batch(
     return SequenceBatch(input_ids, attention, response)
 
 
+def check_texts(**texts: Sequence[str]) -> None:
+    """Raise TypeError, naming the argument (the keyword) and the position, unless each value is
+    a sized collection (list, tuple, Series, ...) of strings: a single ``str`` (which would be
+    read one character at a time) or an element that is not a ``str`` (e.g. None) is refused."""
+    for name, values in texts.items():
+        if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
+            raise TypeError(
+                f"{name} must be a sequence (e.g. a list) of strings, "
+                f"got {type(values).__name__} {values!r:.60}"
+            )
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"{name}[{i}] must be a str, got {type(value).__name__} {value!r:.60}"
+                )
+
+
 def tokenize(
     tokenizer,
     prompts: Sequence[str],
@@ -152,7 +169,10 @@ def tokenize(
     With ``template='none'`` the ids are ``tokenizer(prompt).input_ids +
     tokenizer(response, add_special_tokens=False).input_ids``; with ``'chat'`` the prompt goes
     through the tokenizer's chat template as a user turn with the generation prompt appended.
+    Raises TypeError unless ``prompts`` and ``responses`` are sequences of strings
+    (:func:`check_texts`).
     """
+    check_texts(prompts=prompts, responses=responses)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     pad = pad_id(tokenizer)
@@ -193,8 +213,63 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+_POSITION_LIMITS: WeakKeyDictionary[nn.Module, int | None] = WeakKeyDictionary()
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens a sequence may have for ``model``: its config's ``n_positions`` (else
+    ``max_position_embeddings``) when it has a learned absolute position table (a
+    ``nn.Embedding`` named ``wpe``, ``embed_positions`` or ``position_embeddings``: GPT-2,
+    OPT, ...); None for models without one (rotary or ALiBi positions: Llama, ...), whose
+    ``max_position_embeddings`` is no hard limit. Found once per model object."""
+    lm = unwrap_model(model)
+    if lm not in _POSITION_LIMITS:
+        learned = any(
+            isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+            for name, module in lm.named_modules()
+        )
+        config = lm.config.get_text_config()
+        limits = [getattr(config, k, None) for k in ("n_positions", "max_position_embeddings")]
+        found = [int(v) for v in limits if v is not None]
+        _POSITION_LIMITS[lm] = found[0] if learned and found else None
+    return _POSITION_LIMITS[lm]
+
+
+def check_batch_fits(model: nn.Module, batch: SequenceBatch) -> None:
+    """Raise ValueError when ``batch`` holds a token id outside the model's input embedding
+    (``0 <= id < vocabulary size``) or, for a model with learned absolute positions
+    (:func:`position_limit`), a sequence longer than its position table: torch would fail
+    with a bare ``IndexError`` deep in the forward."""
+    lm = unwrap_model(model)
+    embed = lm.get_input_embeddings()
+    vocab = getattr(embed, "num_embeddings", None)
+    ids = batch.input_ids
+    if ids.numel() == 0:
+        return
+    lowest, highest, longest = torch.stack(
+        [ids.min(), ids.max(), batch.attention_mask.sum(dim=1).max().to(ids.dtype)]
+    ).tolist()
+    if lowest < 0 or (vocab is not None and highest >= vocab):
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary of {vocab} ids (0 to {vocab - 1}): "
+            "were these ids made by another tokenizer?"
+        )
+    limit = position_limit(lm)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"the longest sequence has {longest} tokens but {type(lm).__name__} takes at most "
+            f"{limit} (its learned position embeddings); shorten the prompts or responses"
+        )
+
+
 def hidden_states(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """(B, T, H) last hidden states (after the final norm) of a Hugging Face causal LM."""
+    """(B, T, H) last hidden states (after the final norm) of a Hugging Face causal LM.
+
+    Raises ValueError, before the forward, on a token id outside the vocabulary or a sequence
+    longer than a learned position table (:func:`check_batch_fits`)."""
+    check_batch_fits(model, batch)
     lm = unwrap_model(model)
     body = getattr(lm, lm.base_model_prefix, None) if hasattr(lm, "base_model_prefix") else None
     if body is None:
@@ -247,7 +322,8 @@ def check_output_logits(model: nn.Module) -> None:
     """Raise unless :func:`output_logits` of the model's last hidden states are its own logits
     (on a few tokens, in eval mode, without gradients; once per model object): a class that
     transforms its logits in a way this package does not know would otherwise get wrong
-    log-probs without a word."""
+    log-probs without a word. Raises ValueError when those logits are not finite (NaN or inf
+    weights)."""
     lm = unwrap_model(model)
     if lm in _LOGITS_CHECKED:
         return
@@ -261,6 +337,11 @@ def check_output_logits(model: nn.Module) -> None:
         ours = output_logits(lm, hidden_states(lm, probe)).float()
         theirs = lm(input_ids=ids, attention_mask=probe.attention_mask, use_cache=False)
         theirs = theirs.logits.float()
+    if not bool(torch.isfinite(theirs).all() and torch.isfinite(ours).all()):
+        raise ValueError(
+            f"the model's logits are not finite (NaN or inf): {type(lm).__name__} has "
+            "non-finite weights, or its computation overflows in this dtype"
+        )
     tol = 1e-2 if param.element_size() < 4 else 1e-4
     close = ours.shape == theirs.shape and torch.allclose(
         ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())

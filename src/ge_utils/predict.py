@@ -67,6 +67,7 @@ from ge_utils.logprobs import (
 )
 from ge_utils.losses import MarginLoss, get_loss
 from ge_utils.models import cache_dir, device_key, load_model
+from ge_utils.spec import model_fingerprint
 from ge_utils.training import (
     TrainConfig,
     cached_run,
@@ -122,9 +123,15 @@ def response_hidden_sums(
     """Per sequence (float64, on the CPU): ``S`` (B, H), the sum of the final hidden states at
     the positions that predict response tokens; ``last`` (B, H), the final hidden state at the
     last response token; ``n`` (B,), the response length. Padding on either side is handled by
-    the batch's masks; no gradient is kept."""
+    the batch's masks; no gradient is kept. Raises ValueError where the hidden states are not
+    finite (NaN or inf weights): a score would be NaN without a word."""
     with torch.no_grad():
         h = hidden_states(model, batch).double()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(
+            f"the hidden states of {type(model).__name__} are not finite (NaN or inf): "
+            "non-finite weights, or an overflow in this dtype"
+        )
     rows, cols = target_positions(batch)
     sums = torch.zeros(len(batch), h.shape[-1], dtype=torch.float64, device=h.device)
     sums.index_add_(0, rows, h[rows, cols])
@@ -345,10 +352,17 @@ def skill_table(
 ) -> pd.DataFrame:
     """One row per score: ``auroc`` (event ``change < 0``) and ``rho`` (with ``-change``), each
     with ``_low`` and ``_high`` bounds, and ``n``, ``n_fell``. Scores with a non-finite value
-    on some pair are skipped (listed nowhere: check ``table`` first)."""
+    on some pair are skipped (listed nowhere: check ``table`` first). A non-finite ``change``
+    raises ValueError."""
     delta = np.asarray(change, dtype=float)
     if delta.shape != (len(table),):
         raise ValueError(f"{delta.size} changes for {len(table)} scored pairs")
+    if not np.isfinite(delta).all():
+        bad = np.flatnonzero(~np.isfinite(delta))
+        raise ValueError(
+            f"change has {len(bad)} non-finite value(s) (NaN or inf), at pair(s) "
+            f"{', '.join(str(i) for i in bad[:10])}: drop those pairs from table and change"
+        )
     fell = delta < 0
     rows = []
     for name in names if names is not None else [s for s in SCORES if s in table]:
@@ -392,7 +406,8 @@ CACHE_VERSION = 3  # bump when a change of code changes cached scores or outcome
 class PredictionSetup:
     """What fixes the model a pair set is scored and trained on. Every field is part of the
     cache key of :func:`scored_pairs` and :func:`realized_changes` (``device`` as the kind it
-    resolves to, with the CPU's thread count: :func:`ge_utils.models.device_key`).
+    resolves to, with the CPU's thread count: :func:`ge_utils.models.device_key`); a local model
+    folder also by the digest of its files (:func:`ge_utils.spec.model_fingerprint`).
 
     ``sft_steps > 0``: the loaded model is first fine-tuned on the pairs' chosen responses
     (:func:`ge_utils.training.sft`, AdamW at ``sft_lr``, batches of ``batch_size``, seeded), the
@@ -435,9 +450,11 @@ def _load(setup: PredictionSetup, pairs: Sequence[Any]):
 
 
 def _cache_key(what: str, setup: PredictionSetup, pairs: Sequence[Any], **extra: Any) -> dict:
-    """Every input of a cached computation: its kind, the setup, the pairs, the rest."""
+    """Every input of a cached computation: its kind, the setup (a local model folder with the
+    digest of its files, :func:`ge_utils.spec.model_fingerprint`), the pairs, the rest."""
     return {
-        "what": what, **asdict(setup), **device_key(setup.device), **extra,
+        "what": what, **asdict(setup), **model_fingerprint(setup.model),
+        **device_key(setup.device), **extra,
         "pairs": pairs_digest(pairs), "version": CACHE_VERSION,
     }  # fmt: skip
 

@@ -2,7 +2,10 @@
 
 A recipe of :mod:`ge_utils.experiments` takes an :class:`ExperimentSpec`; its cache key is the
 spec's fields (:meth:`ExperimentSpec.key`), so a parameter that changes a result cannot be left
-out of the key. A notebook builds its spec from its papermill parameters in one call::
+out of the key. A model or data given as a local path is keyed by its content too
+(:func:`model_fingerprint`, :func:`dataset_fingerprint`): editing the files at the same path
+makes a new key, never a stale cached result. A notebook builds its spec from its papermill
+parameters in one call::
 
     spec = spec_from_params(globals(), train_stats=True)
 
@@ -13,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from ge_utils.data import CONFIG_SUFFIXES
-from ge_utils.models import LoraSettings, device_key
+from ge_utils.io import content_digest
+from ge_utils.models import DEFAULT_MODEL, TINY_MODELS, LoraSettings, device_key
 from ge_utils.training import TrainConfig
 
 CACHE_VERSION = 5  # bump when a change of code changes results, so old cached runs are not reused
@@ -72,14 +77,42 @@ class ExperimentSpec:
     def key(self, **extra: Any) -> dict[str, Any]:
         """The cache key: every field (training configs without their progress flag; the
         device as the kind it resolves to and the CPU's thread count,
-        :func:`~ge_utils.models.device_key`), the code
-        version, and ``extra`` (a recipe's own arguments)."""
+        :func:`~ge_utils.models.device_key`), the content of a local model folder or data
+        file/folder (:func:`model_fingerprint`, :func:`dataset_fingerprint`; nothing added for
+        built-in model names, Hub names or synthetic data), the code version, and ``extra`` (a
+        recipe's own arguments)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(device_key(self.device))
+        out.update(model_fingerprint(self.model))
+        out.update(dataset_fingerprint(self.dataset))
         out["lora"] = asdict(self.lora) if self.lora is not None else None
         out["sft"] = _config_key(self.sft)
         out["po"] = _config_key(self.po)
         return {**out, **extra, "version": CACHE_VERSION}
+
+
+# The files of a model folder that fix its numbers: config, tokenizer files (tokenizer*.json,
+# special_tokens_map.json, vocab.txt, merges.txt, *.model, chat templates) and weights.
+MODEL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.safetensors", "*.bin")
+
+
+def model_fingerprint(model: str) -> dict[str, str]:
+    """``{"model_digest": ...}`` for a local model folder (a path that exists and is not a
+    built-in name: ``load_model`` loads those from the path): a digest of its top-level
+    :data:`MODEL_FILES` (:func:`ge_utils.io.content_digest`, memoized by file stat). ``{}`` for
+    the built-in names (``smollm2-135m-instruct``, ``default``, ``tiny-*``: their keys stay
+    as they were) and for Hub names."""
+    if model in (DEFAULT_MODEL, "default") or model in TINY_MODELS or not Path(model).exists():
+        return {}
+    return {"model_digest": content_digest(model, MODEL_FILES, recursive=False)}
+
+
+def dataset_fingerprint(dataset: str) -> dict[str, str]:
+    """``{"dataset_digest": ...}`` when ``dataset`` is a local file or folder (every file in
+    it, :func:`ge_utils.io.content_digest`); ``{}`` for ``"synthetic"`` and Hub names."""
+    if dataset == "synthetic" or not Path(dataset).exists():
+        return {}
+    return {"dataset_digest": content_digest(dataset)}
 
 
 def _config_key(cfg: TrainConfig | None) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,9 +58,19 @@ class TrainingDivergedError(RuntimeError):
         self.history = history
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (int or float), not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one training phase (SFT or preference optimization)."""
+    """Hyperparameters of one training phase (SFT or preference optimization).
+
+    Checked on construction (ValueError naming the field): positive integer ``steps``,
+    ``batch_size``, ``grad_accum``, ``eval_every``; an integer ``warmup_steps`` >= 0 and ``seed``;
+    finite ``lr`` > 0 and ``weight_decay`` >= 0; ``max_grad_norm`` None (no clipping) or finite
+    > 0; a known ``optimizer``, ``template``, ``stats_method`` and loss."""
 
     steps: int = 20
     batch_size: int = 8
@@ -83,14 +94,31 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        wd = self.weight_decay
+        if not (_is_number(wd) and math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        if self.max_grad_norm is not None and not (
+            _is_number(self.max_grad_norm)
+            and math.isfinite(self.max_grad_norm)
+            and self.max_grad_norm > 0
+        ):
+            raise ValueError(
+                "max_grad_norm must be None (no clipping) or a finite number > 0, "
+                f"got {self.max_grad_norm!r}"
+            )
+        warmup = self.warmup_steps
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.template not in ("none", "chat"):
+            raise ValueError(f"template must be 'none' or 'chat', got {self.template!r}")
         if self.stats_method not in ("fast", "exact", "none"):
             raise ValueError(f"stats_method must be fast, exact or none: {self.stats_method!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         objective = get_objective(self.loss, **self.loss_params)  # validates name and values
         if self.train_stats and not objective.reports_pair_stats:
             raise ValueError(f"train_stats is not available with {self.loss!r}")
@@ -133,13 +161,19 @@ def _fields(item: Any, names: Sequence[str]) -> list[str]:
 
 
 def encode_pairs(tokenizer, pairs: Iterable[Any], template: str = "none") -> EncodedPairs:
-    """Tokenize items with ``prompt``, ``chosen``, ``rejected`` (attributes or keys)."""
+    """Tokenize items with ``prompt``, ``chosen``, ``rejected`` (attributes or keys), each a
+    ``str`` (TypeError naming the pair and field otherwise)."""
     enc = EncodedPairs([], [], [])
     for i, item in enumerate(pairs):
         try:
             prompt, chosen, rejected = _fields(item, ("prompt", "chosen", "rejected"))
         except (KeyError, AttributeError) as exc:
             raise ValueError(f"pair {i}: needs prompt, chosen and rejected ({exc})") from exc
+        for name, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"pair {i}: {name} must be a str, got {type(text).__name__} {text!r:.60}"
+                )
         enc.prompts.append(prompt_ids(tokenizer, prompt, template))
         enc.chosen.append(response_ids(tokenizer, chosen))
         enc.rejected.append(response_ids(tokenizer, rejected))
@@ -208,8 +242,21 @@ def sft(
     """Supervised fine-tuning on ``(prompt, response)`` pairs; returns per-step loss history.
 
     The loss is the mean over sequences of the token-averaged negative log-likelihood of the
-    response (nats per token).
+    response (nats per token). Raises TypeError, before any training, unless ``examples`` is a
+    sequence of ``(prompt, response)`` pairs of strings.
     """
+    if isinstance(examples, str | bytes):
+        raise TypeError(
+            f"examples must be a sequence of (prompt, response) pairs, got a str {examples!r:.60}"
+        )
+    for i, ex in enumerate(examples):
+        if isinstance(ex, str | bytes) or not (
+            isinstance(ex, Sequence) and len(ex) == 2 and all(isinstance(t, str) for t in ex)
+        ):
+            raise TypeError(
+                f"examples[{i}] must be a (prompt, response) pair of strings, got "
+                f"{type(ex).__name__} {ex!r:.60}"
+            )
     if len(examples) == 0:
         raise ValueError("no SFT examples given")
     torch.manual_seed(cfg.seed)
