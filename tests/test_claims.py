@@ -9,6 +9,7 @@ from ge_utils.claims import (
     ClaimReport,
     Estimate,
     bootstrap_interval,
+    clustered_share,
     mean_interval,
     paired_difference,
     parse_verdicts,
@@ -258,3 +259,37 @@ def test_skill_table_names_a_non_finite_change():
     table = pd.DataFrame({"ches": [1.0, 2.0, 3.0, 4.0]})
     with pytest.raises(ValueError, match=r"change has 1 non-finite value\(s\).* at pair\(s\) 2"):
         skill_table(table, [1.0, -1.0, math.nan, -2.0], n_resamples=50)
+
+
+def test_clustered_share_resamples_whole_clusters():
+    """The effect is the share of hits minus the baseline's; the interval is scipy's bootstrap
+    of the per-cluster counts (each cluster drawn whole), so outcomes that are copies within a
+    cluster get a wider interval than the exact one that counts every outcome as independent."""
+    rng = np.random.default_rng(1)
+    per_cluster = rng.random(8) < 0.7
+    hits = np.repeat(per_cluster, 9)  # 8 clusters whose 9 outcomes are copies
+    labels = np.repeat(np.arange(8), 9)
+    base = np.zeros(72, dtype=bool)
+    base[::3] = True
+    est = clustered_share(hits, labels, base, seed=3)
+    k = np.array([hits[labels == c].sum() for c in range(8)], dtype=float)
+    b = np.array([base[labels == c].sum() for c in range(8)], dtype=float)
+    n = np.full(8, 9.0)
+    ref = bootstrap_interval((k, b, n), lambda k, b, n: (k.sum() - b.sum()) / n.sum(), seed=3)
+    assert est.effect == pytest.approx(hits.mean() - base.mean())
+    assert (est.low, est.high, est.n) == pytest.approx((ref.low, ref.high, 8))
+    alone = clustered_share(hits, labels)
+    exact = proportion_interval(int(hits.sum()), hits.size)
+    assert alone.effect == pytest.approx(exact.effect)
+    assert alone.high - alone.low > exact.high - exact.low
+    runs = labels % 2  # clusters 0, 2, 4, 6 in one run, 1, 3, 5, 7 in another
+    two = clustered_share(hits, labels, base, seeds=runs, seed=3)
+    means = [hits[runs == r].mean() - base[runs == r].mean() for r in (0, 1)]
+    seed_level = mean_interval(means)
+    assert two.seeds == 2 and two.effect == pytest.approx(est.effect)
+    assert two.low == pytest.approx(min(seed_level.low, est.low))
+    assert two.high == pytest.approx(max(seed_level.high, est.high))
+    with pytest.raises(ValueError, match="72 outcomes, 72 baseline outcomes and 8 cluster"):
+        clustered_share(hits, labels[:8], base)
+    with pytest.raises(ValueError, match="outcomes must be booleans"):
+        clustered_share(hits.astype(float), labels)

@@ -271,6 +271,57 @@ def bootstrap_interval(
     return Estimate(effect, min(low, effect), max(high, effect), int(arrays[0].size))
 
 
+def clustered_share(
+    outcomes: Sequence[bool] | np.ndarray,
+    clusters: Sequence | np.ndarray,
+    baseline: Sequence[bool] | np.ndarray | None = None,
+    seeds: Sequence | np.ndarray | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Share of true ``outcomes``, minus the share of true ``baseline`` outcomes on the same
+    rows where given (e.g. always guessing the most common answer), with a bootstrap 95%
+    interval that resamples whole ``clusters`` (:func:`bootstrap_interval` on the per-cluster
+    counts; the statistic is their ratio, sum of hits over sum of rows): the outcomes of one
+    held-out pair at several checkpoints and losses are not independent samples, so the pair,
+    not the outcome, is the unit resampled (cluster labels unique across runs). ``n`` of the
+    estimate is the number of clusters. ``seeds`` labels each row's training run: with two or
+    more, the interval is the t-interval of the per-seed effects, widened where needed to cover
+    the bootstrap one, as in :func:`share_interval`."""
+    hits = np.asarray(outcomes).ravel()
+    base = np.zeros_like(hits) if baseline is None else np.asarray(baseline).ravel()
+    labels = np.asarray(clusters).ravel()
+    for name, arr in (("outcomes", hits), ("baseline", base)):
+        if arr.dtype != bool:
+            raise ValueError(f"clustered_share: {name} must be booleans, got {arr.dtype}")
+    if not hits.size == base.size == labels.size:
+        raise ValueError(
+            f"clustered_share: {hits.size} outcomes, {base.size} baseline outcomes and "
+            f"{labels.size} cluster labels"
+        )
+    if hits.size == 0:
+        raise ValueError("clustered_share: no outcomes")
+    groups = _seed_groups(hits.astype(float), labels, "clustered_share")
+    base_groups = _seed_groups(base.astype(float), labels, "clustered_share")
+    k = np.array([g.sum() for g in groups])
+    b = np.array([g.sum() for g in base_groups])
+    n = np.array([g.size for g in groups], dtype=float)
+    pooled = bootstrap_interval(
+        (k, b, n), lambda k, b, n: (k.sum() - b.sum()) / n.sum(), n_resamples, seed
+    )
+    if seeds is None:
+        return pooled
+    runs = zip(
+        _seed_groups(hits.astype(float), seeds, "clustered_share"),
+        _seed_groups(base.astype(float), seeds, "clustered_share"),
+        strict=True,
+    )
+    per_seed = np.array([h.mean() - g.mean() for h, g in runs])
+    if per_seed.size < 2:
+        return pooled
+    return _over_seeds(pooled, _t_interval(per_seed), per_seed)
+
+
 def verdict_of(est: Estimate, expect: Expect, null: float = 0.0) -> Verdict:
     """Three-valued verdict of a claim that the effect is ``expect`` (``>`` or ``<``) ``null``.
 
