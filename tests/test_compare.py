@@ -70,6 +70,26 @@ def test_relative_difference():
         (lambda d: d.mkdir(), "holds no results file"),
         (lambda d: (d.mkdir(), (d / "x.json").write_text("{oops")), "not a readable results"),
         (lambda d: (d.mkdir(), (d / "x.json").write_text('{"claims": 3}')), "no list of claims"),
+        (
+            lambda d: (d.mkdir(), (d / "x.json").write_text('{"claims": ["x"]}')),
+            "x.json: claim 0 must be a mapping with a string 'claim' and 'verdict', got 'x'",
+        ),
+        (
+            lambda d: (d.mkdir(), (d / "x.json").write_text('{"claims": [{"claim": "c"}]}')),
+            "claim 0 must be a mapping with a string 'claim' and 'verdict'",
+        ),
+        (
+            lambda d: write_run(d, "cpu", {"x": [claim("c", "holds") | {"effect": "1.0"}]}),
+            "x.json: claim 0 ('c'): 'effect' must be a number or null, got '1.0'",
+        ),
+        (
+            lambda d: (
+                d.mkdir(),
+                (d / "x.json").write_text('{"claims": [], "provenance": "cpu"}'),
+            ),
+            "x.json: 'provenance' must be a mapping (profile, device, ...), got 'cpu'",
+        ),
+        (lambda d: d.write_text("{}"), "is a file, not a folder (pass the runner's --results-dir)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, capsys, make, message):
@@ -78,3 +98,27 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make, message):
     assert main(["compare", str(good), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_runs_without_claims_compare_equal(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "cpu", {"pitfall": []})
+    b = write_run(tmp_path / "b", "cuda", {"pitfall": []})
+    table = compare_results(load_results(a), load_results(b))
+    assert table.empty and "same_verdict" in table.columns
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "0 claims in both runs, 0 with another verdict; 0 in one run only" in out
+
+
+def test_a_repeated_claim_text_is_kept_each_time(tmp_path, capsys):
+    """Two claims of one chapter with the same text are matched by occurrence, not merged
+    (before, the last one silently replaced the first)."""
+    twice = [claim("c1", "holds", 1.0), claim("c1", "does not hold", 2.0)]
+    a = write_run(tmp_path / "a", "cpu", {"x": twice})
+    b = write_run(tmp_path / "b", "cuda", {"x": [twice[0], claim("c1", "holds", 2.0)]})
+    table = compare_results(load_results(a), load_results(b))
+    assert table["claim"].tolist() == ["c1", "c1 [#2]"]
+    assert table["verdict_a"].tolist() == ["holds", "does not hold"]
+    assert table["same_verdict"].tolist() == [True, False]
+    assert main(["compare", str(a), str(b)]) == 1
+    assert "[x] c1 [#2]\n      A: does not hold (effect 2)" in capsys.readouterr().out

@@ -24,7 +24,7 @@ def gpu_machine(monkeypatch):
 def test_device_kind():
     assert device_kind("cpu") == "cpu" and device_kind("cuda:1") == "cuda"
     assert device_kind("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(RuntimeError, match="gpu"):
+    with pytest.raises(ValueError, match="unknown device 'gpu'; expected cpu, cuda"):
         device_kind("gpu")
 
 

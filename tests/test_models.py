@@ -7,9 +7,11 @@ import torch
 
 from ge_utils.models import (
     LoraSettings,
+    add_lora,
     load_model,
     lora_settings,
     pretrained_tiny,
+    resolve_device,
     tiny_causal_lm,
     train_last_k_blocks,
 )
@@ -226,3 +228,86 @@ def test_missing_models_fail_clearly(tmp_path, monkeypatch):
         load_model("tiny-llama", dtype="float8")
     with pytest.raises(ValueError, match="non-empty string"):
         load_model("")
+
+
+@pytest.mark.parametrize("device", ["gpu", "", "cuda:x"])
+def test_unknown_device_names_the_accepted_values(tmp_path, tokenizer, device):
+    with pytest.raises(ValueError, match=rf"unknown device '{device}'; expected cpu, cuda, cuda:N"):
+        resolve_device(device)
+    save_tiny(tmp_path / "m", tokenizer)
+    with pytest.raises(ValueError, match="expected cpu, cuda, cuda:N, mps or auto"):
+        load_model(str(tmp_path / "m"), device=device)
+
+
+def test_missing_cuda_or_mps_device_is_a_value_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda:1' requested but CUDA is not available"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="'mps' requested but MPS is not available"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:1' requested but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_model_folders_without_a_model_or_tokenizer_fail_clearly(tmp_path, tokenizer):
+    save_tiny(tmp_path / "m", tokenizer)
+    tiny_causal_lm("gpt2", len(tokenizer)).save_pretrained(tmp_path / "notok")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files in '.*notok'"):
+        load_model(str(tmp_path / "notok"), device="cpu")
+    tokenizer.save_pretrained(tmp_path / "tokonly")
+    with pytest.raises(FileNotFoundError, match=r"no config.json .* in '.*tokonly': not a saved"):
+        load_model(str(tmp_path / "tokonly"), device="cpu")
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match=r"'.*pairs.jsonl' is a file, not a model folder"):
+        load_model(str(tmp_path / "pairs.jsonl"), device="cpu")
+
+
+def test_saved_adapter_loads_with_its_weights_trainable(tmp_path, tokenizer):
+    """A folder of adapter_config.json and adapter weights (what TRL's DPO with peft saves)
+    loads on its base model with the adapter's weights, and those are what gradients are taken
+    over (transformers loads them frozen)."""
+    save_tiny(tmp_path / "base", tokenizer)
+    base = load_model(str(tmp_path / "base"), device="cpu")
+    tuned = add_lora(base.model, LoraSettings(r=2, targets=("c_attn",)))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    tuned.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    loaded = load_model(str(tmp_path / "adapter"), device="cpu")
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 3 and all(".c_attn.lora_" in n for n in trainable)
+    ids = tokenizer(["The film was a delight."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, tuned(ids).logits)
+    loaded.model(ids).logits.sum().backward()
+    assert all(p.grad is not None for p in loaded.model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="is a saved adapter, trained as it is"):
+        load_model(str(tmp_path / "adapter"), device="cpu", train_last_k=1)
+
+
+@pytest.mark.parametrize(
+    ("folder", "device", "message"),
+    [
+        ("m", "gpu", "error: unknown device 'gpu'; expected cpu, cuda, cuda:N, mps or auto"),
+        ("notok", "cpu", "error: no tokenizer files in "),
+    ],
+)
+def test_diagnose_reports_a_bad_device_or_folder_in_one_line(
+    tmp_path, tokenizer, capsys, folder, device, message
+):
+    from ge_utils.__main__ import main
+
+    save_tiny(tmp_path / "m", tokenizer)
+    tiny_causal_lm("gpt2", len(tokenizer)).save_pretrained(tmp_path / "notok")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "The film was", "chosen": " good", "rejected": " bad"}\n')
+    args = ["--data", str(data), "--out", str(tmp_path / "o.csv"), "--device", device]
+    capsys.readouterr()  # the progress bars of saving
+    assert main(["diagnose", "--model", str(tmp_path / folder), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)

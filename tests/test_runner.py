@@ -14,7 +14,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ge_book.parameters import compatible
+from ge_book.parameters import (
+    NotebookSpec,
+    RunnerError,
+    compatible,
+    parse_overrides,
+    resolve_parameters,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
@@ -112,6 +118,8 @@ def test_yaml_file_overrides_and_p_wins(project):
         (["nope"], "unknown notebook 'nope'; available: toy"),
         (["toy", "-f", "missing.yaml"], "parameters file 'missing.yaml' does not exist"),
         (["toy", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["toy", "-p", "n", "null"], "toy: parameter 'n' expects int, got null (from overrides)"),
+        (["toy", "-p", "rate", "fast"], "toy: parameter 'rate' expects float, got str 'fast'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(project, args, message):
@@ -203,6 +211,53 @@ def test_type_compatibility_rules():
     assert compatible(0.1, 1) and compatible(1, 1) and compatible("a", "b")
     assert not compatible(1, 0.5) and not compatible(True, 1) and not compatible(1, True)
     assert compatible(None, "x") and compatible([1], [2, 3]) and not compatible([1], "x")
+    assert compatible(None, None) and not compatible(1, None) and not compatible("a", None)
+
+
+def _toy_spec() -> NotebookSpec:
+    defaults = {"profile": "smoke", "lr": 0.001, "n": 3, "model": "tiny-llama", "suffix": "x"}
+    return NotebookSpec("toy", Path("toy.ipynb"), defaults)
+
+
+@pytest.mark.parametrize("text", ["1e-5", "5e-6", "3E-3", "-2e+1"])
+def test_exponent_floats_that_yaml_reads_as_strings_are_floats(tmp_path, text):
+    """PyYAML reads ``1e-5`` (no dot) as a string; a float parameter takes it, from ``-p`` and
+    from ``-f``."""
+    (tmp_path / "p.yaml").write_text(f"lr: {text}\n")
+    for overrides in (
+        parse_overrides([["lr", text]], None),
+        parse_overrides(None, str(tmp_path / "p.yaml")),
+    ):
+        assert overrides == {"lr": text}
+        resolved = resolve_parameters(_toy_spec(), "smoke", {}, overrides)
+        assert resolved["lr"] == float(text) and isinstance(resolved["lr"], float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": "fast"}, "toy: parameter 'lr' expects float, got str 'fast'"),
+        ({"lr": "true"}, "toy: parameter 'lr' expects float, got str 'true'"),
+        ({"lr": True}, "toy: parameter 'lr' expects float, got bool True"),
+        ({"n": "1e3"}, "toy: parameter 'n' expects int, got str '1e3'"),
+        ({"n": None}, "toy: parameter 'n' expects int, got null (from overrides)"),
+        ({"model": None}, "toy: parameter 'model' expects str, got null"),
+        ({"model": ""}, "toy: parameter 'model' must be a non-empty string, got ''"),
+        ({"model": "  "}, "toy: parameter 'model' must be a non-empty string, got '  '"),
+    ],
+)
+def test_resolve_refuses_bad_values_with_their_name(overrides, message):
+    with pytest.raises(RunnerError) as info:
+        resolve_parameters(_toy_spec(), "smoke", {}, overrides)
+    assert message in str(info.value)
+
+
+def test_empty_p_value_is_the_empty_string_not_null():
+    """``-p suffix ""`` is an empty suffix (a string parameter whose empty value means
+    something), not null."""
+    assert parse_overrides([["suffix", ""]], None) == {"suffix": ""}
+    assert parse_overrides([["suffix", "null"]], None) == {"suffix": None}
+    assert resolve_parameters(_toy_spec(), "smoke", {}, {"suffix": ""})["suffix"] == ""
 
 
 def test_repository_notebooks_declare_valid_profiles():

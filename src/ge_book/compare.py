@@ -31,18 +31,58 @@ from ge_book.parameters import RunnerError
 ABSENT = "absent"
 
 
+COLUMNS = [
+    "chapter", "kind", "claim", "verdict_a", "verdict_b", "effect_a", "effect_b",
+    "relative_difference", "same_verdict",
+]  # fmt: skip
+
+
+def check_results(path: Path, data: Any) -> None:
+    """Raise RunnerError unless ``data`` (read from ``path``) has the shape of the runner's
+    results: a mapping with a list of claims, each a mapping with a string ``claim`` and
+    ``verdict`` and an ``effect`` that is null or a number, and a ``provenance`` that, where
+    present, is a mapping."""
+    if not isinstance(data, dict) or not isinstance(data.get("claims"), list):
+        raise RunnerError(f"{path}: not a results file of the runner (no list of claims)")
+    if not isinstance(data.get("provenance") or {}, dict):
+        raise RunnerError(
+            f"{path}: 'provenance' must be a mapping (profile, device, ...), "
+            f"got {data['provenance']!r}"
+        )
+    for i, c in enumerate(data["claims"]):
+        if not (
+            isinstance(c, dict) and isinstance(c.get("claim"), str)
+            and isinstance(c.get("verdict"), str)
+        ):  # fmt: skip
+            raise RunnerError(
+                f"{path}: claim {i} must be a mapping with a string 'claim' and 'verdict', "
+                f"got {c!r}"
+            )
+        effect = c.get("effect")
+        if effect is not None and (isinstance(effect, bool) or not isinstance(effect, int | float)):
+            raise RunnerError(
+                f"{path}: claim {i} ({c['claim']!r}): 'effect' must be a number or null, "
+                f"got {effect!r}"
+            )
+
+
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
-    """Chapter name -> the runner's results of that chapter, for every ``*.json`` in ``folder``."""
-    if not folder.is_dir():
+    """Chapter name -> the runner's results of that chapter, for every ``*.json`` in ``folder``
+    (each checked by :func:`check_results`)."""
+    if not folder.exists():
         raise RunnerError(f"results folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise RunnerError(
+            f"results folder {str(folder)!r} is a file, not a folder (pass the runner's "
+            "--results-dir)"
+        )
     out = {}
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise RunnerError(f"{path}: not a readable results file ({exc})") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("claims"), list):
-            raise RunnerError(f"{path}: not a results file of the runner (no list of claims)")
+        check_results(path, data)
         out[path.stem] = data
     if not out:
         raise RunnerError(f"results folder {str(folder)!r} holds no results file (*.json)")
@@ -50,7 +90,15 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _claims(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {str(c.get("claim")): c for c in results["claims"]}
+    """Claims by text; a text repeated within the chapter is kept each time, its n-th
+    occurrence as ``text [#n]``."""
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, int] = {}
+    for c in results["claims"]:
+        text = c["claim"]
+        seen[text] = seen.get(text, 0) + 1
+        out[text if seen[text] == 1 else f"{text} [#{seen[text]}]"] = c
+    return out
 
 
 def _effect(claim: dict[str, Any] | None) -> float:
@@ -70,15 +118,17 @@ def relative_difference(a: float, b: float) -> float:
 def compare_results(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per (chapter, claim) of either run, chapters in ``a``'s order then ``b``'s:
     ``chapter, kind, claim, verdict_a, verdict_b, effect_a, effect_b, relative_difference,
-    same_verdict`` (a claim or chapter missing from one run has the verdict ``absent``)."""
+    same_verdict`` (a claim or chapter missing from one run has the verdict ``absent``; no claim
+    in either run: no rows, the same columns). A claim text repeated within a chapter is matched
+    by occurrence (:func:`_claims`)."""
     rows = []
     for chapter in [*a, *(n for n in b if n not in a)]:
         claims_a = _claims(a[chapter]) if chapter in a else {}
         claims_b = _claims(b[chapter]) if chapter in b else {}
         for text in [*claims_a, *(t for t in claims_b if t not in claims_a)]:
             ca, cb = claims_a.get(text), claims_b.get(text)
-            va = str(ca.get("verdict")) if ca else ABSENT
-            vb = str(cb.get("verdict")) if cb else ABSENT
+            va = ca["verdict"] if ca else ABSENT
+            vb = cb["verdict"] if cb else ABSENT
             ea, eb = _effect(ca), _effect(cb)
             rows.append(
                 {
@@ -93,7 +143,7 @@ def compare_results(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) 
                     "same_verdict": va == vb,
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _run_of(results: dict[str, Any] | None) -> str:

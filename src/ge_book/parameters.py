@@ -92,14 +92,35 @@ def load_profiles(notebooks_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return data
 
 
+# Parameters whose value names something (a model, a data set, a device, a dtype, an
+# optimizer): an empty string there is never a valid value.
+NON_EMPTY = frozenset({"model", "dataset", "device", "dtype", "optimizer"})
+
+
 def type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def coerce(default: Any, value: Any) -> Any:
+    """``value`` as a parameter whose default is ``default`` takes it: a string that ``float()``
+    parses becomes that float where the default is a float (PyYAML reads ``1e-5`` as a string:
+    YAML 1.1 wants a dot, ``1.0e-5``); anything else is returned unchanged."""
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def compatible(default: Any, value: Any) -> bool:
-    """Whether ``value`` may replace a parameter whose default is ``default``."""
-    if default is None or value is None:
+    """Whether ``value`` may replace a parameter whose default is ``default``: anything where the
+    default is None, None only there, an int for a float, otherwise the default's type (bools
+    and numbers never mix)."""
+    if default is None:
         return True
+    if value is None:
+        return False
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float):
@@ -113,7 +134,8 @@ def resolve_parameters(
     profiles: dict[str, dict[str, dict[str, Any]]],
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    """Merge defaults < profile < overrides, checking every name and type."""
+    """Merge defaults < profile < overrides, checking every name and type (:func:`coerce`, then
+    :func:`compatible`; an empty string is refused for the parameters of :data:`NON_EMPTY`)."""
     if profile not in PROFILES:
         raise RunnerError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     allowed = ", ".join(sorted(spec.defaults))
@@ -125,10 +147,17 @@ def resolve_parameters(
                 raise RunnerError(
                     f"{spec.name}: unknown parameter {key!r} (from {source}); allowed: {allowed}"
                 )
+            value = coerce(spec.defaults[key], value)
             if not compatible(spec.defaults[key], value):
+                got = "null" if value is None else f"{type_name(value)} {value!r}"
                 raise RunnerError(
                     f"{spec.name}: parameter {key!r} expects {type_name(spec.defaults[key])}, "
-                    f"got {type_name(value)} {value!r}"
+                    f"got {got} (from {source})"
+                )
+            if key in NON_EMPTY and isinstance(value, str) and not value.strip():
+                raise RunnerError(
+                    f"{spec.name}: parameter {key!r} must be a non-empty string, got {value!r} "
+                    f"(from {source})"
                 )
             merged[key] = value
     if overrides.get("profile", profile) != profile:
@@ -138,7 +167,8 @@ def resolve_parameters(
 
 
 def parse_overrides(pairs: list[list[str]] | None, yaml_file: str | None) -> dict[str, Any]:
-    """``-f`` YAML values, then ``-p NAME VALUE`` pairs (values parsed as YAML scalars)."""
+    """``-f`` YAML values, then ``-p NAME VALUE`` pairs (values parsed as YAML scalars; an empty
+    VALUE is the empty string, ``null`` is None)."""
     out: dict[str, Any] = {}
     if yaml_file:
         path = Path(yaml_file)
@@ -152,6 +182,9 @@ def parse_overrides(pairs: list[list[str]] | None, yaml_file: str | None) -> dic
             raise RunnerError(f"parameters file {yaml_file!r} must hold a mapping name: value")
         out.update(data)
     for name, raw in pairs or []:
+        if not raw.strip():
+            out[name] = raw
+            continue
         try:
             out[name] = yaml.safe_load(raw)
         except yaml.YAMLError:

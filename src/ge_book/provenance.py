@@ -24,7 +24,7 @@ def device_description(device: str = "auto") -> str:
     """
     try:
         resolved = resolve_device(device)
-    except (RuntimeError, ValueError):
+    except ValueError:
         return f"{device} (not available here)"
     if resolved.type == "cuda":
         return f"{resolved} ({torch.cuda.get_device_name(resolved)})"

@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="Hugging Face name, local folder, smollm2-135m-instruct, tiny-llama or tiny-gpt2",
+        help="Hugging Face name, local folder, smollm2-135m-instruct, tiny-llama or tiny-gpt2; "
+        "a saved LoRA adapter folder (TRL with peft) is measured over its adapter weights",
     )
     parser.add_argument(
         "--data",
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="gradients over the last K blocks and the final norm only (default: all parameters)",
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--no-progress", action="store_true")
 

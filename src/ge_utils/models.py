@@ -149,13 +149,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GE_UTILS_CACHE", Path.home() / ".cache" / "ge_utils"))
 
 
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; an unavailable CUDA device is an error."""
+    """``auto``: CUDA when available, else CPU. ValueError for a string torch does not read as a
+    device (e.g. ``gpu``; the message lists :data:`DEVICES`), and for CUDA (or a CUDA index) or
+    MPS this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; expected {DEVICES}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 and up)"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available")
     return dev
 
 
@@ -163,8 +179,13 @@ def device_kind(device: str = "auto") -> str:
     """The kind of device (``cpu``, ``cuda``, ``mps``) that ``device`` means on this machine: what
     a cache key holds. ``auto`` is CUDA on one machine and the CPU on another, and the numbers
     differ between the two, so a key holds what it resolved to (an unavailable device is not
-    checked here: the run that uses it fails)."""
-    return resolve_device(device).type if device == "auto" else torch.device(device).type
+    checked here: the run that uses it fails; a name that is no device is a ValueError)."""
+    if device == "auto":
+        return resolve_device(device).type
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; expected {DEVICES}") from exc
 
 
 def device_key(device: str = "auto") -> dict[str, str | int]:
@@ -263,10 +284,39 @@ def load_pretrained_default(
     return model.eval(), AutoTokenizer.from_pretrained(target)
 
 
+# Files of which a saved tokenizer has at least one (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise FileNotFoundError unless ``folder`` is a folder with a model (``config.json``) or an
+    adapter (``adapter_config.json``) and a tokenizer (one of :data:`TOKENIZER_FILES`)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {str(folder)!r} is a file, not a model folder")
+    if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise FileNotFoundError(
+            f"no config.json (nor adapter_config.json) in {str(folder)!r}: not a saved model "
+            "(save one with model.save_pretrained(folder))"
+        )
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files in {str(folder)!r} (expected one of {', '.join(TOKENIZER_FILES)}):"
+            " save the tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
+
+
 def _load_hf(
     name_or_path: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local folder, or a Hub name (cache only when the Hub cannot be reached)."""
+    """A local folder (:func:`check_model_folder`), or a Hub name (cache only when the Hub cannot
+    be reached)."""
     from ge_utils.hub import hub_offline_mode, hub_reachable, offline_error
 
     def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -276,6 +326,7 @@ def _load_hf(
         )
 
     if Path(name_or_path).exists():
+        check_model_folder(Path(name_or_path))
         return load()
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
@@ -361,6 +412,20 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings):
     return get_peft_model(model, cfg)
 
 
+def train_loaded_adapter(model: PreTrainedModel) -> list[str]:
+    """Make the adapter transformers loaded into ``model`` (a folder of ``adapter_config.json`` and
+    adapter weights, as TRL with peft saves it) trainable and freeze everything else:
+    transformers loads an adapter frozen, for inference. Returns the names of the trainable
+    parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(module.active_adapters)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def lora_settings(
     lora_rank: int | None,
     lora_alpha: float | None = None,
@@ -393,14 +458,19 @@ def load_model(
     SmolLM2), ``tiny-llama`` / ``tiny-gpt2`` (pre-trained from scratch on the synthetic
     statements with ``seed``, cached), or any Hugging Face model name or local folder.
 
-    ``device='auto'`` picks CUDA when available. ``lora`` (or the flat ``lora_rank``,
-    ``lora_alpha``, ``lora_dropout``, ``lora_targets``: :func:`lora_settings`) adds LoRA
-    adapters, the only trainable parameters then; ``train_last_k`` instead freezes all but
-    the last k blocks and the final norm (:func:`train_last_k_blocks`). Eval mode; the
-    tokenizer always has a pad token (its eos or unk token when it had none).
+    ``device='auto'`` picks CUDA when available (:func:`resolve_device`, checked before
+    loading). ``lora`` (or the flat ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+    ``lora_targets``: :func:`lora_settings`) adds LoRA adapters, the only trainable parameters
+    then; ``train_last_k`` instead freezes all but the last k blocks and the final norm
+    (:func:`train_last_k_blocks`). A saved adapter (a folder with ``adapter_config.json``, e.g.
+    TRL's DPO with peft) loads on its base model with the adapter's weights the only trainable
+    parameters (:func:`train_loaded_adapter`): gradients are taken over the adapter; it takes
+    neither ``lora`` nor ``train_last_k``. Eval mode; the tokenizer always has a pad token (its
+    eos or unk token when it had none).
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
+    target_device = resolve_device(device)
     flat = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
     if lora is not None and flat is not None:
         raise ValueError("pass either lora or lora_rank (with its lora_* values), not both")
@@ -414,9 +484,16 @@ def load_model(
         model, tok = pretrained_tiny(TINY_MODELS[name_or_path], seed=seed)
     else:
         model, tok = _load_hf(name_or_path, torch_dtype)
+        if getattr(model, "peft_config", None):
+            if lora is not None or train_last_k is not None:
+                raise ValueError(
+                    f"{name_or_path!r} is a saved adapter, trained as it is: it takes neither "
+                    "LoRA settings nor train_last_k"
+                )
+            train_loaded_adapter(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    model = model.to(device=resolve_device(device), dtype=torch_dtype)
+    model = model.to(device=target_device, dtype=torch_dtype)
     if train_last_k is not None:
         train_last_k_blocks(model, train_last_k)
     if lora is not None:
