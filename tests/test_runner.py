@@ -387,6 +387,11 @@ def test_pages_show_verdicts_headline_and_unbuilt_chapters(tmp_path):
     assert "| second | — | {bdg-secondary}`not built` |" in summary  # no link to a missing page
     assert "1 of 2 chapters built" in summary
     assert "of 3 takeaways and guarantees, 1 hold, 1 do not hold and 1 are inconclusive" in summary
+    assert (
+        "Of the 2 that speak to a row of the poster, 1 hold, 1 do not hold and 0 are "
+        "inconclusive; the other 1 are our own questions" in summary
+    )
+    assert "| rejected rises *(ours)* |" in summary and "| chosen falls |" in summary
     poster = summary.split("### Every takeaway")[0]
     assert "| The chosen log-probability may decrease under margin-based training | " in poster
     assert "`does not hold`<br>takeaway | 1 nats [0.5, 1.5] | 4 pairs x 2 seeds | " in poster

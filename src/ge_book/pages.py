@@ -292,14 +292,15 @@ def summary_markdown(
     profiles = sorted({c.provenance.get("profile", "?") for c in built})
     records = [(c, k) for c in built for k in c.results["claims"]]
     counted = [(c, k) for c, k in records if k.get("kind") in ("takeaway", "guarantee")]
-    tally = {v: sum(k.get("verdict") == v for _, k in counted) for v in VERDICTS}
     n_consistency = len(records) - len(counted)
+    on_poster = [(c, k) for c, k in counted if k.get("poster")]
     lines += [
         f"This build: {len(built)} of {len(chapters)} chapters built "
         f"(profile {', '.join(profiles) or 'none'}); of {len(counted)} takeaways and guarantees, "
-        f"{tally['holds']} hold, {tally['does not hold']} do not hold and "
-        f"{tally['inconclusive']} are inconclusive ({n_consistency} consistency checks of the "
-        "code are listed in each chapter, not counted here).",
+        f"{_tally(counted)}. Of the {len(on_poster)} that speak to a row of the poster, "
+        f"{_tally(on_poster)}; the other {len(counted) - len(on_poster)} are our own questions "
+        f"beyond the poster (marked *ours* below). {n_consistency} consistency checks of the "
+        "code are listed in each chapter, not counted here.",
         "",
         "### The poster's takeaways",
         "",
@@ -344,12 +345,22 @@ def summary_markdown(
                 f"| {head} | — | **no verdicts** | the claims cell printed none | — | — |"
             )
         for i, k in enumerate(shown):
+            ours = "" if k.get("poster") else " *(ours)*"
             lines.append(
-                f"| {head if i == 0 else ''} | {_cell(k.get('claim', ''))} "
+                f"| {head if i == 0 else ''} | {_cell(k.get('claim', ''))}{ours} "
                 f"| {_badge(k)} | {_effect(k)} | {_cell(k.get('over', ''))} "
                 f"| {_archived_cell(ch, k)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _tally(records: list[tuple[Chapter, dict[str, Any]]]) -> str:
+    """``"a hold, b do not hold and c are inconclusive"`` of ``records``' verdicts."""
+    n = {v: sum(k.get("verdict") == v for _, k in records) for v in VERDICTS}
+    return (
+        f"{n['holds']} hold, {n['does not hold']} do not hold and {n['inconclusive']} are "
+        "inconclusive"
+    )
 
 
 def _build_commit(chapters: list[Chapter]) -> str | None:
