@@ -27,6 +27,19 @@ def tiny_model(request, tokenizer):
     return tiny_causal_lm(request.param, len(tokenizer)).double()
 
 
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    """The tiny Llama saved with its tokenizer to ``tmp_path / "mymodel"``: a local model
+    folder, as a user's fine-tuned model would be. Returns (the loaded model, the folder)."""
+    from ge_utils.models import load_model
+
+    loaded = load_model("tiny-llama", device="cpu")
+    folder = tmp_path / "mymodel"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return loaded, folder
+
+
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory):
     """The whole book at the smoke profile, built once per test run (tests/book_fixture.py)."""

@@ -165,17 +165,13 @@ def test_tokenwise_study_cells_add_up_to_the_sequence_gradients(tmp_path, monkey
     assert start["norm2_rejected"].unique() == pytest.approx([float(g_l @ g_l)], rel=1e-4)
 
 
-def test_an_edited_data_file_or_model_folder_is_rerun(tmp_path, monkeypatch):
+def test_an_edited_data_file_or_model_folder_is_rerun(tmp_path, monkeypatch, tiny_llama_folder):
     import json
 
     from ge_utils.data import sentiment_pairs
-    from ge_utils.models import load_model
 
     monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path / "cache"))
-    loaded = load_model("tiny-llama", device="cpu")
-    folder = tmp_path / "mymodel"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    loaded, folder = tiny_llama_folder
     train, held = sentiment_pairs(4, 2, "long")
     pairs = train + held
     data = tmp_path / "my.jsonl"

@@ -362,15 +362,14 @@ def test_first_step_prediction_is_the_batch_condition():
         )
 
 
-def test_scored_pairs_of_a_model_folder_follow_its_weights(tmp_path, monkeypatch):
+def test_scored_pairs_of_a_model_folder_follow_its_weights(
+    tmp_path, monkeypatch, tiny_llama_folder
+):
     from ge_utils.data import sentiment_pairs
     from ge_utils.predict import scored_pairs
 
     monkeypatch.setenv("GE_UTILS_CACHE", str(tmp_path / "cache"))
-    loaded = load_model("tiny-llama", device="cpu")
-    folder = tmp_path / "mymodel"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    loaded, folder = tiny_llama_folder
     setup = PredictionSetup(model=str(folder), device="cpu", batch_size=4)
     pairs = sentiment_pairs(2, 0, "long")[0]
     before = scored_pairs(setup, pairs, eta=1.0)

@@ -176,17 +176,13 @@ def test_a_data_file_s_content_is_in_the_key(tmp_path):
     assert params_hash(spec.key()) == first  # the same content at the same path: the same key
 
 
-def test_a_local_model_folder_s_content_is_in_the_key(tmp_path):
+def test_a_local_model_folder_s_content_is_in_the_key(tiny_llama_folder):
     import torch
 
-    from ge_utils.models import load_model
+    from ge_utils.boundary import Cell, GridSetup, cell_params
     from ge_utils.predict import PredictionSetup, _cache_key
 
-    folder = tmp_path / "mymodel"
-    loaded = load_model("tiny-llama", device="cpu")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    from ge_utils.boundary import Cell, GridSetup, cell_params
+    loaded, folder = tiny_llama_folder
 
     spec = ExperimentSpec(model=str(folder), device="cpu")
     setup = PredictionSetup(model=str(folder), device="cpu")
