@@ -398,8 +398,9 @@ def roc_points(fell: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 # --- one pair set: its scores before training and its realized changes -------------------------
 
-CACHE_VERSION = 3  # bump when a change of code changes cached scores or outcomes
-# (3: log-probs of models whose config transforms their logits)
+CACHE_VERSION = 4  # bump when a change of code changes cached scores or outcomes
+# (3: log-probs of models whose config transforms their logits; 4: no case for a pair whose
+# predicted change is exactly 0, where it had case 2)
 
 
 @dataclass(frozen=True)
