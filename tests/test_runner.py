@@ -493,7 +493,7 @@ def test_archive_is_shown_beside_the_build_and_marked_from_another_commit(projec
     assert (project / "arch" / "authors" / "toy.json").stat().st_mtime_ns == before
     summary = (project / "out" / "summary.md").read_text()
     assert "authors scale (archived)" in summary
-    row = next(line for line in summary.splitlines() if "| n is positive |" in line)
+    row = next(line for line in summary.splitlines() if "| n is positive" in line)
     assert row.count("{bdg-success}`holds`") == 2  # this build and the archive
     launch = nbformat.read(project / "out" / "toy.ipynb", as_version=4).cells[2].source
     assert "archived authors-scale run <../arch/authors/toy.ipynb>" in launch
@@ -515,7 +515,7 @@ def test_archive_is_shown_beside_the_build_and_marked_from_another_commit(projec
                 archive_dir=project / "arch")
     summary = (project / "out" / "summary.md").read_text()
     assert "{bdg-warning}`pooled over seeds`: made before intervals" in summary
-    row = next(line for line in summary.splitlines() if "| n is positive |" in line)
+    row = next(line for line in summary.splitlines() if "| n is positive" in line)
     assert row.endswith("(pooled over seeds) |")
 
 
