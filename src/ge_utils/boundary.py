@@ -491,7 +491,7 @@ def cell_params(cell: Cell, setup: GridSetup, seed: int, trace: bool) -> dict[st
         "cell": asdict(cell),
         "trace": trace,
         "setup": {**asdict(setup), **device_key(setup.device)},
-        **model_fingerprint(setup.model),  # a local folder's content, not only its path
+        **model_fingerprint(setup.model),  # a local folder's content, a Hub name's revision
         "seed": seed,
         "sft_config": config_dict(
             TrainConfig(batch_size=setup.sft_batch, lr=setup.sft_lr, template=setup.template)

@@ -1,11 +1,14 @@
-"""Fail fast when the Hugging Face Hub cannot be reached, instead of retrying for minutes."""
+"""Fail fast when the Hugging Face Hub cannot be reached, instead of retrying for minutes; the
+revision of a Hub model or dataset in the local cache, for cache keys (:mod:`ge_utils.spec`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlparse
 
 
@@ -42,3 +45,54 @@ def hub_offline_mode() -> Iterator[None]:
 
     with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
         yield
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid Hub repo id (``name`` or ``owner/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def cached_model_revision(name: str) -> str | None:
+    """The commit hash of the snapshot of Hub model ``name`` that ``from_pretrained(name)``
+    reads from the local cache: ``refs/main`` of its folder in ``HF_HUB_CACHE``, resolved as
+    ``huggingface_hub.hf_hub_download`` resolves it. ``None`` when ``name`` is not a repo id, or
+    the repo (or that snapshot) is not cached."""
+    if not _is_repo_id(name):
+        return None
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")
+    try:
+        revision = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return revision if revision and (repo / "snapshots" / revision).is_dir() else None
+
+
+def cached_dataset_revision(name: str) -> str | None:
+    """The commit hash of Hub dataset ``name`` that ``datasets.load_dataset(name)`` reads from
+    the local cache: the hash folder of its newest prepared copy in ``HF_DATASETS_CACHE``,
+    picked by ``datasets``' own look-up. ``None`` when ``name`` is not a repo id, ``datasets`` is
+    not installed, or no copy (or several configurations, which the loader refuses) is cached."""
+    if not _is_repo_id(name):
+        return None
+    try:
+        from datasets.packaged_modules.cache.cache import _find_hash_in_cache
+    except ImportError:
+        return None
+    log = logging.getLogger("datasets.packaged_modules.cache.cache")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "Found the latest cached dataset" warning, once per key
+    try:
+        return _find_hash_in_cache(name, None, None, {}, None)[2]
+    except (ValueError, OSError, KeyError):  # not cached, several configurations, no info file
+        return None
+    finally:
+        log.setLevel(level)

@@ -408,7 +408,8 @@ class PredictionSetup:
     """What fixes the model a pair set is scored and trained on. Every field is part of the
     cache key of :func:`scored_pairs` and :func:`realized_changes` (``device`` as the kind it
     resolves to, with the CPU's thread count: :func:`ge_utils.models.device_key`); a local model
-    folder also by the digest of its files (:func:`ge_utils.spec.model_fingerprint`).
+    folder also by the digest of its files, a cached Hub model by its revision
+    (:func:`ge_utils.spec.model_fingerprint`).
 
     ``sft_steps > 0``: the loaded model is first fine-tuned on the pairs' chosen responses
     (:func:`ge_utils.training.sft`, AdamW at ``sft_lr``, batches of ``batch_size``, seeded), the
@@ -452,7 +453,8 @@ def _load(setup: PredictionSetup, pairs: Sequence[Any]):
 
 def _cache_key(what: str, setup: PredictionSetup, pairs: Sequence[Any], **extra: Any) -> dict:
     """Every input of a cached computation: its kind, the setup (a local model folder with the
-    digest of its files, :func:`ge_utils.spec.model_fingerprint`), the pairs, the rest."""
+    digest of its files, a cached Hub model with its revision:
+    :func:`ge_utils.spec.model_fingerprint`), the pairs, the rest."""
     return {
         "what": what, **asdict(setup), **model_fingerprint(setup.model),
         **device_key(setup.device), **extra,

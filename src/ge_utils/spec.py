@@ -4,8 +4,9 @@ A recipe of :mod:`ge_utils.experiments` takes an :class:`ExperimentSpec`; its ca
 spec's fields (:meth:`ExperimentSpec.key`), so a parameter that changes a result cannot be left
 out of the key. A model or data given as a local path is keyed by its content too
 (:func:`model_fingerprint`, :func:`dataset_fingerprint`): editing the files at the same path
-makes a new key, never a stale cached result. A notebook builds its spec from its papermill
-parameters in one call::
+makes a new key, never a stale cached result; a Hub name is keyed by the revision the local
+Hugging Face cache holds, so a newer snapshot makes a new key too. A notebook builds its spec
+from its papermill parameters in one call::
 
     spec = spec_from_params(globals(), train_stats=True)
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ge_utils.data import CONFIG_SUFFIXES
+from ge_utils.hub import cached_dataset_revision, cached_model_revision
 from ge_utils.io import content_digest
 from ge_utils.models import DEFAULT_MODEL, TINY_MODELS, LoraSettings, device_key
 from ge_utils.training import TrainConfig
@@ -78,8 +80,9 @@ class ExperimentSpec:
         """The cache key: every field (training configs without their progress flag; the
         device as the kind it resolves to and the CPU's thread count,
         :func:`~ge_utils.models.device_key`), the content of a local model folder or data
-        file/folder (:func:`model_fingerprint`, :func:`dataset_fingerprint`; nothing added for
-        built-in model names, Hub names or synthetic data), the code version, and ``extra`` (a
+        file/folder or the revision of a Hub name in the local Hugging Face cache
+        (:func:`model_fingerprint`, :func:`dataset_fingerprint`; nothing added for built-in model
+        names, uncached Hub names or synthetic data), the code version, and ``extra`` (a
         recipe's own arguments)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(device_key(self.device))
@@ -97,22 +100,39 @@ MODEL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.safeten
 
 
 def model_fingerprint(model: str) -> dict[str, str]:
-    """``{"model_digest": ...}`` for a local model folder (a path that exists and is not a
+    """What of a model the name does not say, for a cache key.
+
+    ``{"model_digest": ...}`` for a local model folder (a path that exists and is not a
     built-in name: ``load_model`` loads those from the path): a digest of its top-level
-    :data:`MODEL_FILES` (:func:`ge_utils.io.content_digest`, memoized by file stat). ``{}`` for
-    the built-in names (``smollm2-135m-instruct``, ``default``, ``tiny-*``: their keys stay
-    as they were) and for Hub names."""
-    if model in (DEFAULT_MODEL, "default") or model in TINY_MODELS or not Path(model).exists():
+    :data:`MODEL_FILES` (:func:`ge_utils.io.content_digest`, memoized by file stat).
+    ``{"model_revision": <commit hash>}`` for a Hub name in the local Hugging Face cache: the
+    snapshot ``refs/main`` points to when the key is made, which ``from_pretrained`` loads
+    offline (:func:`ge_utils.hub.cached_model_revision`), so a newer snapshot makes a new key.
+    ``{}`` for the built-in names (``smollm2-135m-instruct``, ``default``, ``tiny-*``: their
+    keys stay as they were) and for a Hub name not cached (keyed by its name only: the loader
+    downloads the Hub's current revision, or fails offline)."""
+    if model in (DEFAULT_MODEL, "default") or model in TINY_MODELS:
         return {}
-    return {"model_digest": content_digest(model, MODEL_FILES, recursive=False)}
+    if Path(model).exists():
+        return {"model_digest": content_digest(model, MODEL_FILES, recursive=False)}
+    revision = cached_model_revision(model)
+    return {"model_revision": revision} if revision else {}
 
 
 def dataset_fingerprint(dataset: str) -> dict[str, str]:
-    """``{"dataset_digest": ...}`` when ``dataset`` is a local file or folder (every file in
-    it, :func:`ge_utils.io.content_digest`); ``{}`` for ``"synthetic"`` and Hub names."""
-    if dataset == "synthetic" or not Path(dataset).exists():
+    """What of the data the name does not say, for a cache key.
+
+    ``{"dataset_digest": ...}`` when ``dataset`` is a local file or folder (every file in it,
+    :func:`ge_utils.io.content_digest`). ``{"dataset_revision": <commit hash>}`` for a Hub name
+    with a prepared copy in the local ``datasets`` cache: the revision of the newest copy, which
+    ``datasets.load_dataset`` reads offline (:func:`ge_utils.hub.cached_dataset_revision`).
+    ``{}`` for ``"synthetic"`` and for a Hub name not cached (keyed by its name only)."""
+    if dataset == "synthetic":
         return {}
-    return {"dataset_digest": content_digest(dataset)}
+    if Path(dataset).exists():
+        return {"dataset_digest": content_digest(dataset)}
+    revision = cached_dataset_revision(dataset)
+    return {"dataset_revision": revision} if revision else {}
 
 
 def _config_key(cfg: TrainConfig | None) -> dict[str, Any] | None:

@@ -1,0 +1,180 @@
+"""A Hub model or dataset name is keyed by the revision the local Hugging Face cache holds.
+
+The caches are faked in ``tmp_path``, laid out as huggingface_hub and datasets lay them out, and
+read by the real loaders (offline): the revision in the key is the one whose weights and rows
+``load_model`` and ``load_pairs`` return, so a newer snapshot cannot be served stale numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ge_utils.data import PreferencePair, load_pairs
+from ge_utils.io import content_digest
+from ge_utils.models import load_model, tiny_causal_lm
+from ge_utils.spec import MODEL_FILES, ExperimentSpec, dataset_fingerprint, model_fingerprint
+from ge_utils.training import params_hash
+
+REV_A = "a" * 40
+REV_B = "b" * 40
+ROWS_A = [{"prompt": "Review: good.", "chosen": "Positive.", "rejected": "Negative."}]
+ROWS_B = [{"prompt": "Review: bad.", "chosen": "Negative.", "rejected": "Positive."}]
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Empty Hub and datasets caches under ``tmp_path``, offline: (hub cache, datasets cache)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    hub, prepared = tmp_path / "hub", tmp_path / "datasets"
+    hub.mkdir()
+    prepared.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", prepared)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the loaders read the caches only
+    return hub, prepared
+
+
+def cache_model(hub: Path, name: str, revision: str, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """Put a tiny model in ``hub`` as ``hf_hub_download`` does: files in ``blobs/<sha256>``,
+    linked from ``snapshots/<revision>/``, and ``refs/main`` naming ``revision``."""
+    repo = hub / f"models--{name.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    model = tiny_causal_lm("gpt2", len(tokenizer), seed=seed)
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in [f for f in snapshot.iterdir() if f.is_file()]:
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        file.replace(blob)
+        file.symlink_to(os.path.relpath(blob, file.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return model
+
+
+def prepare_dataset(cache: Path, name: str, revision: str, rows: list[dict]) -> None:
+    """Put ``rows`` in ``cache`` as ``datasets.load_dataset(name)`` prepares a Hub dataset:
+    ``owner___name/default/0.0.0/<revision>/`` with the Arrow file and ``dataset_info.json``,
+    newer than the copies already there."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    owner, short = name.split("/")
+    folder = cache / f"{owner}___{short}" / "default" / "0.0.0" / revision
+    folder.mkdir(parents=True)
+    table = datasets.Dataset.from_list(rows)
+    with ArrowWriter(path=str(folder / f"{short}-train.arrow")) as writer:
+        writer.write_table(table.data.table)
+        writer.finalize()
+    split = datasets.SplitInfo("train", num_examples=len(rows), dataset_name=short)
+    datasets.DatasetInfo(
+        config_name="default", dataset_name=short, features=table.features,
+        splits=datasets.SplitDict({"train": split}),
+    ).write_to_directory(str(folder))
+    newest = time.time() + len(list(folder.parent.iterdir()))  # the copy the loader picks
+    os.utime(folder, (newest, newest))
+
+
+def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokenizer(["The film was a delight."], return_tensors="pt").input_ids).logits
+
+
+def spec_hash(**fields) -> str:
+    return params_hash(ExperimentSpec(device="cpu", **fields).key())
+
+
+def test_a_cached_hub_model_is_keyed_by_the_revision_it_loads(hf_cache, tokenizer):
+    from huggingface_hub import hf_hub_download
+
+    hub, _ = hf_cache
+    cache_model(hub, "someone/tiny", REV_A, tokenizer)
+    assert model_fingerprint("someone/tiny") == {"model_revision": REV_A}
+    assert ExperimentSpec(model="someone/tiny", device="cpu").key()["model_revision"] == REV_A
+    # the snapshot from_pretrained resolves offline is the one in the key
+    config = hf_hub_download("someone/tiny", "config.json", local_files_only=True)
+    assert Path(config).parent.name == REV_A
+    cache_model(hub, "gpt2", REV_B, tokenizer)  # a name without an owner
+    assert model_fingerprint("gpt2") == {"model_revision": REV_B}
+
+
+def test_a_cached_hub_dataset_is_keyed_by_the_revision_it_loads(hf_cache):
+    _, prepared = hf_cache
+    prepare_dataset(prepared, "someone/prefs", REV_A, ROWS_A)
+    assert dataset_fingerprint("someone/prefs") == {"dataset_revision": REV_A}
+    assert ExperimentSpec(dataset="someone/prefs", device="cpu").key()["dataset_revision"] == REV_A
+    assert load_pairs("someone/prefs") == [PreferencePair(**ROWS_A[0])]
+
+
+def test_a_new_snapshot_makes_a_new_key(hf_cache, tokenizer):
+    hub, prepared = hf_cache
+    old = cache_model(hub, "someone/tiny", REV_A, tokenizer, seed=0)
+    prepare_dataset(prepared, "someone/prefs", REV_A, ROWS_A)
+    before = spec_hash(model="someone/tiny", dataset="someone/prefs")
+
+    new = cache_model(hub, "someone/tiny", REV_B, tokenizer, seed=1)  # refs/main moves to B
+    assert model_fingerprint("someone/tiny") == {"model_revision": REV_B}
+    loaded = load_model("someone/tiny", device="cpu").model
+    assert torch.equal(logits(loaded, tokenizer), logits(new, tokenizer))
+    assert not torch.equal(logits(loaded, tokenizer), logits(old, tokenizer))
+    after_model = spec_hash(model="someone/tiny", dataset="someone/prefs")
+    assert after_model != before  # the old key would have returned the old weights' numbers
+
+    prepare_dataset(prepared, "someone/prefs", REV_B, ROWS_B)  # a newer prepared copy
+    assert dataset_fingerprint("someone/prefs") == {"dataset_revision": REV_B}
+    assert load_pairs("someone/prefs") == [PreferencePair(**ROWS_B[0])]
+    assert spec_hash(model="someone/tiny", dataset="someone/prefs") not in (before, after_model)
+
+
+def test_a_name_not_in_the_cache_is_keyed_by_its_name_only(hf_cache, tokenizer):
+    hub, _ = hf_cache
+    # not cached, not a repo id (the loaders reject those), or a cache entry the loader
+    # cannot use (no refs/main; refs/main naming a snapshot that is not there): no revision
+    (hub / "models--someone--no-ref" / "snapshots" / REV_A).mkdir(parents=True)
+    (hub / "models--someone--lost" / "refs").mkdir(parents=True)
+    (hub / "models--someone--lost" / "refs" / "main").write_text(REV_A)
+    names = ["someone/not-cached", "gpt2", "someone/no-ref", "someone/lost", "./nope", "a/b/c",
+             "bad name!", "~/x", "pairs.jsonl"]
+    for name in names:
+        assert model_fingerprint(name) == {}, name
+        assert dataset_fingerprint(name) == {}, name
+    base = ExperimentSpec(model="someone/not-cached", dataset="someone/prefs", device="cpu").key()
+    assert "model_revision" not in base and "dataset_revision" not in base
+    # the same name once in the cache: keyed by its revision
+    cache_model(hub, "someone/not-cached", REV_A, tokenizer)
+    assert model_fingerprint("someone/not-cached") == {"model_revision": REV_A}
+
+
+def test_builtin_names_and_local_paths_keep_their_keys(hf_cache, tokenizer, tmp_path, monkeypatch):
+    hub, prepared = hf_cache
+    # Hub repos of the same names are cached: the built-in names and local paths still win
+    for name in ("smollm2-135m-instruct", "default", "tiny-llama", "tiny-gpt2", "someone/tiny"):
+        cache_model(hub, name, REV_A, tokenizer)
+    prepare_dataset(prepared, "someone/pairs", REV_A, ROWS_A)
+    monkeypatch.chdir(tmp_path)
+    local = Path("someone") / "tiny"  # a local folder that is also a cached repo id
+    tiny_causal_lm("gpt2", len(tokenizer)).save_pretrained(local)
+    data = Path("someone") / "pairs"  # a local data folder, likewise
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+
+    for name in ("smollm2-135m-instruct", "default", "tiny-llama", "tiny-gpt2"):
+        assert model_fingerprint(name) == {}, name
+    assert model_fingerprint(str(local)) == {
+        "model_digest": content_digest(str(local), MODEL_FILES, recursive=False)
+    }
+    assert dataset_fingerprint("synthetic") == {}
+    assert dataset_fingerprint(str(data)) == {"dataset_digest": content_digest(str(data))}
+    # beside them, a Hub name in the same cache is keyed by its revision
+    assert model_fingerprint("someone/other") == {}
+    cache_model(hub, "someone/other", REV_B, tokenizer)
+    assert model_fingerprint("someone/other") == {"model_revision": REV_B}
