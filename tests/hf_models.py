@@ -32,6 +32,11 @@ HF_ARCHS = {
     "cohere": ("its own LayerNorm class, logits times a scale", {}),
     "gemma2": ("logits soft-capped, sliding-window layers", {"head_dim": 8}),
     "granite": ("logits divided by a scaling, residual multipliers", {"logits_scaling": 4.0}),
+    "opt": (
+        "learned positions from the mask, offset 2; MLP rows flattened over the batch",
+        {"ffn_dim": 64, "word_embed_proj_dim": 32},
+    ),
+    "biogpt": ("learned positions from the mask; embedding scaled by a Python float", {}),
 }
 
 

@@ -83,14 +83,12 @@ def test_fast_equals_exact_on_hugging_face_architectures(model_type):
 @pytest.mark.parametrize(
     ("model_type", "settings", "module", "unsupported"),
     [
-        ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}, "OPTLearnedPositional", "embed_pos"),
         ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "TopKRouter", ".mlp."),
     ],
 )
 def test_unsupported_modules_raise_and_the_rest_is_exact(model_type, settings, module, unsupported):
-    """OPT's positional embedding (called with keywords) and a mixture of experts' router (a
-    tuple output) are refused with the way out; without their parameters the rest is exact
-    (OPT's MLP runs on rows flattened over the batch)."""
+    """A mixture of experts' router (a tuple output) is refused with the way out; without its
+    parameters the rest is exact."""
     model = hf_model(model_type, **settings)
     with pytest.raises(TypeError, match=f"{module}.*leave its parameters out of the set"):
         fast_gradient_stats(model, *batches())

@@ -419,18 +419,18 @@ def _family_trainer(tmp_path, model_type: str, **settings) -> DPOTrainer:
     )
 
 
-def _not_positions(name: str, p: torch.nn.Parameter) -> bool:
-    return "embed_positions" not in name
+def _attention_only(name: str, p: torch.nn.Parameter) -> bool:
+    return "self_attn" in name
 
 
 @pytest.mark.parametrize(
     ("model_type", "in_backward", "settings", "params"),
     [
-        ("qwen3", True, {}, None),
+        ("qwen3", True, {}, _attention_only),
         ("gemma2", False, {}, None),
-        ("opt", True, {"dropout": 0.0}, _not_positions),
+        ("opt", True, {"dropout": 0.0}, None),
     ],
-    ids=["qwen3", "gemma2", "opt-without-positions"],
+    ids=["qwen3-attention-only", "gemma2", "opt"],
 )
 def test_other_families_get_the_statistics_of_the_fast_method(
     tmp_path, model_type, in_backward, settings, params
@@ -438,9 +438,9 @@ def test_other_families_get_the_statistics_of_the_fast_method(
     """Qwen3 (per-head norms; recorded in TRL's backward), Gemma 2 (soft-capped logits, which
     the fused head's share does not cover: a separate pass) and OPT (MLP rows flattened over the
     batch, recorded in TRL's backward, where the recorder knows the batch only by its pairs;
-    its positional embedding, which the fast statistics refuse, left out with ``params``), on
-    the tiny Llama's tokenizer: a step's per-pair statistics and log-probs are those of the fast
-    method on its batch."""
+    its learned positional embedding, called with keywords), on the tiny Llama's tokenizer; for
+    Qwen3 over the attention's parameters only (``params``): a step's per-pair statistics and
+    log-probs are those of the fast method on its batch."""
     trainer = _family_trainer(tmp_path, model_type, **settings)
     callback = attach_entanglement_metrics(trainer, params=params)
     start = hf_model(model_type, vocab_size=trainer.model.config.vocab_size, **settings)
@@ -469,18 +469,25 @@ def test_other_families_get_the_statistics_of_the_fast_method(
 
 
 def test_models_the_metrics_cannot_measure_are_refused_before_training(tmp_path):
-    """OPT: its positional embedding is refused when the callback is built (not in the first
-    measured step), with the way out; its functional dropout (from the config, which TRL's
-    ``disable_dropout`` does not reach) makes the training forward random, which a batch probe
-    cannot use; frozen parameters are not a parameter set of the step."""
+    """A mixture of experts (its router's tuple output) is refused when the callback is built
+    (not in the first measured step), with the way out. OPT's functional dropout (from the
+    config, which TRL's ``disable_dropout`` does not reach) makes the training forward random:
+    a warning says that training runs with dropout, and a batch probe, which cannot use such a
+    forward, is refused; without dropout, neither. Frozen parameters are not a parameter set
+    of the step."""
+    moe = _family_trainer(tmp_path / "moe", "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(TypeError, match=r"TopKRouter.*params="):
+        attach_entanglement_metrics(moe)
     trainer = _family_trainer(tmp_path, "opt")
-    with pytest.raises(TypeError, match=r"OPTLearnedPositionalEmbedding.*params="):
-        attach_entanglement_metrics(trainer)
+    with pytest.warns(UserWarning, match="did not turn off all dropout"):
+        attach_entanglement_metrics(trainer).detach()
     with pytest.raises(ValueError, match="dropout that it does not reach"):
-        attach_entanglement_metrics(trainer, params=_not_positions, probe=2)
-    attach_entanglement_metrics(trainer, params=_not_positions).detach()
+        attach_entanglement_metrics(trainer, probe=2)
     still = _family_trainer(tmp_path, "opt", dropout=0.0)
-    attach_entanglement_metrics(still, params=_not_positions, probe=2).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_entanglement_metrics(still, probe=2).detach()
+    assert not [w for w in caught if "dropout" in str(w.message)]
     for p in still.model.model.decoder.layers[0].parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"frozen: model\.decoder\.layers\.0"):

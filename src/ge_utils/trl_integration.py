@@ -55,7 +55,8 @@ the trainer's backward also keeps the factors of those k pairs of the step's fir
 coefficient ``c_i`` after the contraction), and their log-probs before the step are those of
 the training forward (hence a training forward without dropout is required:
 ``disable_dropout=True``, TRL's default, and no functional dropout it does not reach, checked
-on one made-up sequence when the callback is built); a step then
+on one made-up sequence when the callback is built, which also warns when ``disable_dropout``
+left dropout on: then the training, and its batch statistics, run with dropout); a step then
 costs the contraction, the copy and one forward of the 2k sequences after the update. Where
 the recorder cannot handle the model, a forward-mode pass
 (:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
@@ -84,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -504,10 +506,18 @@ class EntanglementCallback(TrainerCallback):
         batch_probe = isinstance(probe, int) and not isinstance(probe, bool)
         if batch_probe and probe < 1:
             raise ValueError(f"probe=k follows k >= 1 pairs of each batch, got {probe!r}")
-        if batch_probe and (
-            not getattr(trainer.args, "disable_dropout", True)
-            or _training_forward_is_random(trainer.accelerator.unwrap_model(trainer.model))
-        ):
+        dropout_off = getattr(trainer.args, "disable_dropout", True)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        random_forward = _training_forward_is_random(model)
+        if dropout_off and random_forward:
+            warnings.warn(
+                "disable_dropout=True did not turn off all dropout in this model (e.g. a model's "
+                "own functional dropout, such as OPT's config.dropout): training runs with "
+                "dropout, and the ge/ batch statistics are those of the dropout forward. Set the "
+                "config's dropout to 0 to train without it.",
+                stacklevel=2,
+            )
+        if batch_probe and (not dropout_off or random_forward):
             raise ValueError(
                 "probe=k (the batch's own pairs) needs a training forward without dropout: "
                 "disable_dropout=True (TRL's default), and no dropout that it does not reach "

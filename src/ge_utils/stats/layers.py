@@ -12,6 +12,10 @@ returns, for each wanted parameter of ``m`` (by attribute name), a
 - ``nn.Embedding``, ``y_t = E[id_t]``: ``grad_E f_i = sum_t e_{id_t} g_t^T`` (one-hot factor; the
   ``padding_idx`` row gets no gradient); a subclass whose output is ``embed_scale`` times that
   (Gemma's ``*ScaledWordEmbedding``; checked once per class), the same times the scale;
+- OPT's learned positional embedding (and any ``nn.Embedding`` subclass with an integer
+  ``offset`` that computes as it does, checked once per class), ``y_t = E[p_t + offset]`` with
+  the positions ``p`` it is given (``position_ids=``) or counts over the attention mask: the
+  embedding's factor with ids ``p_t + offset`` (read off the call by the rule's ``inputs``);
 - ``nn.LayerNorm`` / ``nn.RMSNorm`` and any ``*RMSNorm`` class whose output is ``s(w) * x_hat``
   with ``ds/dw = 1`` (checked once per class with a forward-mode derivative):
   ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t`` (dense, d values each);
@@ -42,7 +46,10 @@ predicate ``match(module) -> bool`` instead of a class for anything else. Rules 
 later take precedence. ``single_use=True`` states that each call of the module uses each of its
 parameters exactly once in the autograd graph and may receive its input as the keyword
 ``input``; the recorder then counts uses to catch the same parameter used outside its module.
-Otherwise the module must be called with one positional tensor and no keyword arguments. Add a
+Otherwise the module must be called with one positional tensor and no keyword arguments.
+``inputs(module, args, kwargs)``, where given, maps a call's arguments to the ``x`` its factor
+function takes (e.g. the rows a positional embedding reads); by default the first positional
+tensor (or the keyword ``input``). Add a
 test of the new function against per-sequence autograd (``tests/test_fast_gradients.py``,
 ``test_layer_factors_equal_per_sequence_autograd``) and of a model using it against
 :func:`ge_utils.stats.exact.exact_gradient_stats`.
@@ -50,6 +57,7 @@ test of the new function against per-sequence autograd (``tests/test_fast_gradie
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,17 +69,19 @@ from ge_utils.stats.factors import Factor
 SMALL_MODULE_NUMEL = 2**20  # most parameters (in the set) of a module handled by the fallback
 
 FactorFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Factor]]
+InputFn = Callable[[nn.Module, tuple, dict], Tensor]
 
 
 @dataclass(frozen=True)
 class LayerRule:
-    """A registered factor function: ``name`` (for messages), ``match(module)``, ``factors`` and
-    ``single_use`` (see the module docstring)."""
+    """A registered factor function: ``name`` (for messages), ``match(module)``, ``factors``,
+    ``single_use`` and ``inputs`` (see the module docstring)."""
 
     name: str
     match: Callable[[nn.Module], bool]
     factors: FactorFn
     single_use: bool
+    inputs: InputFn | None = None
 
 
 _RULES: list[LayerRule] = []
@@ -85,7 +95,11 @@ def _same_forward(cls: type) -> Callable[[nn.Module], bool]:
 
 
 def register_layer(
-    kind: type | Callable[[nn.Module], bool], *, single_use: bool = False, name: str | None = None
+    kind: type | Callable[[nn.Module], bool],
+    *,
+    single_use: bool = False,
+    name: str | None = None,
+    inputs: InputFn | None = None,
 ) -> Callable[[FactorFn], FactorFn]:
     """Decorator: register ``factors`` for modules of class ``kind`` (matched when their
     ``forward`` is ``kind.forward``) or for the modules a predicate ``kind(module)`` accepts."""
@@ -93,7 +107,7 @@ def register_layer(
     label = name or getattr(kind, "__name__", repr(kind))
 
     def decorate(factors: FactorFn) -> FactorFn:
-        _RULES.append(LayerRule(label, match, factors, single_use))
+        _RULES.append(LayerRule(label, match, factors, single_use, inputs))
         return factors
 
     return decorate
@@ -150,7 +164,9 @@ def _embedding_scale(module: nn.Module) -> Tensor | None:
     weight, scale = module.weight, getattr(module, "embed_scale", None)
     if not isinstance(scale, Tensor | float | int) or torch.as_tensor(scale).numel() != 1:
         return None
-    scale = torch.as_tensor(scale).reshape(()).to(device=weight.device, dtype=weight.dtype)
+    # in the weight's dtype from the start: a Python float made a float32 tensor first would
+    # be rounded to float32 in a float64 model (BioGPT's sqrt(d))
+    scale = torch.as_tensor(scale, dtype=weight.dtype, device=weight.device).reshape(())
     known = _SCALE_IS_FACTOR.get(type(module))
     if known is None:
         ids = torch.arange(min(module.num_embeddings, 8), device=weight.device)[None]
@@ -180,6 +196,79 @@ def embedding_factors(
     if module.padding_idx is not None:
         g = g * (ids != module.padding_idx)[..., None].to(g.dtype)
     return {"weight": Factor.onehot(ids, g)} if "weight" in wanted else {}
+
+
+def mask_positions(mask: Tensor, width: int | None = None) -> Tensor:
+    """(N, T) long positions counted over the non-padding entries of an attention mask (N, S),
+    as OPT computes them: ``cumsum(mask) * mask - 1`` (-1 on padding), the last ``width``
+    columns (those of the new tokens after a cache of ``S - width``; all by default)."""
+    positions = (torch.cumsum(mask, dim=1) * mask - 1).long()
+    return positions if width is None else positions[:, positions.shape[1] - width :]
+
+
+_OFFSET_POSITIONS: dict[type, bool] = {}  # per positional-embedding class: checked once
+
+
+def offset_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """(N, T) rows that ``module(attention_mask, cache_length=0, position_ids=None)`` reads, as
+    OPT's learned positional embedding computes them: ``position_ids + offset`` when given,
+    else ``mask_positions(attention_mask)`` without the first ``cache_length`` columns, plus
+    ``offset``."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    mask, cache = list(bound.arguments.values())[1:3]
+    positions = bound.arguments.get("position_ids")
+    if positions is None:
+        positions = mask_positions(mask)[:, cache:]
+    return positions + module.offset
+
+
+def _is_offset_positions(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` subclass with an integer ``offset`` (OPT's, BioGPT's
+    ``*LearnedPositionalEmbedding``) whose forward reads the rows
+    :func:`offset_position_ids` names: checked once per class on a padded mask, with and
+    without a cache, and with positions given where its forward takes ``position_ids`` (BART's
+    kind, which counts positions without the mask, fails it)."""
+    if not isinstance(module, nn.Embedding) or type(module).forward is nn.Embedding.forward:
+        return False
+    offset = getattr(module, "offset", None)
+    if type(offset) is not int or module.scale_grad_by_freq:
+        return False
+    if not 1 <= offset <= module.num_embeddings - 4:  # the check reads rows offset - 1 to
+        return False  # offset + 3 (one out of range: a device-side assert on a GPU)
+    known = _OFFSET_POSITIONS.get(type(module))
+    if known is None:
+        weight = module.weight
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], device=weight.device)
+        calls: list[tuple[tuple, dict]] = [((mask, 0), {}), ((mask, 2), {})]
+        if "position_ids" in inspect.signature(type(module).forward).parameters:
+            given = torch.tensor([[3, 0, 1, 0, 2], [0, 1, 0, 1, 2]], device=weight.device)
+            calls.append(((mask, 0), {"position_ids": given}))
+        try:
+            with torch.no_grad():
+                known = all(
+                    torch.equal(
+                        type(module).forward(module, *args, **kwargs),  # without hooks
+                        nn.functional.embedding(
+                            offset_position_ids(module, args, kwargs), weight
+                        ),
+                    )
+                    for args, kwargs in calls
+                )
+        except (IndexError, RuntimeError, TypeError, ValueError):  # not called that way
+            known = False
+        _OFFSET_POSITIONS[type(module)] = known
+    return known
+
+
+# y_t = E[p_t + offset]: the embedding's factor (below) with the ids p_t + offset, so that
+# <grad_E f_i, grad_E f_j> = sum_{t, s: p_t = p_s} g_{i,t} . g_{j,s}
+register_layer(
+    _is_offset_positions,
+    single_use=True,
+    name="OffsetPositionalEmbedding",
+    inputs=offset_position_ids,
+)(embedding_factors)
 
 
 class _Bare(nn.Module):

@@ -144,9 +144,11 @@ class GhostRecorder:
             single_use = rule is not None and rule.single_use
             if single_use:
                 self.single_use |= {id(p) for p in own.values()}
+            inputs = rule.inputs if rule is not None else None
             self.handles.append(
                 module.register_forward_hook(  # first: it sees the module's own output
-                    self._hook_for(own, factors, single_use), with_kwargs=True, prepend=True
+                    self._hook_for(own, factors, single_use, inputs), with_kwargs=True,
+                    prepend=True,
                 )
             )
             for p in own.values():
@@ -166,7 +168,11 @@ class GhostRecorder:
                 self.expect_pairs(len(batch) // 2)
 
     def _hook_for(
-        self, own: dict[str, nn.Parameter], factors: layers.FactorFn, single_use: bool
+        self,
+        own: dict[str, nn.Parameter],
+        factors: layers.FactorFn,
+        single_use: bool,
+        inputs: layers.InputFn | None,
     ) -> Callable:
         label = ", ".join(self.names[id(p)] for p in own.values())
 
@@ -180,7 +186,7 @@ class GhostRecorder:
                 )
             if not output.requires_grad:
                 return
-            x = args[0] if args else kwargs.get("input")
+            x = inputs(mod, args, kwargs) if inputs else (args[0] if args else kwargs.get("input"))
             one_input = len(args) == 1 and not kwargs
             if not isinstance(x, Tensor) or (not single_use and not one_input):
                 raise TypeError(
