@@ -243,3 +243,27 @@ def test_sign_agreement_against_a_loop():
     assert clear.tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="4 predicted but 6 realized"):
         gradients.sign_agreement(pred[:4], real)
+
+
+def test_first_order_identity_checks_hold_on_true_gradients_and_catch_broken_statistics():
+    """On statistics of real vectors, no row with d_w, d_l > 0 is in case 4 and no row with
+    d_w = d_l has a falling predicted margin; statistics that break Cauchy-Schwarz are caught by
+    both, and rows where an identity does not apply are not counted."""
+    gen = torch.Generator().manual_seed(0)
+    g_w = torch.randn(64, 30, generator=gen, dtype=torch.float64)
+    g_l = g_w + 0.1 * torch.randn(64, 30, generator=gen, dtype=torch.float64)  # cosine near 1
+    stats = {"norm2_chosen": (g_w * g_w).sum(1), "norm2_rejected": (g_l * g_l).sum(1),
+             "inner": (g_w * g_l).sum(1), "logp_chosen": torch.zeros(64),
+             "logp_rejected": torch.zeros(64)}
+    d = torch.rand(64, generator=gen, dtype=torch.float64) + 0.1
+    d_l = d.clone()
+    d_l[:16] = -d[:16]  # a negative coefficient (IPO past its target): neither identity applies
+    table = condition_table(stats, d, d_l, eta=1e-3)
+    assert gradients.case4_count(table) == (0, 48)
+    assert gradients.margin_falls_count(table, eta=1e-3) == (0, 48)
+    per_row = pd.Series(1e-3, index=table.index)
+    assert gradients.margin_falls_count(table, eta=per_row) == (0, 48)
+    broken = dict(stats, inner=4 * (stats["norm2_chosen"] + stats["norm2_rejected"]))
+    bad = condition_table(broken, d, d, eta=1e-3)
+    assert gradients.case4_count(bad) == (64, 64)
+    assert gradients.margin_falls_count(bad, eta=1e-3) == (64, 64)

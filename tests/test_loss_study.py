@@ -8,11 +8,13 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from ge_utils.claims import paired_difference
 from ge_utils.experiments import ComparisonResult
 from ge_utils.loss_study import (
     active_share,
     change_table,
     loss_changes,
+    paired_change,
     paired_values,
     seed_means,
     stacked,
@@ -93,6 +95,9 @@ def test_paired_values_align_pairs_and_seeds_and_interval_matches_scipy():
     assert table.loc["dpo", "d_chosen"] == pytest.approx(b.mean())
     assert table.loc["dpo", "d_chosen_low"] == pytest.approx(want.low)
     assert table.loc["dpo", "d_chosen_high"] == pytest.approx(want.high)
+    est = paired_change(changes, "cpo", "dpo")
+    assert est.effect == pytest.approx(np.mean(a - b)) and est.n == 15
+    assert est == paired_difference(a, b, seeds)
     with pytest.raises(ValueError, match="no changes of 'ipo'"):
         paired_values(changes, "ipo", "dpo")
     with pytest.raises(ValueError, match="same pairs and seeds"):

@@ -39,6 +39,20 @@ def test_predicted_vs_realized_refuses_an_empty_frame():
         plots.predicted_vs_realized(_probe().iloc[:0])
 
 
+def test_diagonal_scatter_leaves_out_missing_rows_and_refuses_none():
+    data = pd.DataFrame({"pred": [0.5, -1.0, np.nan], "real": [0.4, -2.0, 3.0]})
+    fig, ax = plt.subplots()
+    plots.diagonal_scatter(data, "pred", "real", ax)
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert sorted(map(tuple, points.round(6))) == [(-1.0, -2.0), (0.5, 0.4)]
+    diagonal = next(line for line in ax.lines if len(set(line.get_xdata())) == 2)
+    assert np.array_equal(diagonal.get_xdata(), diagonal.get_ydata())
+    assert max(diagonal.get_xdata()) == pytest.approx(2.2)  # both columns' range, not 3.0's row
+    with pytest.raises(ValueError, match="no rows with both 'pred' and 'real'"):
+        plots.diagonal_scatter(data.iloc[2:], "pred", "real", ax)
+    plt.close(fig)
+
+
 def _two_seeds() -> pd.DataFrame:
     """Two seeds x three pairs at two steps; seed 1 sits 10 nats below seed 0."""
     rows = []

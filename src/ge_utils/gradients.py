@@ -48,13 +48,16 @@ from ge_utils.stats.strategies import get_strategy
 __all__ = [
     "STAT_KEYS",
     "ParamSpec",
+    "case4_count",
     "classify_cases",
     "condition_table",
     "diagnose_pairs",
     "exact_gradient_stats",
+    "margin_falls_count",
     "one_step_change",
     "pair_logps",
     "parameter_set",
+    "sign_agreement",
     "stats_method",
 ]
 
@@ -83,6 +86,30 @@ def sign_agreement(
         keep = predicted.abs() > clear * predicted.abs().median()
         predicted, realized = predicted[keep], realized[keep]
     return predicted.gt(0) == realized.gt(0)
+
+
+def case4_count(table: pd.DataFrame) -> tuple[int, int]:
+    """``(k, n)``: of the ``n`` rows of a :func:`condition_table` with ``d_w, d_l > 0``, the
+    ``k`` predicted in case 4, which Cauchy-Schwarz forbids there (module docstring): a check of
+    the statistics, ``k`` must be 0."""
+    positive = table[(table["d_w"] > 0) & (table["d_l"] > 0)]
+    return int((positive["case"] == 4).sum()), len(positive)
+
+
+def margin_falls_count(
+    table: pd.DataFrame, eta: float | pd.Series, rtol: float = 1e-6
+) -> tuple[int, int]:
+    """``(k, n)``: of the ``n`` rows of a :func:`condition_table` with ``d_w = d_l``, the ``k``
+    whose predicted margin change is negative beyond rounding. There it is
+    ``eta d |g_w - g_l|^2 >= 0`` (module docstring), so ``k`` must be 0: a check of the
+    statistics. ``eta``: the step size the table's predictions were made with (one, or one per
+    row). Rounding: ``rtol eta |d| (|g_w|^2 + |g_l|^2)`` per row (statistics summed in float32:
+    ``|g_w - g_l|^2`` is their difference, which rounds to about 1e-7 of its terms)."""
+    equal = table["d_w"] == table["d_l"]
+    rows = table[equal]
+    step = eta[equal] if isinstance(eta, pd.Series) else eta
+    scale = step * rows["d_w"].abs() * (rows["grad_norm2_chosen"] + rows["grad_norm2_rejected"])
+    return int((rows["pred_delta_margin"] < -rtol * scale).sum()), len(rows)
 
 
 def condition_table(

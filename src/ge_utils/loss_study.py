@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ge_utils.claims import mean_interval
+from ge_utils.claims import Estimate, mean_interval, paired_difference
 from ge_utils.experiments import ComparisonResult, experiment_data, pair_changes, realized_cases
 from ge_utils.logprobs import tokenize
 from ge_utils.mitigations import normalized_step_check
@@ -62,6 +62,15 @@ def paired_values(
     if both.isna().any().any():
         raise ValueError(f"{a} and {b} were not measured on the same pairs and seeds")
     return both[a].to_numpy(), both[b].to_numpy(), both.index.get_level_values("seed").to_numpy()
+
+
+def paired_change(
+    changes: pd.DataFrame, a: str, b: str, column: str = "d_chosen"
+) -> Estimate:
+    """The mean paired difference of ``column`` between losses ``a`` and ``b`` on the same
+    (seed, pair), with its seed-level interval (:func:`paired_values`,
+    :func:`ge_utils.claims.paired_difference`)."""
+    return paired_difference(*paired_values(changes, a, b, column))
 
 
 def change_table(changes: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:

@@ -222,6 +222,27 @@ def token_groups(tokens: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
+def diagonal_scatter(
+    data: pd.DataFrame,
+    x: str,
+    y: str,
+    ax: plt.Axes,
+    hue: str | None = None,
+    style: str | None = None,
+) -> None:
+    """Scatter ``y`` against ``x`` on ``ax`` with the diagonal ``y = x`` (a point on it: the
+    prediction ``x`` was the realized ``y``) and the axes through 0, which split the points by
+    direction. Rows with a missing ``x`` or ``y`` are left out."""
+    rows = data.dropna(subset=[x, y])
+    if rows.empty:
+        raise ValueError(f"diagonal_scatter: no rows with both {x!r} and {y!r}")
+    sns.scatterplot(data=rows, x=x, y=y, hue=hue, style=style, ax=ax)
+    lim = max(rows[x].abs().max(), rows[y].abs().max()) * 1.1
+    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+
+
 def predicted_vs_realized(probe: pd.DataFrame, title: str = "") -> plt.Figure:
     """Realized against first-order predicted change of each probe log-prob (columns
     ``pred_delta_chosen``, ``real_delta_chosen``, ``pred_delta_rejected``,
@@ -240,11 +261,7 @@ def predicted_vs_realized(probe: pd.DataFrame, title: str = "") -> plt.Figure:
         ]
     )
     fig, ax = plt.subplots(figsize=(5, 4.2))
-    sns.scatterplot(data=long, x="predicted", y="realized", hue="response", style="response", ax=ax)
-    lim = max(long["predicted"].abs().max(), long["realized"].abs().max()) * 1.1
-    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
+    diagonal_scatter(long, "predicted", "realized", ax, hue="response", style="response")
     ax.set(
         xlabel=r"predicted $g\cdot\Delta\theta$ (nats)",
         ylabel="realized change (nats)",
