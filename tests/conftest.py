@@ -46,3 +46,12 @@ def smoke_book(tmp_path_factory):
     from book_fixture import build_smoke_book
 
     return build_smoke_book(tmp_path_factory.mktemp("smoke-book"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,15 +30,7 @@ REJECTED = [[18, 14, 15, 8], [19, 20, 21, 8], [18]]
 # output gradients rounds differently from the unit one: 1e-6 there, not 1e-8.
 SCALED_RTOL = 1e-6
 KEYS = ("norm2_chosen", "norm2_rejected", "inner", "logp_chosen", "logp_rejected")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(side: str = "right"):
