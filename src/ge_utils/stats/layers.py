@@ -198,12 +198,10 @@ def embedding_factors(
     return {"weight": Factor.onehot(ids, g)} if "weight" in wanted else {}
 
 
-def mask_positions(mask: Tensor, width: int | None = None) -> Tensor:
-    """(N, T) long positions counted over the non-padding entries of an attention mask (N, S),
-    as OPT computes them: ``cumsum(mask) * mask - 1`` (-1 on padding), the last ``width``
-    columns (those of the new tokens after a cache of ``S - width``; all by default)."""
-    positions = (torch.cumsum(mask, dim=1) * mask - 1).long()
-    return positions if width is None else positions[:, positions.shape[1] - width :]
+def mask_positions(mask: Tensor) -> Tensor:
+    """(N, S) long positions counted over the non-padding entries of an attention mask (N, S),
+    as OPT computes them: ``cumsum(mask) * mask - 1`` (-1 on padding)."""
+    return (torch.cumsum(mask, dim=1) * mask - 1).long()
 
 
 _OFFSET_POSITIONS: dict[type, bool] = {}  # per positional-embedding class: checked once
@@ -261,7 +259,7 @@ def _is_offset_positions(module: nn.Module) -> bool:
     return known
 
 
-# y_t = E[p_t + offset]: the embedding's factor (below) with the ids p_t + offset, so that
+# y_t = E[p_t + offset]: the embedding's factor (above) with the ids p_t + offset, so that
 # <grad_E f_i, grad_E f_j> = sum_{t, s: p_t = p_s} g_{i,t} . g_{j,s}
 register_layer(
     _is_offset_positions,
