@@ -10,6 +10,7 @@ from ge_utils.claims import (
     Estimate,
     bootstrap_interval,
     clustered_share,
+    every,
     mean_interval,
     paired_difference,
     parse_verdicts,
@@ -133,6 +134,26 @@ def test_report_rejects_bad_input():
         report.takeaway("x", [1.0, 2.0], ">", over="2 pairs", poster="chosen")
     with pytest.raises(ValueError, match="'\\|'"):
         report.consistency("x", True, evidence="a | b")
+
+
+def test_a_check_with_no_case_is_inconclusive_not_held():
+    """``every(k, n)``: all n cases passed, or None when there was none; a guarantee or
+    consistency line given None reads inconclusive (a check that checked nothing cannot hold),
+    and round-trips through the text."""
+    assert every(3, 3) is True and every(2, 3) is False and every(0, 0) is None
+    for bad in ((4, 3), (-1, 3)):
+        with pytest.raises(ValueError, match="not a count"):
+            every(*bad)
+    report = ClaimReport()
+    assert report.consistency("margin grows", every(0, 0), "0/0 pair-steps") == "inconclusive"
+    assert report.guarantee("case 1", every(0, 0), conditions="head", evidence="0/0") == (
+        "inconclusive")
+    assert report.consistency("margin grows", every(5, 5), "5/5 pair-steps") == "holds"
+    assert report.guarantee("case 1", every(4, 5), conditions="head", evidence="4/5") == (
+        "does not hold")
+    parsed = parse_verdicts(str(report))
+    assert [p["verdict"] for p in parsed] == ["inconclusive", "inconclusive", "holds",
+                                              "does not hold"]
 
 
 def test_undefined_effect_is_inconclusive_without_numbers():

@@ -19,7 +19,9 @@ the side the claim expects (``expect``, ``">"`` or ``"<"``)::
     does not hold   the whole interval lies on the other side
     inconclusive    the interval covers the null
 
-Guarantees and consistency checks hold or do not hold. The interval math is scipy's: the
+Guarantees and consistency checks hold or do not hold; one with nothing to check in the run
+(``holds=None``, e.g. :func:`every` of zero cases) is inconclusive, never vacuously held. The
+interval math is scipy's: the
 Student-t interval of a mean (:func:`mean_interval`, also for paired differences), the exact
 Clopper-Pearson interval of a proportion (:func:`proportion_interval`, :func:`share_interval`)
 and the bootstrap (:func:`bootstrap_interval`, BCa by default).
@@ -364,6 +366,20 @@ class Claim:
         )
 
 
+def every(passed: int, total: int) -> bool | None:
+    """Whether all ``total`` cases of a guarantee or consistency check passed (``passed`` of
+    them); ``None`` when there was no case to check, so that the line reads inconclusive."""
+    if not 0 <= passed <= total:
+        raise ValueError(f"{passed} of {total} cases passed: not a count of those cases")
+    return None if total == 0 else passed == total
+
+
+def _checked(holds: bool | None) -> Verdict:
+    if holds is None:
+        return "inconclusive"
+    return "holds" if bool(holds) else "does not hold"
+
+
 def _poster(poster: str | None) -> str | None:
     if poster is not None and poster not in POSTER:
         raise ValueError(f"unknown poster takeaway {poster!r}; known: {', '.join(POSTER)}")
@@ -481,16 +497,17 @@ class ClaimReport:
     def guarantee(
         self,
         claim: str,
-        holds: bool,
+        holds: bool | None,
         conditions: str,
         evidence: str,
         over: str = "this run",
         poster: str | None = None,
     ) -> Verdict:
-        """A theorem under ``conditions``, checked against a realized change."""
+        """A theorem under ``conditions``, checked against a realized change (``holds=None``:
+        no case met the conditions in this run, inconclusive)."""
         if not conditions:
             raise ValueError(f"a guarantee states its conditions: {claim!r}")
-        verdict: Verdict = "holds" if bool(holds) else "does not hold"
+        verdict = _checked(holds)
         ev = f"conditions: {conditions}; {evidence}"
         self._add(
             Claim("guarantee", _clean(claim, "claim"), verdict, _clean(over, "over"),
@@ -499,10 +516,11 @@ class ClaimReport:
         return verdict
 
     def consistency(
-        self, claim: str, holds: bool, evidence: str, over: str = "this run"
+        self, claim: str, holds: bool | None, evidence: str, over: str = "this run"
     ) -> Verdict:
-        """An identity of the measured statistics: a check of the code, not of the paper."""
-        verdict: Verdict = "holds" if bool(holds) else "does not hold"
+        """An identity of the measured statistics: a check of the code, not of the paper
+        (``holds=None``: nothing to check in this run, inconclusive)."""
+        verdict = _checked(holds)
         self._add(
             Claim("consistency", _clean(claim, "claim"), verdict, _clean(over, "over"),
                   _clean(evidence, "evidence"))
