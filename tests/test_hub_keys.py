@@ -178,3 +178,66 @@ def test_builtin_names_and_local_paths_keep_their_keys(hf_cache, tokenizer, tmp_
     assert model_fingerprint("someone/other") == {}
     cache_model(hub, "someone/other", REV_B, tokenizer)
     assert model_fingerprint("someone/other") == {"model_revision": REV_B}
+
+
+def test_online_a_cached_name_loads_the_revision_in_its_key(hf_cache, tokenizer, monkeypatch):
+    """With the Hub reachable, a cached name is still loaded from its keyed snapshot (the Hub's
+    newer revision would be computed under the old key); files the snapshot lacks are fetched at
+    that revision. Every call the loaders make is recorded: (revision, offline)."""
+    import datasets
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ge_utils.hub
+
+    hub, prepared = hf_cache
+    old = cache_model(hub, "someone/tiny", REV_A, tokenizer, seed=0)
+    prepare_dataset(prepared, "someone/prefs", REV_A, ROWS_A)
+    monkeypatch.setattr(ge_utils.hub, "hub_reachable", lambda timeout=3.0: True)
+    calls: list[tuple[str | None, bool]] = []
+    real_model, real_data = AutoModelForCausalLM.from_pretrained, datasets.load_dataset
+    real_tokenizer = AutoTokenizer.from_pretrained
+
+    def from_pretrained(name, *args, revision=None, **kwargs):
+        calls.append((revision, huggingface_hub.constants.HF_HUB_OFFLINE))
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            return tiny_causal_lm("gpt2", len(tokenizer), seed=3)  # "the Hub": no network here
+        return real_model(name, *args, revision=revision, **kwargs)
+
+    def tokenizer_from(name, *args, **kwargs):
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            return tokenizer
+        return real_tokenizer(name, *args, **kwargs)
+
+    def load_dataset(name, *args, revision=None, **kwargs):
+        calls.append((revision, datasets.config.HF_HUB_OFFLINE))
+        if not datasets.config.HF_HUB_OFFLINE:
+            return datasets.Dataset.from_list(ROWS_A)
+        return real_data(name, *args, revision=revision, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer_from)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+    loaded = load_model("someone/tiny", device="cpu").model
+    assert calls == [(REV_A, True)]  # from the cache, no request to the Hub
+    assert torch.equal(logits(loaded, tokenizer), logits(old, tokenizer))
+    calls.clear()
+    assert load_pairs("someone/prefs") == [PreferencePair(**ROWS_A[0])]
+    assert calls == [(None, True)]  # the newest prepared copy: the keyed one
+
+    # the snapshot lost its weights: fetched online at the keyed revision, not main's newest
+    weights = [f for f in (hub / "models--someone--tiny" / "snapshots" / REV_A).iterdir()
+               if f.suffix == ".safetensors"]
+    assert weights
+    for f in weights:
+        f.unlink()
+    calls.clear()
+    load_model("someone/tiny", device="cpu")
+    assert calls == [(REV_A, True), (REV_A, False)]
+    # the prepared copy is unreadable: downloaded again at its revision
+    for f in (prepared / "someone___prefs").rglob("*.arrow"):
+        f.unlink()
+    calls.clear()
+    assert load_pairs("someone/prefs") == [PreferencePair(**ROWS_A[0])]
+    assert calls == [(None, True), (REV_A, False)]

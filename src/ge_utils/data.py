@@ -377,16 +377,22 @@ def load_pairs(source: str | os.PathLike, split: str = "train") -> list[Preferen
 
 
 def _load_dataset_pairs(name: str, split: str, local: bool) -> list[PreferencePair]:
-    """Pairs from ``datasets.load_dataset(name, split=split)``; cache only when offline."""
+    """Pairs from ``datasets.load_dataset(name, split=split)``.
+
+    A Hub name with a prepared copy in the local cache reads the copy its cache key names
+    (:func:`ge_utils.hub.cached_dataset_revision`); online, a copy that cannot be read is
+    downloaded again at that revision, never a newer one. A name not cached downloads the Hub's
+    current revision (an error when the Hub cannot be reached)."""
     try:
         import datasets
     except ImportError as exc:
         raise ImportError(
             f"loading {name!r} needs the datasets package: pip install datasets"
         ) from exc
-    from ge_utils.hub import hub_offline_mode, hub_reachable, offline_error
+    from ge_utils.hub import cached_dataset_revision, hub_offline_mode, hub_reachable, offline_error
 
-    if not local and hub_reachable():
+    revision = None if local else cached_dataset_revision(name)
+    if not local and revision is None and hub_reachable():
         ds = datasets.load_dataset(name, split=split)
     else:
         from unittest import mock
@@ -397,5 +403,7 @@ def _load_dataset_pairs(name: str, split: str, local: bool) -> list[PreferencePa
         except Exception as exc:  # datasets raises many types; all mean "cannot load offline"
             if local:
                 raise ValueError(f"cannot load the dataset folder {name!r}: {exc}") from exc
-            raise offline_error("dataset", name) from exc
+            if revision is None or not hub_reachable():
+                raise offline_error("dataset", name) from exc
+            ds = datasets.load_dataset(name, split=split, revision=revision)
     return pairs_from_records(list(ds), f"{name}[{split}]")

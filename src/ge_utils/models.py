@@ -315,14 +315,19 @@ def check_model_folder(folder: Path) -> None:
 def _load_hf(
     name_or_path: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local folder (:func:`check_model_folder`), or a Hub name (cache only when the Hub cannot
-    be reached)."""
-    from ge_utils.hub import hub_offline_mode, hub_reachable, offline_error
+    """A local folder (:func:`check_model_folder`), or a Hub name.
 
-    def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    A Hub name in the local cache loads the snapshot its cache key names
+    (:func:`ge_utils.hub.cached_model_revision`, ``refs/main``), from the cache; online, the files
+    that snapshot lacks are fetched at that same revision, never a newer one (update the cache,
+    e.g. ``hf download NAME``, to move to it: the key moves with it). A name not cached
+    downloads the Hub's current revision (an error when the Hub cannot be reached)."""
+    from ge_utils.hub import cached_model_revision, hub_offline_mode, hub_reachable, offline_error
+
+    def load(revision: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return (
-            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype),
-            AutoTokenizer.from_pretrained(name_or_path),
+            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision),
+            AutoTokenizer.from_pretrained(name_or_path, revision=revision),
         )
 
     if Path(name_or_path).exists():
@@ -331,13 +336,16 @@ def _load_hf(
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
-    if hub_reachable():
+    revision = cached_model_revision(name_or_path)
+    if revision is None and hub_reachable():
         return load()
     try:
         with hub_offline_mode():
-            return load()
+            return load(revision)
     except OSError:
-        raise offline_error("model", name_or_path) from None
+        if revision is None or not hub_reachable():
+            raise offline_error("model", name_or_path) from None
+    return load(revision)
 
 
 def train_last_k_blocks(model: PreTrainedModel, k: int) -> list[str]:

@@ -106,8 +106,9 @@ def model_fingerprint(model: str) -> dict[str, str]:
     built-in name: ``load_model`` loads those from the path): a digest of its top-level
     :data:`MODEL_FILES` (:func:`ge_utils.io.content_digest`, memoized by file stat).
     ``{"model_revision": <commit hash>}`` for a Hub name in the local Hugging Face cache: the
-    snapshot ``refs/main`` points to when the key is made, which ``from_pretrained`` loads
-    offline (:func:`ge_utils.hub.cached_model_revision`), so a newer snapshot makes a new key.
+    snapshot ``refs/main`` points to when the key is made
+    (:func:`ge_utils.hub.cached_model_revision`), which ``load_model`` loads, online too, so a
+    newer snapshot makes a new key.
     ``{}`` for the built-in names (``smollm2-135m-instruct``, ``default``, ``tiny-*``: their
     keys stay as they were) and for a Hub name not cached (keyed by its name only: the loader
     downloads the Hub's current revision, or fails offline)."""
@@ -125,7 +126,7 @@ def dataset_fingerprint(dataset: str) -> dict[str, str]:
     ``{"dataset_digest": ...}`` when ``dataset`` is a local file or folder (every file in it,
     :func:`ge_utils.io.content_digest`). ``{"dataset_revision": <commit hash>}`` for a Hub name
     with a prepared copy in the local ``datasets`` cache: the revision of the newest copy, which
-    ``datasets.load_dataset`` reads offline (:func:`ge_utils.hub.cached_dataset_revision`).
+    ``load_pairs`` reads, online too (:func:`ge_utils.hub.cached_dataset_revision`).
     ``{}`` for ``"synthetic"`` and for a Hub name not cached (keyed by its name only)."""
     if dataset == "synthetic":
         return {}
