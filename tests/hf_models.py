@@ -37,6 +37,11 @@ HF_ARCHS = {
         {"ffn_dim": 64, "word_embed_proj_dim": 32},
     ),
     "biogpt": ("learned positions from the mask; embedding scaled by a Python float", {}),
+    "mixtral": (
+        "mixture of experts: a router's tuple output, stacked experts (the eager loop, which "
+        "also runs in float64)",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
+    ),
 }
 
 
@@ -49,3 +54,19 @@ def hf_model(model_type: str, **settings):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**TINY_SIZES, **settings})
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def use_gpt_oss_routers(model):
+    """``model`` (a Mixtral) with its routers replaced by GPT-OSS's (``x W^T + b``, top-k before
+    the softmax; random weights), in place: a router with a tuple output and a bias, of no kind
+    the fast statistics have a rule for."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    gen = torch.Generator().manual_seed(1)
+    for layer in model.model.layers:
+        router = GptOssTopKRouter(model.config).to(model.dtype)
+        with torch.no_grad():
+            for p in router.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        layer.mlp.gate = router
+    return model

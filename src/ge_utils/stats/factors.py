@@ -1,6 +1,6 @@
 """Per-sequence gradient factors of one use of a parameter, and their inner products.
 
-A layer's per-sequence gradient is kept in one of three forms (:class:`Factor`):
+A layer's per-sequence gradient is kept in one of four forms (:class:`Factor`):
 
 - ``outer``: ``grad_i = sum_t left[i, t] (x) right[i, t]`` (outer products of rows, flattened),
   e.g. a linear layer ``y = W a``: ``left = g`` (output gradient rows), ``right = a`` (inputs).
@@ -9,6 +9,10 @@ A layer's per-sequence gradient is kept in one of three forms (:class:`Factor`):
   instead of ``P Q`` memory per sequence ("ghost" products);
 - ``onehot``: ``left[i, t]`` is the one-hot row of token ``ids[i, t]`` (embeddings), so
   ``left_i[t] . left_j[s] = [ids_i[t] == ids_j[s]]``;
+- ``grouped``: rows labelled by a block ``ids[i, t]`` of a stacked parameter (E, P, Q), e.g. the
+  expert that row t went to: ``grad_i = sum_t e_{ids[i, t]} (x) left[i, t] (x) right[i, t]``,
+  so ``<grad_i, grad_j> = sum_{t, s} [ids_i[t] == ids_j[s]] (left_i[t] . left_j[s])
+  (right_i[t] . right_j[s])``: the outer form's Gram products with a same-block mask;
 - ``dense``: the materialized per-sequence gradient ``vec[i]`` (N, numel); or ``deferred``, a
   dense gradient ``make(*inputs)`` not computed yet, so that the recorder can compute those of
   several layers in one call (e.g. every norm layer's ``sum_t g_t * x_hat_t``).
@@ -37,7 +41,7 @@ Index = slice | Tensor  # rows of the per-sequence factors: a range, or (K,) lon
 @dataclass(frozen=True)
 class Factor:
     """One use of a parameter as per-sequence factors (see the module docstring); build it with
-    :meth:`outer`, :meth:`onehot` or :meth:`dense`."""
+    :meth:`outer`, :meth:`onehot`, :meth:`grouped` or :meth:`dense`."""
 
     left: Tensor | None = None
     ids: Tensor | None = None
@@ -56,6 +60,13 @@ class Factor:
     def onehot(cls, ids: Tensor, right: Tensor) -> Factor:
         """``grad_i = sum_t e_{ids[i, t]} (x) right[i, t]``; ``ids`` (N, T) long."""
         return cls(ids=ids, right=right)
+
+    @classmethod
+    def grouped(cls, ids: Tensor, left: Tensor, right: Tensor) -> Factor:
+        """``grad_i = sum_t e_{ids[i, t]} (x) left[i, t] (x) right[i, t]`` for a parameter of
+        stacked (P, Q) blocks; ``ids`` (N, T) long block indices, ``left`` (N, T, P), ``right``
+        (N, T, Q)."""
+        return cls(left=left, ids=ids, right=right)
 
     @classmethod
     def dense(cls, vec: Tensor) -> Factor:
@@ -112,7 +123,11 @@ class Factor:
 
     @property
     def is_outer(self) -> bool:
-        return self.left is not None
+        return self.left is not None and self.ids is None
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.left is not None and self.ids is not None
 
 
 def gram(x: Tensor, y: Tensor) -> Tensor:
@@ -154,10 +169,17 @@ def take(t: Tensor, idx: Index) -> Tensor:
     return t[idx] if isinstance(idx, slice) else t.index_select(0, idx.to(t.device))
 
 
+def _check_grouped(u: Factor, v: Factor) -> None:
+    if u.is_grouped != v.is_grouped:
+        raise TypeError("cannot mix grouped and other uses of one parameter")
+
+
 def _left_gram(u: Factor, v: Factor, ii: Index, jj: Index) -> Tensor:
     """(K, T, S) products of the left rows of ``u`` on sequences ``ii`` and ``v`` on ``jj``."""
+    _check_grouped(u, v)
     if u.ids is not None and v.ids is not None:
-        return (take(u.ids, ii)[:, :, None] == take(v.ids, jj)[:, None, :]).to(u.right.dtype)
+        same = (take(u.ids, ii)[:, :, None] == take(v.ids, jj)[:, None, :]).to(u.right.dtype)
+        return same * gram(take(u.left, ii), take(v.left, jj)) if u.is_grouped else same
     if u.ids is None and v.ids is None:
         return gram(take(u.left, ii), take(v.left, jj))
     if u.ids is not None:  # one-hot x dense: read the dense rows at the token ids
@@ -185,8 +207,10 @@ def _rows(t: Tensor) -> Tensor:
 
 def _left_grid(u: Factor, v: Factor) -> Tensor:
     """(N_u T, N_v S) products of every left row of ``u`` with every left row of ``v``."""
+    _check_grouped(u, v)
     if u.ids is not None and v.ids is not None:
-        return (u.ids.reshape(-1, 1) == v.ids.reshape(1, -1)).to(u.right.dtype)
+        same = (u.ids.reshape(-1, 1) == v.ids.reshape(1, -1)).to(u.right.dtype)
+        return same * (_rows(u.left) @ _rows(v.left).T) if u.is_grouped else same
     if u.ids is None and v.ids is None:
         return _rows(u.left) @ _rows(v.left).T
     if u.ids is not None:  # one-hot x dense: the dense rows read at the token ids
@@ -220,6 +244,8 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
     - outer: ``<sum_t l_t (x) r_t, V> = sum_t l_t^T V r_t`` (``V`` the parameter as a
       (P, Q) matrix), the per-sequence sum of ``(l V) * r``;
     - onehot: ``sum_t V[id_t] . r_t``;
+    - grouped: ``sum_t l_t^T V[id_t] r_t`` (``V`` as (E, P, Q) blocks; the rows of each block
+      multiplied by it in one product);
     - dense: ``vec_i . v``.
 
     The products are formed in the factors' precision and on their device (``v`` moved to
@@ -228,6 +254,8 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
     u = u.resolved()
     if u.vec is not None:
         return dense_dot(u.vec, direction.reshape(-1).to(u.vec))
+    if u.is_grouped:
+        return _grouped_dot(u, direction)
     if u.ids is not None:
         rows = direction.reshape(-1, u.right.shape[2]).to(u.right)[u.ids]
         prod = rows * u.right
@@ -237,9 +265,21 @@ def factor_dot(u: Factor, direction: Tensor) -> Tensor:
     return prod.sum((1, 2), dtype=acc_dtype(prod))
 
 
+def _grouped_dot(u: Factor, direction: Tensor) -> Tensor:
+    """``sum_t l_t^T V[id_t] r_t`` per sequence of a grouped factor ``u``."""
+    (n, t, p), q = u.left.shape, u.right.shape[2]
+    blocks = direction.reshape(-1, p, q).to(u.left)
+    ids, left, right = u.ids.reshape(-1), u.left.reshape(-1, p), u.right.reshape(-1, q)
+    prod = torch.zeros_like(right)
+    for block in ids.unique().tolist():
+        rows = (ids == block).nonzero().flatten()
+        prod[rows] = (left[rows] @ blocks[block]) * right[rows]
+    return prod.reshape(n, t, q).sum((1, 2), dtype=acc_dtype(prod))
+
+
 def materialize(u: Factor) -> Factor:
     """``u`` (outer) as per-sequence gradients when that is cheaper and fits in memory, else
-    ``u`` (any other factor, a deferred one included, as is).
+    ``u`` (any other factor, a grouped or deferred one included, as is).
 
     For N = 2B sequences of T rows and 3 products per pair, materializing costs about
     ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when

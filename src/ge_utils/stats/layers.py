@@ -21,6 +21,8 @@ returns, for each wanted parameter of ``m`` (by attribute name), a
   ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t`` (dense, d values each);
 - LoRA adapters (peft) are pairs of ``nn.Linear`` layers (``lora_A``, ``lora_B``) and are
   covered by the linear rule, with GPT-2's ``fan_in_fan_out`` included;
+- mixture-of-experts routers and experts (Mixtral's and those computing the same):
+  :mod:`ge_utils.stats.moe`;
 - any other module with at most ``SMALL_MODULE_NUMEL`` parameters in the set (the fallback):
   per-sequence vector-Jacobian products through that module alone,
   ``grad_p f_i = (d m(x_i) / d p)^T g_i`` (vectorized with vmap, a loop where vmap cannot run).
@@ -46,10 +48,12 @@ predicate ``match(module) -> bool`` instead of a class for anything else. Rules 
 later take precedence. ``single_use=True`` states that each call of the module uses each of its
 parameters exactly once in the autograd graph and may receive its input as the keyword
 ``input``; the recorder then counts uses to catch the same parameter used outside its module.
-Otherwise the module must be called with one positional tensor and no keyword arguments.
-``inputs(module, args, kwargs)``, where given, maps a call's arguments to the ``x`` its factor
-function takes (e.g. the rows a positional embedding reads); by default the first positional
-tensor (or the keyword ``input``). Add a
+Otherwise the module must be called with one positional tensor and no keyword arguments, unless
+the rule has its own ``inputs``. ``inputs(module, args, kwargs)``, where given, maps a call's
+arguments to the ``x`` its factor function takes (e.g. the rows a positional embedding reads);
+by default the first positional tensor (or the keyword ``input``). ``output(out)``, where given,
+picks from the module's output the tensor whose gradient is ``g`` (e.g. the logits of a router
+that returns a tuple); by default the output itself, which must be a tensor. Add a
 test of the new function against per-sequence autograd (``tests/test_fast_gradients.py``,
 ``test_layer_factors_equal_per_sequence_autograd``) and of a model using it against
 :func:`ge_utils.stats.exact.exact_gradient_stats`.
@@ -60,6 +64,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,18 +75,20 @@ SMALL_MODULE_NUMEL = 2**20  # most parameters (in the set) of a module handled b
 
 FactorFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Factor]]
 InputFn = Callable[[nn.Module, tuple, dict], Tensor]
+OutputFn = Callable[[object], Tensor]
 
 
 @dataclass(frozen=True)
 class LayerRule:
     """A registered factor function: ``name`` (for messages), ``match(module)``, ``factors``,
-    ``single_use`` and ``inputs`` (see the module docstring)."""
+    ``single_use``, ``inputs`` and ``output`` (see the module docstring)."""
 
     name: str
     match: Callable[[nn.Module], bool]
     factors: FactorFn
     single_use: bool
     inputs: InputFn | None = None
+    output: OutputFn | None = None
 
 
 _RULES: list[LayerRule] = []
@@ -100,6 +107,7 @@ def register_layer(
     single_use: bool = False,
     name: str | None = None,
     inputs: InputFn | None = None,
+    output: OutputFn | None = None,
 ) -> Callable[[FactorFn], FactorFn]:
     """Decorator: register ``factors`` for modules of class ``kind`` (matched when their
     ``forward`` is ``kind.forward``) or for the modules a predicate ``kind(module)`` accepts."""
@@ -107,7 +115,7 @@ def register_layer(
     label = name or getattr(kind, "__name__", repr(kind))
 
     def decorate(factors: FactorFn) -> FactorFn:
-        _RULES.append(LayerRule(label, match, factors, single_use, inputs))
+        _RULES.append(LayerRule(label, match, factors, single_use, inputs, output))
         return factors
 
     return decorate
@@ -277,8 +285,8 @@ class _Bare(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner.forward(x)
+    def forward(self, *args: Tensor) -> Any:
+        return self.inner.forward(*args)
 
 
 _SLOPE_IS_NORMALIZED: dict[type, bool] = {}  # per RMSNorm class: checked once per process

@@ -145,9 +145,11 @@ class GhostRecorder:
             if single_use:
                 self.single_use |= {id(p) for p in own.values()}
             inputs = rule.inputs if rule is not None else None
+            output = rule.output if rule is not None else None
             self.handles.append(
                 module.register_forward_hook(  # first: it sees the module's own output
-                    self._hook_for(own, factors, single_use, inputs), with_kwargs=True,
+                    self._hook_for(own, factors, single_use, inputs, output),
+                    with_kwargs=True,
                     prepend=True,
                 )
             )
@@ -173,12 +175,15 @@ class GhostRecorder:
         factors: layers.FactorFn,
         single_use: bool,
         inputs: layers.InputFn | None,
+        pick: layers.OutputFn | None,
     ) -> Callable:
         label = ", ".join(self.names[id(p)] for p in own.values())
 
         def forward_hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self._busy or not torch.is_grad_enabled():
                 return
+            if pick is not None:
+                output = pick(output)
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"fast statistics need a tensor output from {type(mod).__name__}, which owns "
@@ -188,7 +193,7 @@ class GhostRecorder:
                 return
             x = inputs(mod, args, kwargs) if inputs else (args[0] if args else kwargs.get("input"))
             one_input = len(args) == 1 and not kwargs
-            if not isinstance(x, Tensor) or (not single_use and not one_input):
+            if not isinstance(x, Tensor) or (not single_use and inputs is None and not one_input):
                 raise TypeError(
                     f"fast statistics need {type(mod).__name__} (owner of {label}) to be called "
                     "with one positional tensor"
@@ -334,7 +339,7 @@ class GhostRecorder:
         if keep or pid in self.shared:
             self.uses[pid].append(use.resolved())
             return
-        if use.ids is not None:  # one-hot (an embedding): one such layer, reduced now
+        if use.ids is not None:  # one-hot or grouped (an embedding, experts): reduced now
             for key, (ii, jj) in self._index.items():
                 self._accumulate(key, factor_inner(use, use, ii, jj))
             return
