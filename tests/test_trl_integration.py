@@ -21,7 +21,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from datasets import Dataset
-from hf_models import hf_model
+from hf_models import hf_model, use_gpt_oss_routers
 from trl import DPOConfig, DPOTrainer
 
 from ge_utils.data import sentiment_pairs
@@ -429,18 +429,22 @@ def _attention_only(name: str, p: torch.nn.Parameter) -> bool:
         ("qwen3", True, {}, _attention_only),
         ("gemma2", False, {}, None),
         ("opt", True, {"dropout": 0.0}, None),
+        ("mixtral", True, {"router_aux_loss_coef": 0.0}, None),
+        ("mixtral", False, {}, None),
     ],
-    ids=["qwen3-attention-only", "gemma2", "opt"],
+    ids=["qwen3-attention-only", "gemma2", "opt", "mixtral", "mixtral-load-balancing"],
 )
 def test_other_families_get_the_statistics_of_the_fast_method(
     tmp_path, model_type, in_backward, settings, params
 ):
     """Qwen3 (per-head norms; recorded in TRL's backward), Gemma 2 (soft-capped logits, which
-    the fused head's share does not cover: a separate pass) and OPT (MLP rows flattened over the
+    the fused head's share does not cover: a separate pass), OPT (MLP rows flattened over the
     batch, recorded in TRL's backward, where the recorder knows the batch only by its pairs;
-    its learned positional embedding, called with keywords), on the tiny Llama's tokenizer; for
-    Qwen3 over the attention's parameters only (``params``): a step's per-pair statistics and
-    log-probs are those of the fast method on its batch."""
+    its learned positional embedding, called with keywords) and Mixtral (routers and experts,
+    rows flattened over the batch; with TRL's load-balancing loss on, which adds its own
+    gradient to the backward, a separate pass), on the tiny Llama's tokenizer; for Qwen3 over
+    the attention's parameters only (``params``): a step's per-pair statistics and log-probs
+    are those of the fast method on its batch."""
     trainer = _family_trainer(tmp_path, model_type, **settings)
     callback = attach_entanglement_metrics(trainer, params=params)
     start = hf_model(model_type, vocab_size=trainer.model.config.vocab_size, **settings)
@@ -469,14 +473,15 @@ def test_other_families_get_the_statistics_of_the_fast_method(
 
 
 def test_models_the_metrics_cannot_measure_are_refused_before_training(tmp_path):
-    """A mixture of experts (its router's tuple output) is refused when the callback is built
-    (not in the first measured step), with the way out. OPT's functional dropout (from the
-    config, which TRL's ``disable_dropout`` does not reach) makes the training forward random:
-    a warning says that training runs with dropout, and a batch probe, which cannot use such a
-    forward, is refused; without dropout, neither. Frozen parameters are not a parameter set
-    of the step."""
-    moe = _family_trainer(tmp_path / "moe", "mixtral", num_local_experts=4, num_experts_per_tok=2)
-    with pytest.raises(TypeError, match=r"TopKRouter.*params="):
+    """A mixture of experts with a router of a kind without a rule (GPT-OSS's in a Mixtral: a
+    tuple output and a bias) is refused when the callback is built (not in the first measured
+    step), with the way out. OPT's functional dropout (from the config, which TRL's
+    ``disable_dropout`` does not reach) makes the training forward random: a warning says that
+    training runs with dropout, and a batch probe, which cannot use such a forward, is refused;
+    without dropout, neither. Frozen parameters are not a parameter set of the step."""
+    moe = _family_trainer(tmp_path / "moe", "mixtral")
+    use_gpt_oss_routers(moe.model)
+    with pytest.raises(TypeError, match=r"GptOssTopKRouter.*params="):
         attach_entanglement_metrics(moe)
     trainer = _family_trainer(tmp_path, "opt")
     with pytest.warns(UserWarning, match="did not turn off all dropout"):

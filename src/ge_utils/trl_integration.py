@@ -30,38 +30,39 @@ metrics (TRL's ``trainer._metrics``, averaged and logged by ``DPOTrainer.log``):
 
 Where the statistics come from: TRL's own forward and backward of the measured steps
 (``in_backward=True``, the default). From the start of a measured step to its optimizer step, a
-:class:`ge_utils.stats.GhostRecorder` on the policy records every layer of the backbone, and a
-hook on the backbone's output recovers the fused LM head's share (TRL computes log-probs in
-chunks from the head's weight directly, which module hooks cannot see): see
-:class:`_StepRecorder` for the math. The hooks only read tensors, so training stays
-bit-identical with the integration on or off; the statistics are those of the training forward
-(with its dropout, if on; TRL disables dropout by default). A micro-batch whose backward is not
-that of a loss of the summed log-probs (checked per token), or a model whose output layer
-scales or soft-caps its logits, goes through a separate pass instead (``in_backward=False``
-for every step): just before the optimizer step the captured micro-batch goes through
-:func:`ge_utils.stats.fast_gradient_stats`, one forward and one backward to the layer outputs
-only, in eval mode, which never touches ``.grad``, the optimizer or the RNG; it costs about one
-extra training step. The probe costs, at each measured step, one forward and one backward of the
-probe pairs just before the optimizer step (in eval mode, to the layer outputs only: ``.grad``
-untouched), whose per-layer factors (inputs and output gradients) give the exact prediction
-``g . Delta theta`` once the update is known (for a linear layer ``sum_t g_t^T Delta W a_t``),
-and one forward after the step. When the next step is measured too, that step's forward and
-backward of the probe run right after this step's update instead (the parameters do not change
-until the next optimizer step) and their log-probs are this step's "after": measuring every step
-costs one forward, one backward and the contraction per step. A batch probe (``probe=k``: the
-displacement of the pairs being trained on, the paper's object) needs neither: the recorder of
-the trainer's backward also keeps the factors of those k pairs of the step's first micro-batch
+:class:`ge_utils.stats.GhostRecorder` on the policy records every layer of the backbone, and a hook
+on the backbone's output recovers the fused LM head's share (TRL computes log-probs in chunks from
+the head's weight directly, which module hooks cannot see): see :class:`_StepRecorder` for the
+math. The hooks only read tensors, so training stays bit-identical with the integration on or off;
+the statistics are those of the training forward (with its dropout, if on; TRL disables dropout by
+default). A micro-batch whose backward is not that of a loss of the summed log-probs (checked per
+token), a model whose output layer scales or soft-caps its logits, or a trainer that adds an
+auxiliary loss to the backward (a mixture of experts' load-balancing loss of the router logits,
+TRL's ``aux_loss_enabled``: its gradient reaches every layer but not the backbone's output, where
+the check looks), goes through a separate pass instead (``in_backward=False`` for every step): just
+before the optimizer step the captured micro-batch goes through
+:func:`ge_utils.stats.fast_gradient_stats`, one forward and one backward to the layer outputs only,
+in eval mode, which never touches ``.grad``, the optimizer or the RNG; it costs about one extra
+training step. The probe costs, at each measured step, one forward and one backward of the probe
+pairs just before the optimizer step (in eval mode, to the layer outputs only: ``.grad``
+untouched), whose per-layer factors (inputs and output gradients) give the exact prediction ``g .
+Delta theta`` once the update is known (for a linear layer ``sum_t g_t^T Delta W a_t``), and one
+forward after the step. When the next step is measured too, that step's forward and backward of the
+probe run right after this step's update instead (the parameters do not change until the next
+optimizer step) and their log-probs are this step's "after": measuring every step costs one
+forward, one backward and the contraction per step. A batch probe (``probe=k``: the displacement of
+the pairs being trained on, the paper's object) needs neither: the recorder of the trainer's
+backward also keeps the factors of those k pairs of the step's first micro-batch
 (:meth:`ge_utils.stats.GhostRecorder.keep_rows`; they are ``c_i grad u_i``, divided by the loss
-coefficient ``c_i`` after the contraction), and their log-probs before the step are those of
-the training forward (hence a training forward without dropout is required:
-``disable_dropout=True``, TRL's default, and no functional dropout it does not reach, checked
-on one made-up sequence when the callback is built, which also warns when ``disable_dropout``
-left dropout on: then the training, and its batch statistics, run with dropout); a step then
-costs the contraction, the copy and one forward of the 2k sequences after the update. Where
-the recorder cannot handle the model, a forward-mode pass
-(:func:`directional_logps`) instead. It needs a copy of the trainable parameters before the step
-(small for LoRA, large for a full fine-tune), into which the update is then computed; that
-memory is kept from the first probed step on and reused (until :meth:`detach`).
+coefficient ``c_i`` after the contraction), and their log-probs before the step are those of the
+training forward (hence a training forward without dropout is required: ``disable_dropout=True``,
+TRL's default, and no functional dropout it does not reach, checked on one made-up sequence when
+the callback is built, which also warns when ``disable_dropout`` left dropout on: then the
+training, and its batch statistics, run with dropout); a step then costs the contraction, the copy
+and one forward of the 2k sequences after the update. Where the recorder cannot handle the model, a
+forward-mode pass (:func:`directional_logps`) instead. It needs a copy of the trainable parameters
+before the step (small for LoRA, large for a full fine-tune), into which the update is then
+computed; that memory is kept from the first probed step on and reused (until :meth:`detach`).
 
 The loss coefficients ``d_w, d_l`` are those of TRL's ``loss_type="sigmoid"`` (DPO,
 ``ge_utils.losses.get_loss("dpo", beta=trainer.beta)``) with reference log-probs read from the
@@ -548,7 +549,8 @@ class EntanglementCallback(TrainerCallback):
             self.probe = tokenize_probe(trainer, probe)
         self._captured: list[_MicroBatch] = []
         self._awaiting: _MicroBatch | None = None  # inside the trainer's compute_loss
-        self.in_backward = in_backward and _StepRecorder.supported(self._policy())
+        aux_loss = bool(getattr(trainer, "aux_loss_enabled", False))
+        self.in_backward = in_backward and not aux_loss and _StepRecorder.supported(self._policy())
         self._step: _StepRecorder | None = None
         self._ref_hook = self._hook_reference()
         self._before: _ProbeBefore | None = None
