@@ -8,7 +8,9 @@ read by the real loaders (offline): the revision in the key is the one whose wei
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -46,19 +48,26 @@ def hf_cache(tmp_path, monkeypatch):
 def cache_model(hub: Path, name: str, revision: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     """Put a tiny model in ``hub`` as ``hf_hub_download`` does: files in ``blobs/<sha256>``,
     linked from ``snapshots/<revision>/``, and ``refs/main`` naming ``revision``."""
-    repo = hub / f"models--{name.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
     model = tiny_causal_lm("gpt2", len(tokenizer), seed=seed)
+    snapshot = hub / f"models--{name.replace('/', '--')}" / "snapshots" / revision
     model.save_pretrained(snapshot)
     tokenizer.save_pretrained(snapshot)
+    link_snapshot(snapshot)
+    return model
+
+
+def link_snapshot(snapshot: Path) -> None:
+    """Lay out the files saved in ``snapshot`` (``<repo>/snapshots/<revision>``) as
+    ``hf_hub_download`` does: in ``<repo>/blobs/<sha256>``, linked from the snapshot, and point
+    ``<repo>/refs/main`` at it."""
+    repo = snapshot.parent.parent
     (repo / "blobs").mkdir(exist_ok=True)
     for file in [f for f in snapshot.iterdir() if f.is_file()]:
         blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
         file.replace(blob)
         file.symlink_to(os.path.relpath(blob, file.parent))
     (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    return model
+    (repo / "refs" / "main").write_text(snapshot.name)
 
 
 def prepare_dataset(cache: Path, name: str, revision: str, rows: list[dict]) -> None:
@@ -241,3 +250,47 @@ def test_online_a_cached_name_loads_the_revision_in_its_key(hf_cache, tokenizer,
     calls.clear()
     assert load_pairs("someone/prefs") == [PreferencePair(**ROWS_A[0])]
     assert calls == [(None, True), (REV_A, False)]
+
+
+def test_a_cached_hub_adapter_loads_on_its_cached_base(hf_cache, tokenizer):
+    """A Hub adapter (adapter_config.json naming a Hub base model), both in the cache: it loads
+    at its revision on the base's cached revision, and the key holds both revisions (a newer
+    base snapshot changes the numbers, so it must change the key)."""
+    from ge_utils.models import LoraSettings, add_lora
+
+    hub, _ = hf_cache
+    base = cache_model(hub, "someone/base", REV_B, tokenizer, seed=0)
+    tuned = add_lora(base, LoraSettings(r=2, targets=("c_attn",)))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    snapshot = hub / "models--someone--adapter" / "snapshots" / REV_A
+    tuned.save_pretrained(snapshot)
+    config = snapshot / "adapter_config.json"
+    config.write_text(json.dumps(
+        json.loads(config.read_text()) | {"base_model_name_or_path": "someone/base"}))
+    tokenizer.save_pretrained(snapshot)
+    link_snapshot(snapshot)
+    # the Hub answered 404 for its config.json when it was downloaded: huggingface_hub notes it
+    no_config = snapshot.parent.parent / ".no_exist" / REV_A / "config.json"
+    no_config.parent.mkdir(parents=True)
+    no_config.touch()
+
+    loaded = load_model("someone/adapter", device="cpu").model
+    assert torch.equal(logits(loaded, tokenizer), logits(tuned, tokenizer))
+    assert model_fingerprint("someone/adapter") == {
+        "model_revision": REV_A, "base_model_revision": REV_B}
+    local = hub.parent / "adapter-copy"  # the same adapter as a local folder
+    shutil.copytree(snapshot, local)
+    assert torch.equal(logits(load_model(str(local), device="cpu").model, tokenizer),
+                       logits(tuned, tokenizer))
+    assert model_fingerprint(str(local))["base_model_revision"] == REV_B
+    before = spec_hash(model="someone/adapter")
+    cache_model(hub, "someone/base", "c" * 40, tokenizer, seed=1)  # the base moves on
+    assert model_fingerprint("someone/adapter")["base_model_revision"] == "c" * 40
+    assert spec_hash(model="someone/adapter") != before
+    for name in ("someone/adapter", str(local)):
+        moved = load_model(name, device="cpu").model
+        assert not torch.equal(logits(moved, tokenizer), logits(tuned, tokenizer))
+    assert model_fingerprint(str(local))["base_model_revision"] == "c" * 40

@@ -3,6 +3,7 @@ revision of a Hub model or dataset in the local cache, for cache keys (:mod:`ge_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -63,6 +64,12 @@ def cached_model_revision(name: str) -> str | None:
     reads from the local cache: ``refs/main`` of its folder in ``HF_HUB_CACHE``, resolved as
     ``huggingface_hub.hf_hub_download`` resolves it. ``None`` when ``name`` is not a repo id, or
     the repo (or that snapshot) is not cached."""
+    snapshot = _cached_snapshot(name)
+    return snapshot.name if snapshot is not None else None
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The folder of the snapshot :func:`cached_model_revision` names, or ``None``."""
     if not _is_repo_id(name):
         return None
     from huggingface_hub import constants
@@ -73,7 +80,24 @@ def cached_model_revision(name: str) -> str | None:
         revision = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
     except OSError:
         return None
-    return revision if revision and (repo / "snapshots" / revision).is_dir() else None
+    snapshot = repo / "snapshots" / revision
+    return snapshot if revision and snapshot.is_dir() else None
+
+
+def adapter_base_revision(name_or_path: str) -> str | None:
+    """For a saved adapter (a local folder, or a cached Hub snapshot, with
+    ``adapter_config.json`` and no ``config.json``: transformers loads it on the base model its
+    config names), the cached revision of that base (:func:`cached_model_revision`); ``None``
+    for anything else, or a base that is a local path or not cached."""
+    folder = Path(name_or_path) if Path(name_or_path).exists() else _cached_snapshot(name_or_path)
+    if folder is None or not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return cached_model_revision(base) if isinstance(base, str) else None
 
 
 def cached_dataset_revision(name: str) -> str | None:

@@ -320,13 +320,28 @@ def _load_hf(
     A Hub name in the local cache loads the snapshot its cache key names
     (:func:`ge_utils.hub.cached_model_revision`, ``refs/main``), from the cache; online, the files
     that snapshot lacks are fetched at that same revision, never a newer one (update the cache,
-    e.g. ``hf download NAME``, to move to it: the key moves with it). A name not cached
-    downloads the Hub's current revision (an error when the Hub cannot be reached)."""
-    from ge_utils.hub import cached_model_revision, hub_offline_mode, hub_reachable, offline_error
+    e.g. ``hf download NAME``, to move to it: the key moves with it); a saved adapter loads on
+    its base's cached revision (:func:`ge_utils.hub.adapter_base_revision`) likewise. A name not
+    cached downloads the Hub's current revision (an error when the Hub cannot be reached)."""
+    from ge_utils.hub import (
+        adapter_base_revision,
+        cached_model_revision,
+        hub_offline_mode,
+        hub_reachable,
+        offline_error,
+    )
+
+    base = adapter_base_revision(name_or_path)
 
     def load(revision: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        # a saved adapter: transformers resolves its base at `revision` and the adapter at
+        # adapter_kwargs' revision; both are the cached ones its key names
+        pinned = (
+            {"revision": revision} if base is None
+            else {"revision": base, "adapter_kwargs": {"revision": revision}}
+        )
         return (
-            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision),
+            AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **pinned),
             AutoTokenizer.from_pretrained(name_or_path, revision=revision),
         )
 
