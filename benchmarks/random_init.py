@@ -5,7 +5,10 @@ timing on a machine that the checkpoint cannot reach (random weights cost what t
 
 ``smollm2-135m``: the offline model's own config. ``llama-1b``: the same Llama architecture and
 tokenizer, widened and deepened to about 1.07B parameters (hidden 2048, 16 layers, 32 query and 8
-key-value heads, MLP 8192, tied embeddings), to show how the ratios scale.
+key-value heads, MLP 8192, tied embeddings), to show how the ratios scale. ``mixtral-smollm2``: a
+Mixtral (mixture of experts) of SmolLM2's width, depth, attention and tokenizer whose MLPs are 8
+experts of 768 with 2 per token (the dense MLP's 1536 of compute per token; about 350M
+parameters), for the cost of the experts' statistics.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import argparse
 import copy
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from benchmarks.common import load
 
-SHAPES: dict[str, dict[str, int | bool]] = {
+SHAPES: dict[str, dict[str, int | bool | str]] = {
     "smollm2-135m": {},
     "llama-1b": {
         "hidden_size": 2048,
@@ -27,7 +32,19 @@ SHAPES: dict[str, dict[str, int | bool]] = {
         "head_dim": 64,
         "tie_word_embeddings": True,
     },
+    "mixtral-smollm2": {
+        "model_type": "mixtral",
+        "intermediate_size": 768,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
 }
+# what a shape of another model type (``model_type``) takes over from the loaded model's config
+SHARED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 
 
 def write_folders(out: Path, model_name: str = "smollm2-135m-instruct") -> dict[str, Path]:
@@ -35,8 +52,13 @@ def write_folders(out: Path, model_name: str = "smollm2-135m-instruct") -> dict[
     model's config with the shape's changes) and the tokenizer's files."""
     model, tok = load(model_name)
     folders = {}
-    for name, changes in SHAPES.items():
-        config = copy.deepcopy(model.config)
+    for name, shape in SHAPES.items():
+        changes = dict(shape)
+        if "model_type" in changes:
+            shared = {key: getattr(model.config, key) for key in SHARED}
+            config = AutoConfig.for_model(str(changes.pop("model_type")), **shared)
+        else:
+            config = copy.deepcopy(model.config)
         for key, value in changes.items():
             setattr(config, key, value)
         folder = out / name
