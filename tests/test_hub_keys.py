@@ -294,3 +294,33 @@ def test_a_cached_hub_adapter_loads_on_its_cached_base(hf_cache, tokenizer):
         moved = load_model(name, device="cpu").model
         assert not torch.equal(logits(moved, tokenizer), logits(tuned, tokenizer))
     assert model_fingerprint(str(local))["base_model_revision"] == "c" * 40
+
+
+def test_a_local_adapter_on_a_local_base_is_keyed_by_the_base_files(tmp_path, tokenizer):
+    """An adapter folder whose ``base_model_name_or_path`` is a local folder: new weights saved
+    in that base folder change the numbers the adapter gives, so they change the key."""
+    from ge_utils.models import LoraSettings, add_lora
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base = tiny_causal_lm("gpt2", len(tokenizer), seed=0)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    tuned = add_lora(base, LoraSettings(r=2, targets=("c_attn",)))
+    tuned.save_pretrained(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    config.write_text(json.dumps(
+        json.loads(config.read_text()) | {"base_model_name_or_path": str(base_dir)}))
+    tokenizer.save_pretrained(adapter_dir)
+
+    before = model_fingerprint(str(adapter_dir))
+    assert before["base_model_digest"] == content_digest(base_dir, MODEL_FILES, recursive=False)
+    assert "base_model_revision" not in before
+    key = spec_hash(model=str(adapter_dir))
+    first = logits(load_model(str(adapter_dir), device="cpu").model, tokenizer)
+
+    tiny_causal_lm("gpt2", len(tokenizer), seed=1).save_pretrained(base_dir)  # the base moves on
+    assert model_fingerprint(str(adapter_dir))["base_model_digest"] != before["base_model_digest"]
+    assert model_fingerprint(str(adapter_dir))["model_digest"] == before["model_digest"]
+    assert spec_hash(model=str(adapter_dir)) != key
+    moved = logits(load_model(str(adapter_dir), device="cpu").model, tokenizer)
+    assert not torch.equal(moved, first)

@@ -84,11 +84,11 @@ def _cached_snapshot(name: str) -> Path | None:
     return snapshot if revision and snapshot.is_dir() else None
 
 
-def adapter_base_revision(name_or_path: str) -> str | None:
+def adapter_base(name_or_path: str) -> str | None:
     """For a saved adapter (a local folder, or a cached Hub snapshot, with
     ``adapter_config.json`` and no ``config.json``: transformers loads it on the base model its
-    config names), the cached revision of that base (:func:`cached_model_revision`); ``None``
-    for anything else, or a base that is a local path or not cached."""
+    config names), that base: a Hub name or a local path (``base_model_name_or_path``);
+    ``None`` for anything else."""
     folder = Path(name_or_path) if Path(name_or_path).exists() else _cached_snapshot(name_or_path)
     if folder is None or not folder.is_dir() or (folder / "config.json").exists():
         return None
@@ -97,7 +97,15 @@ def adapter_base_revision(name_or_path: str) -> str | None:
     except (OSError, ValueError):
         return None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    return cached_model_revision(base) if isinstance(base, str) else None
+    return base if isinstance(base, str) and base else None
+
+
+def adapter_base_revision(name_or_path: str) -> str | None:
+    """For a saved adapter (:func:`adapter_base`), the cached revision of its base
+    (:func:`cached_model_revision`); ``None`` for anything else, or a base that is a local path
+    or not cached."""
+    base = adapter_base(name_or_path)
+    return cached_model_revision(base) if base is not None else None
 
 
 def cached_dataset_revision(name: str) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ge_utils.data import CONFIG_SUFFIXES
-from ge_utils.hub import adapter_base_revision, cached_dataset_revision, cached_model_revision
+from ge_utils.hub import adapter_base, cached_dataset_revision, cached_model_revision
 from ge_utils.io import content_digest
 from ge_utils.models import DEFAULT_MODEL, TINY_MODELS, LoraSettings, device_key
 from ge_utils.training import TrainConfig
@@ -110,7 +110,8 @@ def model_fingerprint(model: str) -> dict[str, str]:
     (:func:`ge_utils.hub.cached_model_revision`), which ``load_model`` loads, online too, so a
     newer snapshot makes a new key. A saved adapter (local or cached) whose base model is a
     cached Hub name adds ``{"base_model_revision": <commit hash>}``, the base snapshot it
-    loads on (:func:`ge_utils.hub.adapter_base_revision`).
+    loads on (:func:`ge_utils.hub.adapter_base_revision`); one whose base is a local folder adds
+    ``{"base_model_digest": ...}``, the digest of that folder's model files, as above.
     ``{}`` for the built-in names (``smollm2-135m-instruct``, ``default``, ``tiny-*``: their
     keys stay as they were) and for a Hub name not cached (keyed by its name only: the loader
     downloads the Hub's current revision, or fails offline)."""
@@ -121,8 +122,13 @@ def model_fingerprint(model: str) -> dict[str, str]:
     else:
         revision = cached_model_revision(model)
         out = {"model_revision": revision} if revision else {}
-    base = adapter_base_revision(model)
-    return out | ({"base_model_revision": base} if base else {})
+    base = adapter_base(model)
+    if base is None:
+        return out
+    if Path(base).exists():
+        return out | {"base_model_digest": content_digest(base, MODEL_FILES, recursive=False)}
+    revision = cached_model_revision(base)
+    return out | ({"base_model_revision": revision} if revision else {})
 
 
 def dataset_fingerprint(dataset: str) -> dict[str, str]:
