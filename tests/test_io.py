@@ -73,3 +73,31 @@ def test_content_digest_follows_the_content_not_the_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io_mod, "open", no_reading, raising=False)
     assert content_digest(f) == first  # memoized by the file's stat
+
+
+def test_a_write_removes_the_temporary_files_of_killed_writers(tmp_path):
+    """A writer killed outright leaves its hidden temporary file; the next write of the same
+    path removes it when its process is dead, and keeps a live writer's and another host's."""
+    import subprocess
+    import sys
+
+    from ge_utils.io import _HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    target = tmp_path / "result.json"
+    orphan = tmp_path / f".result.json.{int(dead.stdout)}@{_HOST}.k1ll3d.part"
+    live = tmp_path / f".result.json.{os.getpid()}@{_HOST}.w0rk1ng.part"
+    elsewhere = tmp_path / f".result.json.{int(dead.stdout)}@another.host.r3mote.part"
+    other_file = tmp_path / f".result.json.old.{int(dead.stdout)}@{_HOST}.n0tm1ne.part"
+    for f in (orphan, live, elsewhere, other_file):
+        f.write_text("half")
+    atomic_write_json(target, {"a": 1})
+    assert not orphan.exists()
+    assert live.exists() and elsewhere.exists() and other_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".part") == sorted(
+        p.name for p in (live, elsewhere, other_file))
+    with atomic_open(target) as fh:  # a write's own temporary file has the name parsed above
+        fh.write("{}")
+        (own,) = set(tmp_path.glob(".result.json.*.part")) - {live, elsewhere, other_file}
+        assert own.name.startswith(f".result.json.{os.getpid()}@{_HOST}.")

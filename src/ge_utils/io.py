@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import hashlib
 import json
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -21,7 +23,10 @@ from typing import IO, Any
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was. The file
+    On any exception the temporary file is removed and ``path`` is left as it was. A process
+    killed outright (``SIGKILL``, power loss) cannot remove it: its name holds the writer's host
+    and process id, and the next write of ``path`` removes those of this host's dead processes
+    (:func:`_remove_orphans`). The file
     gets the mode an ordinary ``open`` would give it: an existing ``path`` keeps its mode, a new
     one gets ``0o666`` masked by the process umask (the temporary file is created ``0o600``).
     """
@@ -29,7 +34,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise ValueError(f"atomic_open is for writing; got mode {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    _remove_orphans(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".part")
     os.close(fd)
     os.chmod(tmp, _file_mode(target))
     try:
@@ -42,6 +48,38 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}@{_HOST}."
+
+
+def _remove_orphans(target: Path) -> None:
+    """Remove the temporary files of writes of ``target`` whose process, on this host, is dead.
+
+    A live writer's file (here or, for a folder shared between hosts, on another host) is kept:
+    removing it would fail that write."""
+    head = f".{target.name}."
+    for orphan in target.parent.glob(f"{glob.escape(head)}*@*.part"):
+        pid, _, rest = orphan.name[len(head):].partition("@")
+        if not pid.isdigit() or rest.rpartition(".")[0].rpartition(".")[0] != _HOST:
+            continue
+        if not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                orphan.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _file_mode(target: Path) -> int:
