@@ -73,6 +73,13 @@ def _close(got: Tensor, expected: Tensor, dtype: torch.dtype) -> bool:
     return bool((got - expected).abs().max() <= tol)
 
 
+def _probe_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A probe's dtype for a module in ``dtype``: at least float32, so that a class checked in
+    bfloat16 or float16 meets the tolerance of float32 (64 bfloat16 epsilons are half the
+    largest value: a wrong formula could pass), not of its own dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _cpu64(t: Tensor) -> Tensor:
     """``t`` in float64 on the CPU (where float64 exists whatever the device)."""
     return t.detach().cpu().double()
@@ -97,8 +104,9 @@ def router_rows(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 def _router_probe(module: nn.Module) -> bool:
     """The class's forward returns logits ``x W^T`` through which alone its weight reaches its
     outputs (see the module docstring), on 6 random rows in the weight's dtype (compared in the
-    coarser of it and the logits' dtype: some routers compute them in float32)."""
-    weight = module.weight.detach()
+    coarser of it and the logits' dtype: some routers compute them in float32), at least
+    float32 (:func:`_probe_dtype`)."""
+    weight = module.weight.detach().to(_probe_dtype(module.weight.dtype))
     gen = torch.Generator().manual_seed(0)
     x = _random(gen, weight, 6, weight.shape[1])
     w = weight.clone().requires_grad_(True)
@@ -176,8 +184,10 @@ def _experts_reference(
 
 def _experts_probe(module: nn.Module) -> bool:
     """The class's forward is the formula of the module docstring, on 8 random tokens (each
-    routed to 2 distinct experts) and small random weights (I = 8, H = 16) in its dtype."""
-    like = module.gate_up_proj
+    routed to 2 distinct experts) and small random weights (I = 8, H = 16) in its dtype, at
+    least float32 (:func:`_probe_dtype`)."""
+    like = module.gate_up_proj.detach()
+    like = like.to(_probe_dtype(like.dtype))
     n_experts = like.shape[0]
     gen = torch.Generator().manual_seed(0)
     x = _random(gen, like, 8, 16)
