@@ -3,6 +3,8 @@ the spot (nothing downloaded), for tests of the package on models other than its
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 TINY_SIZES = dict(
@@ -56,17 +58,29 @@ def hf_model(model_type: str, **settings):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def use_gpt_oss_routers(model):
-    """``model`` (a Mixtral) with its routers replaced by GPT-OSS's (``x W^T + b``, top-k before
-    the softmax; random weights), in place: a router with a tuple output and a bias, of no kind
-    the fast statistics have a rule for."""
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
-
+def use_rescaled_routers(model):
+    """``model`` (a Mixtral) with its routers replaced, in place, by ones that return half their
+    logits (:class:`RescaledLogitsRouter`: not ``x W^T``, so of no kind the fast statistics have
+    a rule for; random weights)."""
     gen = torch.Generator().manual_seed(1)
     for layer in model.model.layers:
-        router = GptOssTopKRouter(model.config).to(model.dtype)
+        router = rescaled_logits_router()(model.config).to(model.dtype)
         with torch.no_grad():
             for p in router.parameters():
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
         layer.mlp.gate = router
     return model
+
+
+@functools.cache
+def rescaled_logits_router() -> type:
+    """``RescaledLogitsRouter``: a Mixtral router that returns half its logits (the scores come
+    from the whole ones)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    class RescaledLogitsRouter(MixtralTopKRouter):
+        def forward(self, hidden_states: torch.Tensor):
+            logits, scores, index = super().forward(hidden_states)
+            return 0.5 * logits, scores, index
+
+    return RescaledLogitsRouter

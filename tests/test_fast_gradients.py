@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import HF_ARCHS, hf_model, use_gpt_oss_routers
+from hf_models import HF_ARCHS, hf_model, use_rescaled_routers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -73,11 +73,11 @@ def test_fast_equals_exact_on_hugging_face_architectures(model_type):
 
 
 def test_unsupported_modules_raise_and_the_rest_is_exact():
-    """A mixture of experts' router of a kind without a rule (GPT-OSS's, in a Mixtral: a tuple
-    output and a bias) is refused with the way out; without its parameters the rest (the
-    experts included) is exact."""
-    model = use_gpt_oss_routers(hf_model("mixtral"))
-    with pytest.raises(TypeError, match=r"GptOssTopKRouter.*leave its parameters out of the set"):
+    """A mixture of experts' router of a kind without a rule (one whose logits are not ``x
+    W^T``, and whose output is a tuple) is refused with the way out; without its parameters the
+    rest (the experts included) is exact."""
+    model = use_rescaled_routers(hf_model("mixtral"))
+    with pytest.raises(TypeError, match=r"RescaledLogitsRouter.*leave its parameters out of the"):
         fast_gradient_stats(model, *batches())
     c, r = batches()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import hf_model
+from hf_models import hf_model, rescaled_logits_router
 from test_fast_gradients import (
     assert_fast_equals_exact,
     assert_stats_close,
@@ -270,20 +270,27 @@ def test_fast_equals_exact_on_other_moe_families(model_type):
     assert_fast_equals_exact(model, side="left", rtol=1e-8)
 
 
-def test_training_step_and_directional_derivatives_on_a_tiny_mixtral():
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_training_step_and_directional_derivatives_on_a_tiny_moe(model_type):
     """The statistics of a training backward (parameter uses counted: the router's weight once
-    per call) and the directional derivatives of kept grouped factors, against autograd."""
-    model = hf_model("mixtral").double()
+    per call) and the directional derivatives of kept grouped factors (GPT-OSS: transposed
+    blocks and the experts' biases), against autograd."""
+    settings = {"experts_implementation": "eager"} if model_type == "gpt_oss" else {}
+    model = hf_model(model_type, **settings).double()
+    params = {k: p for k, p in model.named_parameters() if not k.endswith(".sinks")}
     c, r = batches()
-    exact = exact_gradient_stats(model, c, r)
-    _, stats = training_step_stats(model, c, r, lambda u_w, u_l: (u_l - 2 * u_w).sum())
+    exact = exact_gradient_stats(model, c, r, lambda name, _: name in params)
+    _, stats = training_step_stats(
+        model, c, r, lambda u_w, u_l: (u_l - 2 * u_w).sum(), lambda name, _: name in params
+    )
     assert_stats_close(stats, exact, 1e-8, keys=PAIR_KEYS)
     model.zero_grad()
     batch = concat_batches(c, r)
-    params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(6)
     v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
-    with GhostRecorder(model, batch=batch, keep_factors=True) as rec:
+    with GhostRecorder(
+        model, lambda name, _: name in params, batch=batch, keep_factors=True
+    ) as rec:
         rec.backward(sequence_logprobs(model, batch).sum())
     grads = per_sequence_gradients(
         lambda i: sequence_logprobs(model, batch.select([i]))[0], list(params.values()), len(batch)
@@ -302,14 +309,6 @@ def test_tokenwise_products_on_a_tiny_mixtral():
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
 
 
-class RescaledLogitsRouter(MixtralTopKRouter):
-    """Returns half its logits (the scores come from the whole ones): not ``x W^T``."""
-
-    def forward(self, hidden_states: torch.Tensor):
-        logits, scores, index = super().forward(hidden_states)
-        return 0.5 * logits, scores, index
-
-
 class ClampedExperts(MixtralExperts):
     """Clamps each expert's output: not the formula of the experts rule."""
 
@@ -324,8 +323,9 @@ def test_router_and_experts_that_compute_otherwise_are_refused():
     assert layers.rule_for(block.gate).name == "TopKRouter"
     assert layers.rule_for(block.experts).name == "Experts"
     config = block.experts.config
-    assert layers.rule_for(RescaledLogitsRouter(config)) is None
-    assert moe._ROUTER_CHECKED[RescaledLogitsRouter] is False
+    rescaled = rescaled_logits_router()
+    assert layers.rule_for(rescaled(config)) is None
+    assert moe._ROUTER_CHECKED[rescaled] is False
     clamped = ClampedExperts(config).double()
     clamped.load_state_dict(block.experts.state_dict())
     assert layers.rule_for(clamped) is None
@@ -375,3 +375,27 @@ def test_fast_equals_exact_in_bfloat16(arch):
     force's, both in bfloat16 (measured: 7e-4, 3e-4 and 3e-4)."""
     model = hf_model("mixtral") if arch == "mixtral" else tiny_causal_lm(arch, 30, seed=2)
     assert_fast_equals_exact(model.to(torch.bfloat16), side="left", rtol=2e-3)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_fast_equals_exact_on_gpt_oss_routers_and_experts(implementation):
+    """GPT-OSS: routers with a bias (top-k before the softmax), experts stored transposed with
+    biases and a clamped, interleaved gate (its own ``_apply_gate``), each class checked on its
+    probe; every parameter but the attention sinks, fast against exact (the eager loop in
+    float64, transformers' batched and grouped products in float32, which they require)."""
+    model = hf_model(
+        "gpt_oss", num_local_experts=4, num_experts_per_tok=2,
+        experts_implementation=implementation,
+    )
+    if implementation == "eager":
+        model = model.double()
+    mlp = model.model.layers[0].mlp
+    assert layers.rule_for(mlp.router).name == "TopKRouter"
+    assert layers.rule_for(mlp.experts).name == "Experts"
+    assert moe.experts_layout(mlp.experts) == moe.ExpertsLayout(transposed=True, bias=True)
+    assert_fast_equals_exact(
+        model,
+        params=lambda name, _: not name.endswith(".sinks"),
+        side="left",
+        rtol=1e-8 if implementation == "eager" else 1e-5,
+    )

@@ -21,7 +21,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from datasets import Dataset
-from hf_models import hf_model, use_gpt_oss_routers
+from hf_models import hf_model, use_rescaled_routers
 from trl import DPOConfig, DPOTrainer
 
 from ge_utils.data import sentiment_pairs
@@ -473,15 +473,15 @@ def test_other_families_get_the_statistics_of_the_fast_method(
 
 
 def test_models_the_metrics_cannot_measure_are_refused_before_training(tmp_path):
-    """A mixture of experts with a router of a kind without a rule (GPT-OSS's in a Mixtral: a
-    tuple output and a bias) is refused when the callback is built (not in the first measured
+    """A mixture of experts with a router of a kind without a rule (one whose logits are not
+    ``x W^T``, with a tuple output) is refused when the callback is built (not in the first measured
     step), with the way out. OPT's functional dropout (from the config, which TRL's
     ``disable_dropout`` does not reach) makes the training forward random: a warning says that
     training runs with dropout, and a batch probe, which cannot use such a forward, is refused;
     without dropout, neither. Frozen parameters are not a parameter set of the step."""
     moe = _family_trainer(tmp_path / "moe", "mixtral")
-    use_gpt_oss_routers(moe.model)
-    with pytest.raises(TypeError, match=r"GptOssTopKRouter.*params="):
+    use_rescaled_routers(moe.model)
+    with pytest.raises(TypeError, match=r"RescaledLogitsRouter.*params="):
         attach_entanglement_metrics(moe)
     trainer = _family_trainer(tmp_path, "opt")
     with pytest.warns(UserWarning, match="did not turn off all dropout"):

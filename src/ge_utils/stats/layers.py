@@ -21,7 +21,7 @@ returns, for each wanted parameter of ``m`` (by attribute name), a
   ``grad_w f_i = sum_t g_t * x_hat_t``, ``grad_b f_i = sum_t g_t`` (dense, d values each);
 - LoRA adapters (peft) are pairs of ``nn.Linear`` layers (``lora_A``, ``lora_B``) and are
   covered by the linear rule, with GPT-2's ``fan_in_fan_out`` included;
-- mixture-of-experts routers and experts (Mixtral's and those computing the same):
+- mixture-of-experts routers and experts (Mixtral's, GPT-OSS's and those computing the same):
   :mod:`ge_utils.stats.moe`;
 - any other module with at most ``SMALL_MODULE_NUMEL`` parameters in the set (the fallback):
   per-sequence vector-Jacobian products through that module alone,
