@@ -58,6 +58,26 @@ def hf_model(model_type: str, **settings):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def gpt_oss_model(experts_implementation: str = "eager"):
+    """A tiny GPT-OSS (4 experts, 2 per token; eager attention, which returns the probabilities
+    its sinks' rule reads) with attention sinks of unit scale (initialized near zero); float64
+    with the eager experts, float32 with transformers' batched or grouped products (which need
+    it)."""
+    model = hf_model(
+        "gpt_oss",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        experts_implementation=experts_implementation,
+        attn_implementation="eager",
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            sinks = layer.self_attn.sinks
+            sinks.copy_(torch.randn(sinks.shape, generator=gen))
+    return model.double() if experts_implementation == "eager" else model
+
+
 def use_rescaled_routers(model):
     """``model`` (a Mixtral) with its routers replaced, in place, by ones that return half their
     logits (:class:`RescaledLogitsRouter`: not ``x W^T``, so of no kind the fast statistics have

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hf_models import hf_model
+from hf_models import gpt_oss_model, hf_model
 from test_fast_gradients import assert_stats_close, batches, brute_token_grads, factor_products
 from torch import nn
 from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
@@ -22,6 +22,7 @@ from ge_utils.stats import (
     exact_gradient_stats,
     fast_gradient_stats,
     tokenwise_inner,
+    training_step_stats,
 )
 
 OPT_SIZES = {"ffn_dim": 64, "word_embed_proj_dim": 32, "dropout": 0.0}
@@ -217,3 +218,45 @@ def test_a_python_float_embedding_scale_keeps_the_model_precision():
         rows.append(grad.flatten())
     flat = torch.stack(rows)
     torch.testing.assert_close(factor_products(found), flat @ flat.T, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_attention_sinks_alone_equal_exact(implementation):
+    """GPT-OSS's attention sinks as the only parameters (their products are small beside the
+    rest's, so a whole-model check would hide an error in them), float64 and float32, both
+    padding sides."""
+    model = gpt_oss_model(implementation)
+    assert layers.rule_for(model.model.layers[0].self_attn).name == "AttentionSinks"
+
+    def sinks(name: str, _: nn.Parameter) -> bool:
+        return name.endswith(".sinks")
+
+    for side in ("left", "right"):
+        c, r = batches(side)
+        exact = exact_gradient_stats(model, c, r, sinks)
+        rtol = 1e-10 if implementation == "eager" else 1e-5
+        assert_stats_close(fast_gradient_stats(model, c, r, sinks), exact, rtol)
+
+
+def test_attention_sinks_without_probabilities_or_under_dropout_are_refused():
+    """The sinks' rule reads the probabilities that only the eager attention returns, and no
+    attention dropout: another implementation, or training with dropout, is refused with the
+    way out; the other parameters are measured as before."""
+    model = gpt_oss_model("grouped_mm")
+    c, r = batches()
+    model.config._attn_implementation = "sdpa"  # returns no probabilities
+    with pytest.raises(TypeError, match=r"GptOssAttention need its attention probab.*eager"):
+        fast_gradient_stats(model, c, r)
+
+    def rest(name: str, _: nn.Parameter) -> bool:
+        return not name.endswith(".sinks")
+
+    assert_stats_close(
+        fast_gradient_stats(model, c, r, rest), exact_gradient_stats(model, c, r, rest), 1e-5
+    )
+    model.config._attn_implementation = "eager"
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.train()
+    with pytest.raises(TypeError, match="attention dropout"):
+        training_step_stats(model, c, r, lambda u_w, u_l: (u_l - u_w).sum())

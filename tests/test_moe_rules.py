@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import hf_model, rescaled_logits_router
+from hf_models import gpt_oss_model, hf_model, rescaled_logits_router
 from test_fast_gradients import (
     assert_fast_equals_exact,
     assert_stats_close,
@@ -275,22 +275,17 @@ def test_training_step_and_directional_derivatives_on_a_tiny_moe(model_type):
     """The statistics of a training backward (parameter uses counted: the router's weight once
     per call) and the directional derivatives of kept grouped factors (GPT-OSS: transposed
     blocks and the experts' biases), against autograd."""
-    settings = {"experts_implementation": "eager"} if model_type == "gpt_oss" else {}
-    model = hf_model(model_type, **settings).double()
-    params = {k: p for k, p in model.named_parameters() if not k.endswith(".sinks")}
+    model = gpt_oss_model("eager") if model_type == "gpt_oss" else hf_model("mixtral").double()
     c, r = batches()
-    exact = exact_gradient_stats(model, c, r, lambda name, _: name in params)
-    _, stats = training_step_stats(
-        model, c, r, lambda u_w, u_l: (u_l - 2 * u_w).sum(), lambda name, _: name in params
-    )
+    exact = exact_gradient_stats(model, c, r)
+    _, stats = training_step_stats(model, c, r, lambda u_w, u_l: (u_l - 2 * u_w).sum())
     assert_stats_close(stats, exact, 1e-8, keys=PAIR_KEYS)
     model.zero_grad()
     batch = concat_batches(c, r)
+    params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(6)
     v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
-    with GhostRecorder(
-        model, lambda name, _: name in params, batch=batch, keep_factors=True
-    ) as rec:
+    with GhostRecorder(model, batch=batch, keep_factors=True) as rec:
         rec.backward(sequence_logprobs(model, batch).sum())
     grads = per_sequence_gradients(
         lambda i: sequence_logprobs(model, batch.select([i]))[0], list(params.values()), len(batch)
@@ -299,9 +294,11 @@ def test_training_step_and_directional_derivatives_on_a_tiny_moe(model_type):
     torch.testing.assert_close(rec.directional(v), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_tokenwise_products_on_a_tiny_mixtral():
-    """Token-wise products go through the same rules (grouped factors of one-token copies)."""
-    model = hf_model("mixtral").double()
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_tokenwise_products_on_a_tiny_moe(model_type):
+    """Token-wise products go through the same rules (grouped factors of one-token copies;
+    GPT-OSS's attention sinks too)."""
+    model = gpt_oss_model("eager") if model_type == "gpt_oss" else hf_model("mixtral").double()
     c, r = batches("left")
     c, r = c.select([0]), r.select([0])
     expected = brute_token_grads(model, c) @ brute_token_grads(model, r).T
@@ -378,24 +375,16 @@ def test_fast_equals_exact_in_bfloat16(arch):
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
-def test_fast_equals_exact_on_gpt_oss_routers_and_experts(implementation):
+def test_fast_equals_exact_on_gpt_oss(implementation):
     """GPT-OSS: routers with a bias (top-k before the softmax), experts stored transposed with
     biases and a clamped, interleaved gate (its own ``_apply_gate``), each class checked on its
-    probe; every parameter but the attention sinks, fast against exact (the eager loop in
+    probe, and the attention sinks; every parameter, fast against exact (the eager loop in
     float64, transformers' batched and grouped products in float32, which they require)."""
-    model = hf_model(
-        "gpt_oss", num_local_experts=4, num_experts_per_tok=2,
-        experts_implementation=implementation,
-    )
-    if implementation == "eager":
-        model = model.double()
+    model = gpt_oss_model(implementation)
     mlp = model.model.layers[0].mlp
     assert layers.rule_for(mlp.router).name == "TopKRouter"
     assert layers.rule_for(mlp.experts).name == "Experts"
     assert moe.experts_layout(mlp.experts) == moe.ExpertsLayout(transposed=True, bias=True)
     assert_fast_equals_exact(
-        model,
-        params=lambda name, _: not name.endswith(".sinks"),
-        side="left",
-        rtol=1e-8 if implementation == "eager" else 1e-5,
+        model, side="left", rtol=1e-8 if implementation == "eager" else 1e-5
     )

@@ -9,6 +9,7 @@ Layout (each module imports only those above it)::
     factors     Factor (per-sequence gradient factors of one use of a parameter), their products
     layers      per-layer factor functions, registered per module type (register_layer)
     moe         those of mixture-of-experts routers and experts (registered on import)
+    attention   that of GPT-OSS's attention sinks (registered on import)
     recorder    GhostRecorder: hooks on the owning modules, accumulation of the products
     strategies  StatsComputer with the 'exact' and 'fast' strategies (get_strategy)
     tokenwise   tokenwise_inner: token-by-token products of one pair
@@ -22,6 +23,7 @@ which needs only the layer's inputs and output gradients. One forward and one ba
 ``sum_i f_i`` over a batch give every sequence's rows, because sequences do not interact.
 """
 
+import ge_utils.stats.attention  # registers its layer rule
 import ge_utils.stats.moe  # noqa: F401  (registers its layer rules)
 from ge_utils.stats.exact import exact_gradient_stats
 from ge_utils.stats.factors import Factor

@@ -49,11 +49,13 @@ later take precedence. ``single_use=True`` states that each call of the module u
 parameters exactly once in the autograd graph and may receive its input as the keyword
 ``input``; the recorder then counts uses to catch the same parameter used outside its module.
 Otherwise the module must be called with one positional tensor and no keyword arguments, unless
-the rule has its own ``inputs``. ``inputs(module, args, kwargs)``, where given, maps a call's
-arguments to the ``x`` its factor function takes (e.g. the rows a positional embedding reads);
-by default the first positional tensor (or the keyword ``input``). ``output(out)``, where given,
-picks from the module's output the tensor whose gradient is ``g`` (e.g. the logits of a router
-that returns a tuple); by default the output itself, which must be a tensor. Add a
+the rule has its own ``inputs``. ``inputs(module, args, kwargs, output)``, where given, maps a
+call's arguments, and its output where the rule needs what the module returns besides (e.g.
+attention probabilities), to the ``x`` its factor function takes (e.g. the rows a positional
+embedding reads); by default the first positional tensor (or the keyword ``input``).
+``output(out)``, where given, picks from the module's output the tensor whose gradient is ``g``
+(e.g. :func:`first_output`: the logits of a router that returns a tuple); by default the output
+itself, which must be a tensor. Add a
 test of the new function against per-sequence autograd (``tests/test_fast_gradients.py``,
 ``test_layer_factors_equal_per_sequence_autograd``) and of a model using it against
 :func:`ge_utils.stats.exact.exact_gradient_stats`.
@@ -74,7 +76,7 @@ from ge_utils.stats.factors import Factor
 SMALL_MODULE_NUMEL = 2**20  # most parameters (in the set) of a module handled by the fallback
 
 FactorFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Factor]]
-InputFn = Callable[[nn.Module, tuple, dict], Tensor]
+InputFn = Callable[[nn.Module, tuple, dict, object], Tensor]
 OutputFn = Callable[[object], Tensor]
 
 
@@ -124,6 +126,11 @@ def register_layer(
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The most recently registered rule that matches ``module``; None: use the fallback."""
     return next((r for r in reversed(_RULES) if r.match(module)), None)
+
+
+def first_output(out: object) -> Tensor:
+    """A module's output, or the first of its outputs (a rule's ``output``)."""
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 def promote(t: Tensor) -> Tensor:
@@ -215,7 +222,9 @@ def mask_positions(mask: Tensor) -> Tensor:
 _OFFSET_POSITIONS: dict[type, bool] = {}  # per positional-embedding class: checked once
 
 
-def offset_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def offset_position_ids(
+    module: nn.Module, args: tuple, kwargs: dict, output: object = None
+) -> Tensor:
     """(N, T) rows that ``module(attention_mask, cache_length=0, position_ids=None)`` reads, as
     OPT's learned positional embedding computes them: ``position_ids + offset`` when given,
     else ``mask_positions(attention_mask)`` without the first ``cache_length`` columns, plus

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from ge_utils.stats.factors import Factor
-from ge_utils.stats.layers import _Bare, promote, register_layer
+from ge_utils.stats.layers import _Bare, first_output, promote, register_layer
 
 EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 PROBE_EPS = 64  # a probe's values agree within this many epsilons of their dtype (relative)
@@ -101,12 +101,7 @@ def _random(gen: torch.Generator, like: Tensor, *shape: int) -> Tensor:
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
 
 
-def router_logits(out: object) -> Tensor:
-    """A router's logits: its output, or the first of its outputs."""
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def router_rows(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def router_rows(module: nn.Module, args: tuple, kwargs: dict, output: object = None) -> Tensor:
     """The (rows, H) inputs of a router's logits (its first argument, rows flattened)."""
     x = args[0] if args else next(iter(kwargs.values()))
     return x.reshape(-1, module.weight.shape[1])
@@ -127,7 +122,7 @@ def _router_probe(module: nn.Module) -> bool:
         with torch.enable_grad():
             out = torch.func.functional_call(_Bare(module), free, (x,))
             outs = out if isinstance(out, tuple | list) else (out,)
-            logits = router_logits(out)
+            logits = first_output(out)
             if not isinstance(logits, Tensor) or not logits.requires_grad:
                 return False
             logits.register_hook(seen.append)
@@ -167,7 +162,7 @@ def _is_router(module: nn.Module) -> bool:
 
 
 @register_layer(
-    _is_router, single_use=True, name="TopKRouter", inputs=router_rows, output=router_logits
+    _is_router, single_use=True, name="TopKRouter", inputs=router_rows, output=first_output
 )
 def router_factors(
     module: nn.Module, x: Tensor, g: Tensor, wanted: frozenset[str]
@@ -321,7 +316,9 @@ def _experts_arg_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(params) if len(params) == 3 and not params[0].startswith("*") else EXPERTS_ARGS
 
 
-def experts_rows(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def experts_rows(
+    module: nn.Module, args: tuple, kwargs: dict, output: object = None
+) -> Tensor:
     """A call's (states, expert indices, routing weights) as one tensor of rows ``[x_t | I_t |
     w_t]`` (H + 2k values each), in at least float32 and the dtype of the states and weights:
     every value exactly (expert indices below 2^24)."""

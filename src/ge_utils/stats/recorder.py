@@ -182,8 +182,7 @@ class GhostRecorder:
         def forward_hook(mod: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self._busy or not torch.is_grad_enabled():
                 return
-            if pick is not None:
-                output = pick(output)
+            whole, output = output, (pick(output) if pick is not None else output)
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"fast statistics need a tensor output from {type(mod).__name__}, which owns "
@@ -191,7 +190,11 @@ class GhostRecorder:
                 )
             if not output.requires_grad:
                 return
-            x = inputs(mod, args, kwargs) if inputs else (args[0] if args else kwargs.get("input"))
+            x = (
+                inputs(mod, args, kwargs, whole)
+                if inputs
+                else (args[0] if args else kwargs.get("input"))
+            )
             one_input = len(args) == 1 and not kwargs
             if not isinstance(x, Tensor) or (not single_use and inputs is None and not one_input):
                 raise TypeError(
