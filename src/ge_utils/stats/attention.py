@@ -56,6 +56,9 @@ def sink_rows(module: nn.Module, args: tuple, kwargs: dict, output: object = Non
     """A call's input states ``x`` (N, T, H) and returned probabilities ``P`` (N, heads, T, T)
     as one tensor of rows ``[x_q | P_q]`` (N, T, H + heads T), in the finer of their dtypes."""
     x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, Tensor):
+        name = type(module).__name__
+        raise TypeError(f"{name} must be called with its hidden states{EAGER_HINT}")
     probs = output[1] if isinstance(output, tuple | list) and len(output) > 1 else None
     if not isinstance(probs, Tensor):
         raise TypeError(
