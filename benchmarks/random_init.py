@@ -1,14 +1,16 @@
 """Folders of a config and a tokenizer, no weights, for ``bench_fast_gradients --random-init``:
 timing on a machine that the checkpoint cannot reach (random weights cost what trained ones do).
 
-    python -m benchmarks.random_init DIR      # DIR/smollm2-135m and DIR/llama-1b, about 7 MB
+    python -m benchmarks.random_init DIR      # DIR/smollm2-135m, DIR/llama-1b, ..., about 14 MB
 
 ``smollm2-135m``: the offline model's own config. ``llama-1b``: the same Llama architecture and
 tokenizer, widened and deepened to about 1.07B parameters (hidden 2048, 16 layers, 32 query and 8
 key-value heads, MLP 8192, tied embeddings), to show how the ratios scale. ``mixtral-smollm2``: a
 Mixtral (mixture of experts) of SmolLM2's width, depth, attention and tokenizer whose MLPs are 8
 experts of 768 with 2 per token (the dense MLP's 1536 of compute per token; about 350M
-parameters), for the cost of the experts' statistics.
+parameters), for the cost of the experts' statistics. ``gpt-oss-smollm2``: the same as a GPT-OSS
+(routers and experts with biases, experts stored transposed, attention sinks, every other layer
+attending to a sliding window of 128), for the cost of those rules.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ SHAPES: dict[str, dict[str, int | bool | str]] = {
     },
     "mixtral-smollm2": {
         "model_type": "mixtral",
+        "intermediate_size": 768,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "gpt-oss-smollm2": {
+        "model_type": "gpt_oss",
         "intermediate_size": 768,
         "num_local_experts": 8,
         "num_experts_per_tok": 2,

@@ -6,7 +6,7 @@
 # 2. with CONFIGS, the folders `python -m benchmarks.random_init CONFIGS` writes (a config and a
 #    tokenizer each, no weights): the fast statistics against one forward+backward at batch 32
 #    (16 pairs), random weights, on the SmolLM2 architecture (and brute force), on a ~1B Llama
-#    and on a Mixtral of SmolLM2's shape (8 experts, 2 per token; and brute force)
+#    and on a Mixtral and a GPT-OSS of SmolLM2's shape (8 experts, 2 per token; and brute force)
 #    (OUT/bench-*.txt).
 # Logs and results go to OUT; the exit status is compare's (1: a verdict differs). DEVICE=cpu runs
 # the same on the CPU (a dry run of this script); JOBS (default 2) chapters run at once; PYTHON
@@ -56,7 +56,7 @@ status=0
 "$py" -m ge_utils compare "$out/results-cpu" "$out/results-$second" | tee "$out/compare.txt" \
   || status=$?
 if [ -n "$configs" ]; then
-  for shape in smollm2-135m llama-1b mixtral-smollm2; do
+  for shape in smollm2-135m llama-1b mixtral-smollm2 gpt-oss-smollm2; do
     case $shape in
       smollm2-135m) methods=floor,fast,fast_grouped,brute ;;
       llama-1b) methods=floor,fast,fast_grouped ;;
