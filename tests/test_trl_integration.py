@@ -419,6 +419,9 @@ def _family_trainer(tmp_path, model_type: str, **settings) -> DPOTrainer:
     )
 
 
+NO_AUX = {"router_aux_loss_coef": 0.0}  # no load-balancing loss in TRL's (aux_loss_enabled)
+
+
 def _attention_only(name: str, p: torch.nn.Parameter) -> bool:
     return "self_attn" in name
 
@@ -429,10 +432,11 @@ def _attention_only(name: str, p: torch.nn.Parameter) -> bool:
         ("qwen3", True, {}, _attention_only),
         ("gemma2", False, {}, None),
         ("opt", True, {"dropout": 0.0}, None),
-        ("mixtral", True, {"router_aux_loss_coef": 0.0}, None),
+        ("mixtral", True, NO_AUX, None),
         ("mixtral", False, {}, None),
+        ("gpt_oss", True, {"num_local_experts": 4, "num_experts_per_tok": 2, **NO_AUX}, None),
     ],
-    ids=["qwen3-attention-only", "gemma2", "opt", "mixtral", "mixtral-load-balancing"],
+    ids=["qwen3-attention-only", "gemma2", "opt", "mixtral", "mixtral-load-balancing", "gpt-oss"],
 )
 def test_other_families_get_the_statistics_of_the_fast_method(
     tmp_path, model_type, in_backward, settings, params
@@ -442,7 +446,8 @@ def test_other_families_get_the_statistics_of_the_fast_method(
     batch, recorded in TRL's backward, where the recorder knows the batch only by its pairs;
     its learned positional embedding, called with keywords) and Mixtral (routers and experts,
     rows flattened over the batch; with TRL's load-balancing loss on, which adds its own
-    gradient to the backward, a separate pass), on the tiny Llama's tokenizer; for Qwen3 over
+    gradient to the backward, a separate pass) and GPT-OSS (routers and experts with biases,
+    attention sinks; in TRL's backward), on the tiny Llama's tokenizer; for Qwen3 over
     the attention's parameters only (``params``): a step's per-pair statistics and log-probs
     are those of the fast method on its batch."""
     trainer = _family_trainer(tmp_path, model_type, **settings)
