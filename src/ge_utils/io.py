@@ -68,8 +68,8 @@ def _remove_orphans(target: Path) -> None:
         if not pid.isdigit() or rest.rpartition(".")[0].rpartition(".")[0] != _HOST:
             continue
         if not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                orphan.unlink()
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: the
+                orphan.unlink()  # write goes on either way
 
 
 def _alive(pid: int) -> bool:
