@@ -301,7 +301,7 @@ def test_layers_sharing_an_input_reuse_its_gram_matrix(monkeypatch):
     with GhostRecorder(model, batch=joint) as rec:
         rec.backward(sequence_logprobs(model, joint).sum())
     # Per layer: k and v reuse q's input Gram, up reuses gate's; 2 layers. The pair products
-    # come from one Gram per layer input (pair blocks)...
+    # come from one set of pair blocks per layer input...
     assert rec.gram_reuses == 3 * 2
     # ...other targets from one for the two norms (over all sequences), one for the inner
     # products.
@@ -313,9 +313,10 @@ def test_layers_sharing_an_input_reuse_its_gram_matrix(monkeypatch):
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_pair_blocks_equal_the_products_apart(tiny_model, group, monkeypatch):
-    """expect_pairs's targets take one Gram of each pair's chosen and rejected rows together
-    (``PAIR_BLOCKS``); the same targets under other names take the general path (the norms
-    over all sequences, the inner products apart): equal up to rounding, and to brute force."""
+    """expect_pairs's targets take the pair-block path (``PAIR_BLOCKS``: each sequence's Gram
+    and each pair's chosen-rejected Gram as (B, 3, T, T) blocks); the same targets under other
+    names take the general path (the norms over all sequences, the inner products apart): equal
+    up to rounding, and to brute force."""
     from ge_utils.stats.recorder import _pair_layout
 
     monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)  # every linear layer as Gram products
