@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import ge_utils.stats.factors as factors
 import ge_utils.stats.layers as layers
+import ge_utils.stats.recorder as recorder
 from ge_utils.logprobs import build_batch, concat_batches, sequence_logprobs, token_logprobs
 from ge_utils.models import tiny_causal_lm
 from ge_utils.stats import (
@@ -56,9 +57,23 @@ def assert_fast_equals_exact(model, params=None, side="right", rtol=1e-8):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("materialize", [True, False])
 def test_fast_equals_exact_float64(tiny_model, side, materialize, monkeypatch):
-    if not materialize:  # force the Gram-product path for every layer
+    """Every linear layer on either path: materialized per-sequence gradients, or Gram
+    products (the rule's choice on these shapes is not relied on)."""
+    if materialize:
+        monkeypatch.setattr(factors, "MATERIALIZE_RATIO", float("inf"))
+    else:
         monkeypatch.setattr(factors, "MATERIALIZE_BYTES", 0)
+    kinds = []
+
+    def counted(u: factors.Factor) -> factors.Factor:
+        out = factors.materialize(u)
+        if u.is_outer:
+            kinds.append(out.vec is not None)
+        return out
+
+    monkeypatch.setattr(recorder, "_materialize", counted)
     assert_fast_equals_exact(tiny_model, side=side)
+    assert kinds and set(kinds) == {materialize}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 MATERIALIZE_BYTES = 256 * 2**20  # largest per-layer block of materialized per-sequence gradients
+MATERIALIZE_RATIO = 1.2  # materialize below this P Q / (T (P + Q)) (see materialize)
 SUM_BLOCK = 4096  # dense products: summed in their precision within blocks, then in float64
 
 Index = slice | Tensor  # rows of the per-sequence factors: a range, or (K,) long indices
@@ -282,20 +283,22 @@ def materialize(u: Factor) -> Factor:
     ``u`` (any other factor, a grouped or deferred one included, as is).
 
     For N = 2B sequences of T rows and 3 products per pair, materializing costs about
-    ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: materialize when
-    ``2 P Q < 3 T (P + Q)`` and the (N, P Q) block stays under ``MATERIALIZE_BYTES``. The
-    recorder's pair blocks compute a fourth product (the rejected-chosen one) in the same call,
-    and materializing writes and reads N P Q values besides; measured on a 2-core CPU (8 pairs,
-    SmolLM2's layer shapes, T from 96 to 480, both reductions timed alone), the faster side
-    changes at ``P Q / (T (P + Q))`` of about 1.45 to 1.8 (576 x 576, 1536 x 576, 576 x 1536;
-    at 1.5 or above for 192 x 576, faster materialized from T = 96 on), where this rule puts
-    1.5: it was kept. (That holds with :func:`dense_dot`'s block sums; with every product
-    converted to float64, the materialized side was twice as slow for the 1536-wide layers.)
+    ``2 N T P Q`` flops and the Gram products ``6 B T^2 (P + Q)``: equal at ``P Q / (T (P +
+    Q)) = 1.5``. The Gram side's small batched products run at a lower rate than the one large
+    product that materializes, so the faster side changes lower: measured on a 2-core CPU (8
+    pairs, SmolLM2's layer shapes, each side timed alone with the recorder's pair products),
+    at about 1.3 for 576 x 576, 1.2 for 192 x 576 and 1.1 for 1536 x 576 (there the Gram side
+    took 41 ms and the materialized 57 at 1.46). Writing the N P Q values costs more per
+    sequence the more sequences there are: with 2 pairs the 1536-wide layers are even at 1.46.
+    Materialize below :data:`MATERIALIZE_RATIO` when the (N, P Q) block stays under
+    ``MATERIALIZE_BYTES``. (A training step at 287 positions with 2 pairs took the same time
+    under 1.2 as under the earlier 1.5, chosen for a Gram side of four products a pair.)
     """
     if not u.is_outer:
         return u
     n, t, p = u.left.shape
     q = u.right.shape[2]
-    if n * p * q * u.left.element_size() <= MATERIALIZE_BYTES and 2 * p * q < 3 * t * (p + q):
+    fits = n * p * q * u.left.element_size() <= MATERIALIZE_BYTES
+    if fits and p * q < MATERIALIZE_RATIO * t * (p + q):
         return Factor.dense(torch.einsum("ntp,ntq->npq", u.left, u.right).reshape(n, p * q))
     return u
