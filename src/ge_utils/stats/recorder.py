@@ -432,9 +432,10 @@ class GhostRecorder:
         if key == PAIR_BLOCKS:
             x = _stack(ts, dim=1)  # (N, U, T, D): each half's (U, T, D) rows contiguous
             n, u, rows, d = x.shape
-            own = torch.bmm(x.reshape(-1, rows, d), x.reshape(-1, rows, d).transpose(1, 2))
-            own = own.reshape(n, u, rows, rows)
-            a, b = x[: n // 2].reshape(-1, rows, d), x[n // 2 :].reshape(-1, rows, d)
+            seq = x.reshape(n, -1, d)  # (N, U T, D): a view unless the rows are strided
+            flat = seq.view(-1, rows, d)
+            own = torch.bmm(flat, flat.transpose(1, 2)).reshape(n, u, rows, rows)
+            a, b = seq[: n // 2].view(-1, rows, d), seq[n // 2 :].view(-1, rows, d)
             cross = torch.bmm(a, b.transpose(1, 2)).reshape(n // 2, u, rows, rows)
             return torch.stack((own[: n // 2], cross, own[n // 2 :]), 2).transpose(0, 1)
         x = _stack(ts)  # (U, N, T, D)
